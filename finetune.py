@@ -1,0 +1,12 @@
+#!/usr/bin/env python3
+"""The seed's finetune.py: a thin shim over `gpt-finetune finetune` (run with -h for usage)."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "src"))
+
+from gpt_finetune.cli import run_seed
+
+if __name__ == "__main__":
+    sys.exit(run_seed("finetune"))

@@ -1,0 +1,196 @@
+"""The ``openai`` backend: the official SDK against OpenAI or any compatible base URL."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import openai
+from openai.types import FileObject, Model
+from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
+
+from ..errors import BackendError, ConfigError, NotFoundError
+from ..settings import redact
+from .base import Hyperparameters
+
+T = TypeVar("T")
+
+# Tests replace this with a factory of clients on a mock transport (httpx's transport seam).
+http_client_factory: Callable[[], Any] | None = None
+
+
+class OpenAIBackend:
+    name = "openai"
+
+    def __init__(self, api_key: str | None, base_url: str | None = None, *, client: openai.OpenAI | None = None) -> None:
+        if client is None:
+            if not api_key:
+                raise ConfigError(
+                    "no OpenAI API key",
+                    hint="pass -k/--key, set openai_api_key in the -c config file, or export OPENAI_API_KEY",
+                )
+            client = openai.OpenAI(
+                api_key=api_key,
+                base_url=base_url or None,
+                max_retries=2,
+                http_client=http_client_factory() if http_client_factory else None,
+            )
+        self.client = client
+        self.api_key = api_key
+        self.base_url = str(client.base_url)
+
+    def describe(self) -> str:
+        return f"openai backend at {self.base_url} (key {redact(self.api_key)})"
+
+    def _call(self, fn: Callable[[], T], what: str) -> T:
+        try:
+            return fn()
+        except openai.AuthenticationError as exc:
+            raise BackendError(
+                f"{what}: the server refused the API key {redact(self.api_key)} ({_message(exc)})",
+                hint="check -k/--key, openai_api_key in the config, or OPENAI_API_KEY",
+                code="invalid_api_key",
+            ) from None
+        except openai.NotFoundError as exc:
+            raise NotFoundError(f"{what}: {_message(exc)}") from None
+        except openai.PermissionDeniedError as exc:
+            body = exc.body if isinstance(exc.body, dict) else {}
+            code = body.get("code") or (body.get("error") or {}).get("code") if isinstance(body, dict) else None
+            hint = None
+            if code == "training_not_available":
+                hint = "OpenAI no longer accepts new fine-tuning jobs; train locally with --backend local"
+            raise BackendError(f"{what}: {_message(exc)}", hint=hint, code=code or "permission_denied") from None
+        except openai.APIStatusError as exc:
+            raise BackendError(f"{what}: HTTP {exc.status_code}: {_message(exc)}", code=_code(exc)) from None
+        except openai.APIConnectionError:
+            raise BackendError(
+                f"{what}: cannot reach {self.base_url}",
+                hint="check the network, or the base URL (--base-url, base_url in the config, OPENAI_BASE_URL)",
+                code="connection_error",
+            ) from None
+
+    # files
+    def upload_file(self, path: Path, purpose: str = "fine-tune") -> FileObject:
+        with open(path, "rb") as fh:
+            return self._call(lambda: self.client.files.create(file=(path.name, fh), purpose=purpose), f"upload {path}")  # type: ignore[arg-type]
+
+    def list_files(self) -> list[FileObject]:
+        return self._call(lambda: list(self.client.files.list()), "list files")
+
+    def retrieve_file(self, file_id: str) -> FileObject:
+        return self._call(lambda: self.client.files.retrieve(file_id), f"file {file_id}")
+
+    def delete_file(self, file_id: str) -> bool:
+        return self._call(lambda: self.client.files.delete(file_id).deleted, f"delete file {file_id}")
+
+    # jobs
+    def create_job(
+        self,
+        *,
+        model: str,
+        training_file: str,
+        validation_file: str | None = None,
+        hyperparameters: Hyperparameters | None = None,
+        suffix: str | None = None,
+        seed: int | None = None,
+    ) -> FineTuningJob:
+        kwargs: dict[str, Any] = {"model": model, "training_file": training_file}
+        if validation_file:
+            kwargs["validation_file"] = validation_file
+        hp = hyperparameters.explicit() if hyperparameters else {}
+        if hp:
+            kwargs["method"] = {"type": "supervised", "supervised": {"hyperparameters": hp}}
+        if suffix:
+            kwargs["suffix"] = suffix
+        if seed is not None:
+            kwargs["seed"] = seed
+        return self._call(lambda: self.client.fine_tuning.jobs.create(**kwargs), "create fine-tuning job")
+
+    def retrieve_job(self, job_id: str) -> FineTuningJob:
+        return self._call(lambda: self.client.fine_tuning.jobs.retrieve(job_id), f"job {job_id}")
+
+    def list_jobs(self, *, limit: int = 20, after: str | None = None) -> list[FineTuningJob]:
+        kwargs: dict[str, Any] = {"limit": limit}
+        if after:
+            kwargs["after"] = after
+        return self._call(lambda: list(self.client.fine_tuning.jobs.list(**kwargs).data), "list jobs")
+
+    def cancel_job(self, job_id: str) -> FineTuningJob:
+        return self._call(lambda: self.client.fine_tuning.jobs.cancel(job_id), f"cancel job {job_id}")
+
+    def list_events(self, job_id: str, *, limit: int = 100, after: str | None = None) -> list[FineTuningJobEvent]:
+        kwargs: dict[str, Any] = {"limit": limit}
+        if after:
+            kwargs["after"] = after
+        return self._call(lambda: list(self.client.fine_tuning.jobs.list_events(job_id, **kwargs).data), f"events of {job_id}")
+
+    def list_checkpoints(self, job_id: str) -> list[Any]:
+        return self._call(lambda: list(self.client.fine_tuning.jobs.checkpoints.list(job_id).data), f"checkpoints of {job_id}")
+
+    # models
+    def list_models(self) -> list[Model]:
+        return self._call(lambda: list(self.client.models.list()), "list models")
+
+    def retrieve_model(self, model_id: str) -> Model:
+        return self._call(lambda: self.client.models.retrieve(model_id), f"model {model_id}")
+
+    def delete_model(self, model_id: str) -> bool:
+        return self._call(lambda: self.client.models.delete(model_id).deleted, f"delete model {model_id}")
+
+    # inference
+    def chat(
+        self,
+        *,
+        model: str,
+        messages: list[dict[str, Any]],
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        stream: bool = False,
+    ) -> Iterator[str]:
+        kwargs: dict[str, Any] = {"model": model, "messages": messages}
+        if stream:
+            kwargs["stream"] = True
+        if max_tokens is not None:
+            kwargs["max_tokens"] = max_tokens
+        if temperature is not None:
+            kwargs["temperature"] = temperature
+        response = self._call(lambda: self.client.chat.completions.create(**kwargs), f"chat with {model}")
+        if not stream:
+            return iter([response.choices[0].message.content or ""])
+        return self._stream_text(response, model)
+
+    def _stream_text(self, stream: Any, model: str) -> Iterator[str]:
+        def pieces() -> Iterator[str]:
+            for chunk in stream:
+                for choice in chunk.choices:
+                    if choice.delta and choice.delta.content:
+                        yield choice.delta.content
+
+        it = pieces()
+        while True:
+            try:
+                piece = self._call(lambda: next(it), f"chat with {model}")
+            except StopIteration:
+                return
+            yield piece
+
+
+def _message(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+        if isinstance(body.get("message"), str):
+            return str(body["message"])
+    return exc.message
+
+
+def _code(exc: openai.APIStatusError) -> str | None:
+    body = exc.body
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict) and isinstance(err.get("code"), str):
+            return str(err["code"])
+    return None

@@ -1,0 +1,81 @@
+"""What every command shares: messages, settings from flags, choosing a backend."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from ..errors import ConfigError, GptFinetuneError
+from ..settings import KEYS, Settings, load_settings, parse_value
+
+
+def warn(message: str) -> None:
+    print(f"Warning: {message}", file=sys.stderr)
+
+
+def info(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def typed(key: str) -> Any:
+    """An argparse ``type=`` that parses a flag as the config file would, naming the flag."""
+
+    def parse(text: str) -> Any:
+        try:
+            return parse_value(key, text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = key
+    return parse
+
+
+def add_config_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", metavar="FILE", help="a 'key = value' config file (the seed's .cfg files)")
+
+
+def add_connection_flags(p: argparse.ArgumentParser, key_flags: tuple[str, ...] = ("-k", "--key")) -> None:
+    g = p.add_argument_group("backend")
+    g.add_argument(*key_flags, dest="openai_api_key", metavar="KEY", help="OpenAI API key (prefer OPENAI_API_KEY)")
+    g.add_argument("--base-url", dest="base_url", metavar="URL", help="an OpenAI-compatible API base URL")
+    g.add_argument(
+        "--backend",
+        type=typed("backend"),
+        help="local trains on this machine; openai calls OpenAI or --base-url; "
+        "auto (default): openai when a key or base URL is configured, else local",
+    )
+
+
+def settings_from(ns: argparse.Namespace) -> Settings:
+    flags = {k: getattr(ns, k) for k in KEYS if hasattr(ns, k)}
+    if flags.get("openai_api_key"):
+        warn("an API key given on the command line is visible to other users of this machine; prefer OPENAI_API_KEY")
+    settings = load_settings(flags, config_file=getattr(ns, "config", None), warn=warn)
+    return settings
+
+
+def get_backend(settings: Settings, *, announce: bool = True) -> Any:
+    choice = settings.backend or "auto"
+    if choice == "auto":
+        choice = "openai" if (settings.openai_api_key or settings.base_url) else "local"
+    if choice == "openai":
+        from ..backends.openai_backend import OpenAIBackend
+
+        backend: Any = OpenAIBackend(settings.openai_api_key, settings.base_url)
+    else:
+        from ..backends.local import LocalBackend
+
+        backend = LocalBackend.from_settings(settings)
+    if announce:
+        info(f"Using the {backend.describe()}")
+    return backend
+
+
+def require(value: Any, what: str, hint: str) -> Any:
+    if value in (None, ""):
+        raise ConfigError(f"no {what}", hint=hint)
+    return value
+
+
+__all__ = ["GptFinetuneError"]

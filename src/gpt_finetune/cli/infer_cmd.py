@@ -1,0 +1,108 @@
+"""``infer`` (the seed's infer.py) and ``chat``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from ..errors import BackendError, ConfigError
+from .common import add_config_flag, add_connection_flags, get_backend, settings_from, typed
+
+
+def add_infer(p: argparse.ArgumentParser) -> None:
+    add_config_flag(p)
+    add_connection_flags(p)
+    p.add_argument("-m", "--model", dest="model", help="model id: fine-tuned, checkpoint or base")
+    p.add_argument("-j", "--job", dest="ft_job_id", metavar="JOB_ID", help="use the model this fine-tuning job made")
+    p.add_argument("-q", "--question", dest="user_input", metavar="TEXT", help="the question (user message)")
+    p.add_argument("-s", "--sys-prompt", dest="sys_prompt", metavar="TEXT", help="system prompt")
+    p.add_argument("--max-tokens", dest="max_tokens", type=typed("max_tokens"), help="longest answer in tokens")
+    p.add_argument("-t", "--temperature", dest="temperature", type=typed("temperature"), help="0 (greedy) to 2")
+    p.add_argument("--stream", action="store_true", help="print tokens as they come")
+    p.set_defaults(func=cmd_infer)
+
+
+def resolve_model(backend: Any, model: str | None, job_id: str | None) -> str:
+    """The model to call: ``model`` if given, else the one job ``job_id`` produced."""
+    if model:
+        return model
+    if not job_id:
+        raise ConfigError(
+            "no model to ask",
+            hint="pass --model MODEL or --job JOB_ID (or set model / ft_job_id in the -c config file)",
+        )
+    job = backend.retrieve_job(job_id)
+    if job.status != "succeeded" or not job.fine_tuned_model:
+        detail = f" ({job.error.message})" if getattr(job, "error", None) and job.error.message else ""
+        raise BackendError(
+            f"job {job_id} is {job.status}{detail}; it has no fine-tuned model yet",
+            hint=f"follow it with: gpt-finetune jobs wait {job_id}" if job.status not in ("failed", "cancelled") else None,
+            code="job_not_ready",
+        )
+    return str(job.fine_tuned_model)
+
+
+def cmd_infer(ns: argparse.Namespace) -> int:
+    s = settings_from(ns)
+    question = s.user_input
+    if question is None and not sys.stdin.isatty():
+        question = sys.stdin.read().strip() or None
+    if not question:
+        raise ConfigError("no question", hint="pass -q TEXT, set user_input in the -c config file, or pipe it on stdin")
+    backend = get_backend(s, announce=False)
+    # a model named explicitly (flag, or config when no job is given) wins over the job
+    model = resolve_model(backend, s.model if (s.origin("model") == "command line" or not s.ft_job_id) else None,
+                          s.ft_job_id)
+    messages = ([{"role": "system", "content": s.sys_prompt}] if s.sys_prompt else []) + [
+        {"role": "user", "content": question}
+    ]
+    pieces = backend.chat(model=model, messages=messages, max_tokens=s.max_tokens, temperature=s.temperature,
+                          stream=ns.stream)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        if ns.stream:
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def add_chat(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", help="model id (or use --job)")
+    add_config_flag(p)
+    add_connection_flags(p)
+    p.add_argument("-j", "--job", dest="ft_job_id", metavar="JOB_ID")
+    p.add_argument("-s", "--sys-prompt", dest="sys_prompt", metavar="TEXT")
+    p.add_argument("--max-tokens", dest="max_tokens", type=typed("max_tokens"))
+    p.add_argument("-t", "--temperature", dest="temperature", type=typed("temperature"))
+    p.set_defaults(func=cmd_chat)
+
+
+def cmd_chat(ns: argparse.Namespace) -> int:
+    ns_model = ns.model
+    del ns.model
+    s = settings_from(ns)
+    backend = get_backend(s)
+    model = resolve_model(backend, ns_model or s.model, s.ft_job_id)
+    history: list[dict[str, Any]] = [{"role": "system", "content": s.sys_prompt}] if s.sys_prompt else []
+    print(f"Chatting with {model}. Empty line or Ctrl-D ends; /reset forgets the conversation.", file=sys.stderr)
+    while True:
+        try:
+            text = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if not text.strip():
+            return 0
+        if text.strip() == "/reset":
+            history = history[:1] if s.sys_prompt else []
+            continue
+        history.append({"role": "user", "content": text})
+        answer = []
+        for piece in backend.chat(model=model, messages=history, max_tokens=s.max_tokens,
+                                  temperature=s.temperature, stream=True):
+            answer.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(answer)})

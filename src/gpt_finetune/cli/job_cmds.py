@@ -1,0 +1,221 @@
+"""``finetune`` (the seed's finetune.py), and ``files``, ``jobs`` and ``models``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from ..backends.base import Hyperparameters
+from ..data.analysis import analyze_file
+from ..errors import BackendError, DataError
+from .common import add_config_flag, add_connection_flags, get_backend, info, require, settings_from, typed
+from .data_cmds import format_finding
+from .watch import watch_job
+
+
+def add_finetune(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-d", "--data", dest="training_file", metavar="FILE", help="training data (chat JSONL)")
+    add_config_flag(p)
+    add_connection_flags(p)
+    p.add_argument("-m", "--model", dest="model", help="base model (default gpt-3.5-turbo)")
+    p.add_argument("-v", "--validation-file", dest="validation_file", metavar="FILE", help="validation data (chat JSONL)")
+    p.add_argument("--n-epochs", dest="n_epochs", type=typed("n_epochs"), help="1..50 or auto")
+    p.add_argument("--batch-size", dest="batch_size", type=typed("batch_size"), help="1..256 or auto")
+    p.add_argument("--learning-rate-multiplier", dest="learning_rate_multiplier", type=typed("learning_rate_multiplier"),
+                   help="> 0 or auto")
+    p.add_argument("--suffix", dest="suffix", help="up to 64 characters added to the fine-tuned model's name")
+    p.add_argument("--seed", dest="seed", type=typed("seed"), help="training seed")
+    p.add_argument("--no-validate", dest="validate_first", action="store_const", const=False,
+                   help="skip the local check of the data before uploading")
+    p.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    p.set_defaults(func=cmd_finetune)
+
+
+def _check_local(path: str, model: str) -> None:
+    report = analyze_file(path, model, count_tokens=False)
+    if report.n_errors:
+        for f in report.errors[:10]:
+            info(format_finding(f))
+        first = report.errors[0]
+        raise DataError(
+            f"{report.n_errors} errors in the training data; the first: {first.message}",
+            path=path,
+            line=first.line,
+            field=first.field,
+            hint=f"see all with: gpt-finetune validate {path} (or skip this check with --no-validate)",
+        )
+
+
+def cmd_finetune(ns: argparse.Namespace) -> int:
+    s = settings_from(ns)
+    training = require(s.training_file, "training file", "pass -d/--data FILE or set training_file in the config")
+    model = s.model or "gpt-3.5-turbo"
+    files = [("training", training)] + ([("validation", s.validation_file)] if s.validation_file else [])
+    for _, path in files:
+        if not Path(path).is_file():
+            raise DataError("file does not exist", path=path)
+        if s.validate_first is not False:
+            _check_local(path, model)
+    backend = get_backend(s)
+    ids = {}
+    for kind, path in files:
+        uploaded = backend.upload_file(Path(path))
+        info(f"Uploaded {kind} file {path} as {uploaded.id}")
+        ids[kind] = uploaded.id
+    job = backend.create_job(
+        model=model,
+        training_file=ids["training"],
+        validation_file=ids.get("validation"),
+        hyperparameters=Hyperparameters(s.n_epochs, s.batch_size, s.learning_rate_multiplier),
+        suffix=s.suffix,
+        seed=s.seed,
+    )
+    info(f"Created fine-tuning job {job.id} ({job.model}, status {job.status})")
+    print(job.id)
+    if ns.wait:
+        return _exit_for(watch_job(backend, job.id))
+    info(f"Follow it with: gpt-finetune jobs wait {job.id}")
+    return 0
+
+
+def _exit_for(job: Any) -> int:
+    return 0 if job.status == "succeeded" else 1
+
+
+def add_files(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="files_cmd", required=True, metavar="{upload,list,get,delete}")
+    up = sub.add_parser("upload", help="upload a training or validation file")
+    up.add_argument("file")
+    up.add_argument("--purpose", default="fine-tune")
+    for name in ("list", "get", "delete"):
+        q = sub.add_parser(name, help=f"{name} uploaded files")
+        if name != "list":
+            q.add_argument("file_id")
+    for q in sub.choices.values():
+        add_config_flag(q)
+        add_connection_flags(q)
+        q.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_files)
+
+
+def cmd_files(ns: argparse.Namespace) -> int:
+    backend = get_backend(settings_from(ns), announce=False)
+    if ns.files_cmd == "upload":
+        _show(backend.upload_file(Path(ns.file), ns.purpose), ns.json, "id bytes filename purpose")
+    elif ns.files_cmd == "list":
+        _show_list(backend.list_files(), ns.json, "id bytes filename purpose created_at")
+    elif ns.files_cmd == "get":
+        _show(backend.retrieve_file(ns.file_id), ns.json, "id bytes filename purpose created_at")
+    else:
+        backend.delete_file(ns.file_id)
+        info(f"Deleted {ns.file_id}")
+    return 0
+
+
+def add_jobs(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="jobs_cmd", required=True, metavar="{create,list,get,events,checkpoints,cancel,wait}")
+    add_finetune(sub.add_parser("create", help="upload data and create a job (same as finetune)"))
+    lst = sub.add_parser("list", help="list jobs, newest first")
+    lst.add_argument("--limit", type=int, default=20)
+    lst.add_argument("--after", help="job id to page after")
+    for name, text in (("get", "show a job"), ("events", "a job's events, oldest first"),
+                       ("checkpoints", "a job's checkpoints"), ("cancel", "cancel a job"),
+                       ("wait", "follow a job with a progress bar until it ends")):
+        q = sub.add_parser(name, help=text)
+        q.add_argument("job_id")
+    for name, q in sub.choices.items():
+        if name == "create":
+            continue
+        add_config_flag(q)
+        add_connection_flags(q)
+        q.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_jobs)
+
+
+def cmd_jobs(ns: argparse.Namespace) -> int:
+    if ns.jobs_cmd == "create":
+        return cmd_finetune(ns)
+    backend = get_backend(settings_from(ns), announce=False)
+    cols = "id status model fine_tuned_model created_at"
+    if ns.jobs_cmd == "list":
+        _show_list(backend.list_jobs(limit=ns.limit, after=ns.after), ns.json, cols)
+    elif ns.jobs_cmd == "get":
+        job = backend.retrieve_job(ns.job_id)
+        _show(job, ns.json, cols + " trained_tokens training_file validation_file result_files")
+        if job.error and job.error.message and not ns.json:
+            print(f"error: {job.error.code}: {job.error.message}")
+    elif ns.jobs_cmd == "events":
+        events = list(reversed(backend.list_events(ns.job_id, limit=1000)))
+        if ns.json:
+            print(json.dumps([e.model_dump(mode="json") for e in events], indent=1))
+        for e in events if not ns.json else []:
+            print(f"{_ts(e.created_at)}  {e.level:<5} {e.message}")
+    elif ns.jobs_cmd == "checkpoints":
+        _show_list(backend.list_checkpoints(ns.job_id), ns.json, "id step_number fine_tuned_model_checkpoint")
+    elif ns.jobs_cmd == "cancel":
+        job = backend.cancel_job(ns.job_id)
+        info(f"Job {job.id}: {job.status}")
+    elif ns.jobs_cmd == "wait":
+        return _exit_for(watch_job(backend, ns.job_id))
+    return 0
+
+
+def add_models(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="models_cmd", required=True, metavar="{list,get,delete}")
+    sub.add_parser("list", help="base and fine-tuned models")
+    for name in ("get", "delete"):
+        sub.add_parser(name, help=f"{name} a model").add_argument("model_id")
+    for q in sub.choices.values():
+        add_config_flag(q)
+        add_connection_flags(q)
+        q.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_models)
+
+
+def cmd_models(ns: argparse.Namespace) -> int:
+    backend = get_backend(settings_from(ns), announce=False)
+    if ns.models_cmd == "list":
+        _show_list(backend.list_models(), ns.json, "id owned_by created")
+    elif ns.models_cmd == "get":
+        _show(backend.retrieve_model(ns.model_id), ns.json, "id owned_by created")
+    else:
+        if not backend.delete_model(ns.model_id):
+            raise BackendError(f"model {ns.model_id} was not deleted")
+        info(f"Deleted {ns.model_id}")
+    return 0
+
+
+def _ts(epoch: int | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch)) if epoch else "-"
+
+
+def _row(obj: Any, cols: list[str]) -> list[str]:
+    out = []
+    for c in cols:
+        v = getattr(obj, c, None)
+        if c in ("created_at", "created") and isinstance(v, int):
+            v = _ts(v)
+        out.append("-" if v is None else str(v))
+    return out
+
+
+def _show(obj: Any, as_json: bool, cols: str) -> None:
+    if as_json:
+        print(json.dumps(obj.model_dump(mode="json"), indent=1))
+        return
+    for c, v in zip(cols.split(), _row(obj, cols.split())):
+        print(f"{c:<18} {v}")
+
+
+def _show_list(items: list[Any], as_json: bool, cols: str) -> None:
+    if as_json:
+        print(json.dumps([i.model_dump(mode="json") for i in items], indent=1))
+        return
+    names = cols.split()
+    rows = [names] + [_row(i, names) for i in items]
+    widths = [max(len(r[k]) for r in rows) for k in range(len(names))]
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())

@@ -1,0 +1,99 @@
+"""``gpt-finetune``: parser and dispatch, and the entry point of the seed's three scripts."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from .. import __version__
+from ..errors import GptFinetuneError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    # name: (module attribute that adds arguments, help)
+    "prepare": ("data_cmds.add_prepare", "convert raw data to OpenAI chat JSONL (the seed's data_process.py)"),
+    "validate": ("data_cmds.add_validate", "check a chat JSONL file as OpenAI would, and more"),
+    "stats": ("data_cmds.add_stats", "token counts, label distribution and the cost of a job"),
+    "finetune": ("job_cmds.add_finetune", "upload data and create a fine-tuning job (the seed's finetune.py)"),
+    "infer": ("infer_cmd.add_infer", "ask a model a question (the seed's infer.py)"),
+    "chat": ("infer_cmd.add_chat", "talk with a model in the terminal"),
+    "files": ("job_cmds.add_files", "upload, list, get, delete files"),
+    "jobs": ("job_cmds.add_jobs", "create, list, get, follow, cancel fine-tuning jobs"),
+    "models": ("job_cmds.add_models", "list, get, delete models"),
+}
+SEED_SCRIPTS = {"prepare": "data_process.py", "finetune": "finetune.py", "infer": "infer.py"}
+
+
+def _adder(name: str) -> Callable[[argparse.ArgumentParser], None]:
+    import importlib
+
+    module, func = COMMANDS[name][0].split(".")
+    return getattr(importlib.import_module(f"{__package__}.{module}"), func)  # type: ignore[no-any-return]
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    p.add_argument("--home", dest="home", metavar="DIR", help="data directory (default $GPT_FINETUNE_HOME or ~/.gpt-finetune)")
+
+
+def build_parser(prog: str = "gpt-finetune") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Prepare chat data, fine-tune models on OpenAI or on this machine, and use them.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, text) in COMMANDS.items():
+        p = sub.add_parser(name, help=text, description=text)
+        _common(p)
+        _adder(name)(p)
+    return parser
+
+
+def build_seed_parser(command: str, prog: str) -> argparse.ArgumentParser:
+    text = COMMANDS[command][1]
+    p = argparse.ArgumentParser(prog=prog, description=text)
+    _common(p)
+    _adder(command)(p)
+    return p
+
+
+def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    ns = parser.parse_args(argv)
+    debug = ns.debug or os.environ.get("GPT_FINETUNE_DEBUG") == "1"
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if ns.home:
+        os.environ["GPT_FINETUNE_HOME"] = ns.home
+    try:
+        return int(ns.func(ns) or 0)
+    except GptFinetuneError as exc:
+        if debug:
+            raise
+        print(f"Error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"Hint: {exc.hint}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("Interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return _run(build_parser(), argv)
+
+
+def run_seed(command: str, argv: Sequence[str] | None = None) -> int:
+    """Entry point of data_process.py, finetune.py and infer.py: one command, its own ``-h``."""
+    return _run(build_seed_parser(command, SEED_SCRIPTS[command]), argv)
+
+
+def console() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    console()

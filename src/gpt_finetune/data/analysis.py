@@ -1,0 +1,169 @@
+"""One streaming pass over a chat JSONL file: findings for ``validate``, numbers for ``stats``.
+
+Lines are checked in worker processes (JSON decoding and token encoding dominate); the parent
+keeps only counters, one 4-byte token count and one 8-byte fingerprint per example, and at most
+:data:`MAX_FINDINGS_PER_CODE` findings of each kind, so memory stays flat at any size.
+"""
+
+from __future__ import annotations
+
+import os
+from array import array
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import DataError
+from ..openai_models import ModelInfo, model_info
+from .checks import Finding, check_chunk
+from .labels import LabelError, parse_labels
+from .parallel import chunked, parallel_map
+from .readers import iter_lines, sniff
+
+MIN_EXAMPLES = 10  # OpenAI rejects fewer (invalid_n_examples)
+MAX_FINDINGS_PER_CODE = 100
+MAX_DISTINCT_ANSWERS = 1000  # more distinct answers than this: not a classification file
+CHUNK_LINES = 2000
+PARALLEL_MIN_BYTES = 4 * 1024 * 1024  # smaller files are checked inline: pool start-up costs more
+
+
+@dataclass
+class FileReport:
+    path: str
+    model: ModelInfo
+    n_lines: int = 0
+    n_examples: int = 0  # lines that parsed as examples with no error
+    findings: list[Finding] = field(default_factory=list)
+    finding_counts: Counter[str] = field(default_factory=Counter)
+    tokens: array = field(default_factory=lambda: array("q"))  # per usable example
+    assistant_tokens: int = 0
+    messages: array = field(default_factory=lambda: array("l"))
+    answers: Counter[str] | None = field(default_factory=Counter)
+    label_counts: Counter[str] | None = None
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "error"]
+
+    @property
+    def n_errors(self) -> int:
+        return sum(n for key, n in self.finding_counts.items() if key.startswith("error:"))
+
+    def add(self, finding: Finding) -> None:
+        finding.path = self.path
+        key = f"{finding.severity}:{finding.code}"
+        self.finding_counts[key] += 1
+        if self.finding_counts[key] <= MAX_FINDINGS_PER_CODE:
+            self.findings.append(finding)
+
+
+def analyze_file(path: str | Path, model: str | None = None, *, count_tokens: bool = True, workers: int = 0) -> FileReport:
+    """Check every line of a chat JSONL file. Raises DataError only when the file as a whole is
+    unusable (missing, empty, a JSON array); per-line problems become findings."""
+    p = Path(path)
+    container = sniff(p)
+    if container != "jsonl":
+        raise DataError(
+            "is a JSON array or pretty-printed JSON, not JSONL (one JSON object per line)"
+            if container == "json"
+            else f"is {container.upper()}, not JSONL",
+            path=p,
+            line=1,
+            hint="convert it with: gpt-finetune prepare -i FILE -o out.jsonl",
+        )
+    info = model_info(model)
+    report = FileReport(str(p), info)
+    size = p.stat().st_size
+    if workers == 0 and size < PARALLEL_MIN_BYTES:
+        workers = 1
+    fingerprints = array("Q")
+    fp_lines = array("q")
+    first_line: int | None = None
+    encoding = info.encoding if count_tokens else None
+    lines = iter_lines(p)
+    for results in parallel_map(check_chunk, chunked(lines, CHUNK_LINES), encoding, 1, workers=workers):
+        for r in results:
+            report.n_lines += 1
+            if first_line is None:
+                first_line = r.line
+            for f in r.findings:
+                report.add(f)
+            if not r.ok:
+                continue
+            report.n_examples += 1
+            if r.tokens >= 0:
+                report.tokens.append(r.tokens)
+                report.assistant_tokens += r.assistant_tokens
+                if r.tokens > info.example_token_limit:
+                    report.add(
+                        Finding(
+                            "warning",
+                            "too_many_tokens",
+                            r.line,
+                            "messages",
+                            f"{r.tokens} tokens, over {info.name}'s limit of {info.example_token_limit}: "
+                            "OpenAI truncates it to the limit",
+                        )
+                    )
+            report.messages.append(r.n_messages)
+            fingerprints.append(r.fingerprint)
+            fp_lines.append(r.line)
+            if report.answers is not None and r.answer is not None:
+                report.answers[r.answer] += 1
+                if len(report.answers) > MAX_DISTINCT_ANSWERS:
+                    report.answers = None
+            elif report.answers is not None and r.answer is None:
+                report.answers = None
+    _find_duplicates(report, fingerprints, fp_lines)
+    if report.n_examples < MIN_EXAMPLES and not report.n_errors:
+        report.add(
+            Finding(
+                "error",
+                "invalid_n_examples",
+                None,
+                None,
+                f"{report.n_examples} examples; OpenAI requires at least {MIN_EXAMPLES}",
+            )
+        )
+    report.label_counts = _label_counts(p, report)
+    return report
+
+
+def _find_duplicates(report: FileReport, fingerprints: array, lines: array) -> None:
+    if len(fingerprints) < 2:
+        return
+    import numpy as np
+
+    fps = np.frombuffer(fingerprints, dtype=np.uint64)
+    order = np.argsort(fps, kind="stable")
+    sorted_fps = fps[order]
+    n = len(sorted_fps)
+    is_start = np.ones(n, dtype=bool)
+    is_start[1:] = sorted_fps[1:] != sorted_fps[:-1]
+    run_start = np.maximum.accumulate(np.where(is_start, np.arange(n), 0))
+    line_arr = np.frombuffer(lines, dtype=np.int64)
+    for j in np.nonzero(~is_start)[0]:
+        original = int(line_arr[order[run_start[j]]])
+        line = int(line_arr[order[j]])
+        report.add(Finding("warning", "duplicate_example", line, None, f"same messages as line {original}"))
+    report.findings.sort(key=lambda f: (f.line or 0))
+
+
+def _label_counts(path: Path, report: FileReport) -> Counter[str] | None:
+    """Label distribution for a classification file: from the sidecar prepare wrote, or when every
+    example's answer parses as labels and there are few distinct answers."""
+    if report.answers is None or not report.answers:
+        return None
+    sidecar = str(path)[: -len(".jsonl")] + ".labels.json" if str(path).endswith(".jsonl") else None
+    is_classification = sidecar is not None and os.path.exists(sidecar)
+    if not is_classification and len(report.answers) > max(20, report.n_examples // 2):
+        return None
+    counts: Counter[str] = Counter()
+    for answer, n in report.answers.items():
+        try:
+            labels = parse_labels(answer)
+        except LabelError:
+            return None
+        for label in labels:
+            counts[label] += n
+    return counts

@@ -1,0 +1,77 @@
+"""Classification labels: parse them from what people write, format them as the model learns them.
+
+The seed's raw data writes labels as a Python list literal, ``"['proxy', 'transit']"``. We parse
+that with :func:`ast.literal_eval` (literals only, never ``eval``), and also accept JSON lists,
+``bug`` and ``bug, feature``. Formats for the assistant message:
+
+- ``seed`` (default, as the seed's tool wrote it: brackets and separator spaces removed):
+  ``'proxy','transit'``
+- ``json``: ``["proxy", "transit"]``
+- ``comma``: ``proxy, transit``
+
+Every format parses back to the same list, so evaluation and constrained inference can read any.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+
+LABEL_FORMATS = ("seed", "json", "comma")
+
+
+class LabelError(ValueError):
+    pass
+
+
+def parse_labels(text: str) -> list[str]:
+    """Labels in the order written, stripped and without duplicates. Raises LabelError."""
+    s = text.strip()
+    if not s:
+        raise LabelError("no label (empty answer)")
+    items: list[object]
+    if s.startswith("[") or s.startswith("("):
+        try:
+            value = json.loads(s)
+        except ValueError:
+            try:
+                value = ast.literal_eval(s)
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                raise LabelError(f"cannot parse {s[:80]!r} as a list of labels") from None
+        if not isinstance(value, (list, tuple)):
+            raise LabelError(f"{s[:80]!r} is not a list of labels")
+        items = list(value)
+    elif "," in s:
+        items = s.split(",")
+    else:
+        items = [s]
+    labels: list[str] = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+            raise LabelError(f"label {item!r} is not a string")
+        label = str(item).strip()
+        if len(label) >= 2 and label[0] == label[-1] and label[0] in "'\"":
+            label = label[1:-1].strip()
+        if not label:
+            raise LabelError(f"empty label in {s[:80]!r}")
+        if label not in labels:
+            labels.append(label)
+    if not labels:
+        raise LabelError("no label (empty list)")
+    return labels
+
+
+def format_labels(labels: list[str], style: str = "seed") -> str:
+    if style == "seed":
+        return ",".join("'" + label.replace("'", "\\'") + "'" for label in labels)
+    if style == "json":
+        return json.dumps(labels, ensure_ascii=False)
+    if style == "comma":
+        return ", ".join(labels)
+    raise ValueError(f"unknown label format {style!r}; choose from {', '.join(LABEL_FORMATS)}")
+
+
+def labels_sidecar_path(output: str) -> str:
+    """``out.jsonl`` -> ``out.labels.json``: where prepare writes the label set."""
+    base = output[: -len(".jsonl")] if output.endswith(".jsonl") else output
+    return base + ".labels.json"

@@ -1,0 +1,61 @@
+"""Exact OpenAI token counts, offline.
+
+tiktoken downloads its encodings at first use, which fails without internet. The package
+``bpe-openai`` bundles cl100k_base and o200k_base with a tiktoken-compatible Rust encoder (about
+twice tiktoken's speed on one core, measured in bench/README.md), so we use it.
+
+Counting follows OpenAI's cookbook: 3 tokens per message, the tokens of each value, 1 more per
+``name``, and 3 to prime the reply. Text is encoded as ordinary text: ``<|endoftext|>`` written
+inside a message counts as the characters it is, as OpenAI's tokenizer treats user text.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from typing import Any, Protocol
+
+TOKENS_PER_MESSAGE = 3
+TOKENS_PER_NAME = 1
+TOKENS_REPLY_PRIMER = 3
+
+
+class Encoder(Protocol):
+    def encode_ordinary(self, text: str) -> list[int]: ...
+
+
+@lru_cache(maxsize=4)
+def get_encoding(name: str) -> Encoder:
+    import bpe_openai
+
+    return bpe_openai.get_encoding(name)  # type: ignore[no-any-return]
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):  # content parts: count the text parts
+        return "".join(p.get("text", "") for p in value if isinstance(p, dict) and isinstance(p.get("text"), str))
+    if value is None:
+        return ""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def count_message_tokens(messages: list[Any], enc: Encoder) -> tuple[int, int]:
+    """(tokens of the whole example, tokens of its assistant messages' content)."""
+    total = TOKENS_REPLY_PRIMER
+    assistant = 0
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        total += TOKENS_PER_MESSAGE
+        for key, value in message.items():
+            if key == "weight":
+                continue
+            n = len(enc.encode_ordinary(_value_text(value)))
+            total += n
+            if key == "name":
+                total += TOKENS_PER_NAME
+            if message.get("role") == "assistant" and key in ("content", "tool_calls", "function_call"):
+                assistant += n
+    return total, assistant

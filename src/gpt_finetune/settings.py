@@ -1,0 +1,228 @@
+"""One typed configuration model and its precedence.
+
+Highest first: command-line flags, a config file named with ``-c`` (the seed's ``key = value``
+files), the environment (``GPT_FINETUNE_<KEY>``, plus ``OPENAI_API_KEY`` and ``OPENAI_BASE_URL``),
+the default config file (``$GPT_FINETUNE_HOME/config.cfg``), then the defaults below.
+Every value remembers where it came from, so an error can name the flag, file line or variable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .cfgfile import read_cfg
+from .errors import ConfigError
+
+AUTO = "auto"
+
+
+def _int_or_auto(lo: int, hi: int) -> Callable[[str], int | str]:
+    def parse(text: str) -> int | str:
+        if text.strip().lower() == AUTO:
+            return AUTO
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"expected a whole number from {lo} to {hi} or 'auto'") from None
+        if not lo <= value <= hi:
+            raise ValueError(f"must be from {lo} to {hi}")
+        return value
+
+    return parse
+
+
+def _positive_float_or_auto(text: str) -> float | str:
+    if text.strip().lower() == AUTO:
+        return AUTO
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("expected a positive number or 'auto'") from None
+    if not value > 0:
+        raise ValueError("must be greater than 0")
+    return value
+
+
+def _float_range(lo: float, hi: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"expected a number from {lo} to {hi}") from None
+        if not lo <= value <= hi:
+            raise ValueError(f"must be from {lo} to {hi}")
+        return value
+
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError("expected a positive whole number") from None
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError("expected a whole number") from None
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in options:
+            raise ValueError(f"expected one of {', '.join(options)}")
+        return value
+
+    return parse
+
+
+def _str(text: str) -> str:
+    return text
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError("expected true or false")
+
+
+def _opt(parse: Callable[[str], Any], env: tuple[str, ...] = (), secret: bool = False) -> Any:
+    return field(default=None, metadata={"parse": parse, "env": env, "secret": secret})
+
+
+@dataclass
+class Settings:
+    """Every setting any command reads. Names are the seed's config keys."""
+
+    # where to send jobs
+    openai_api_key: str | None = _opt(_str, env=("OPENAI_API_KEY",), secret=True)
+    base_url: str | None = _opt(_str, env=("OPENAI_BASE_URL",))
+    backend: str | None = _opt(_choice("auto", "openai", "local"))
+    home: str | None = _opt(_str)
+    # data preparation (data_process.cfg)
+    sys_prompt: str | None = _opt(_str)
+    task_type: str | None = _opt(_choice("answering", "classification"))
+    label_format: str | None = _opt(_choice("seed", "json", "comma"))
+    # training (train.cfg)
+    training_file: str | None = _opt(_str)
+    validation_file: str | None = _opt(_str)
+    model: str | None = _opt(_str)
+    n_epochs: int | str | None = _opt(_int_or_auto(1, 50))
+    batch_size: int | str | None = _opt(_int_or_auto(1, 256))
+    learning_rate_multiplier: float | str | None = _opt(_positive_float_or_auto)
+    suffix: str | None = _opt(_str)
+    seed: int | None = _opt(_int)
+    validate_first: bool | None = _opt(_bool)
+    # inference (infer.cfg)
+    ft_job_id: str | None = _opt(_str)
+    max_tokens: int | None = _opt(_positive_int)
+    temperature: float | None = _opt(_float_range(0.0, 2.0))
+    user_input: str | None = _opt(_str)
+    # where each value came from: key -> "flag --x", "file.cfg:3", "env VAR", "default"
+    origins: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def origin(self, key: str) -> str:
+        return self.origins.get(key, "default")
+
+    def api_key_display(self) -> str:
+        return redact(self.openai_api_key)
+
+
+KEYS: frozenset[str] = frozenset(f.name for f in fields(Settings) if f.name != "origins")
+DEFAULTS: dict[str, Any] = {"backend": "auto", "task_type": "answering", "label_format": "seed", "validate_first": True}
+
+
+def default_home(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    home = env.get("GPT_FINETUNE_HOME")
+    return Path(home).expanduser() if home else Path.home() / ".gpt-finetune"
+
+
+def redact(secret: str | None) -> str:
+    """Show enough of a key to recognise it, never the whole: ``sk-...wxyz``."""
+    if not secret:
+        return "(none)"
+    if len(secret) <= 8:
+        return "***"
+    return f"{secret[:3]}...{secret[-4:]}"
+
+
+def load_settings(
+    flags: Mapping[str, Any] | None = None,
+    config_file: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    default_config: str | Path | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> Settings:
+    """Resolve settings by precedence. ``flags`` holds already-typed values (None means unset);
+    file and environment values are parsed here, and a bad one raises ConfigError naming it."""
+    env = os.environ if env is None else env
+    warn = warn or (lambda _msg: None)
+    layers: list[tuple[str, dict[str, tuple[str, str]]]] = []  # lowest precedence first
+
+    if default_config is None:
+        default_config = default_home(env) / "config.cfg"
+    if Path(default_config).is_file() and Path(default_config) != (Path(config_file) if config_file else None):
+        layers.append(("default config", _cfg_layer(default_config, warn)))
+
+    env_layer: dict[str, tuple[str, str]] = {}
+    for f in fields(Settings):
+        if f.name == "origins":
+            continue
+        for var in (*f.metadata["env"], "GPT_FINETUNE_" + f.name.upper()):
+            if env.get(var):
+                env_layer[f.name] = (env[var], f"environment variable {var}")
+    layers.append(("env", env_layer))
+
+    if config_file is not None:
+        layers.append(("config", _cfg_layer(config_file, warn)))
+
+    settings = Settings()
+    for key, value in DEFAULTS.items():
+        setattr(settings, key, value)
+    by_name = {f.name: f for f in fields(Settings)}
+    for _layer_name, layer in layers:
+        for key, (text, origin) in layer.items():
+            if text == "":
+                continue
+            try:
+                value = by_name[key].metadata["parse"](text)
+            except ValueError as exc:
+                raise ConfigError(f"{origin}: {key} = {text!r}: {exc}") from None
+            setattr(settings, key, value)
+            settings.origins[key] = origin
+    for key, value in (flags or {}).items():
+        if value is None:
+            continue
+        if key not in by_name:
+            raise KeyError(f"unknown setting {key!r}")  # a programming error, not a user error
+        setattr(settings, key, value)
+        settings.origins[key] = "command line"
+    return settings
+
+
+def _cfg_layer(path: str | Path, warn: Callable[[str], None]) -> dict[str, tuple[str, str]]:
+    cfg = read_cfg(path, KEYS)
+    for message in cfg.warnings:
+        warn(message)
+    return {key: (v.value, v.origin) for key, v in cfg.values.items()}
+
+
+def parse_value(key: str, text: str) -> Any:
+    """Parse one value as a config file would; used by argparse ``type=`` so flags share rules."""
+    by_name = {f.name: f for f in fields(Settings)}
+    return by_name[key].metadata["parse"](text)
