@@ -14,76 +14,198 @@ from pathlib import Path
 
 LABELS = {
     "agent": dict(
-        things=["antrea-agent", "the agent's NodeRouteController", "agent restart logic", "the agent's health check",
-                "agent memory usage", "the agent's gateway interface setup"],
-        symptoms=["crashes with a nil pointer dereference", "leaks goroutines after a few days",
-                  "takes 3 minutes to become ready", "keeps restarting with CrashLoopBackOff",
-                  "logs 'failed to initialize' on startup"],
-        detail=["The antrea-agent Pod on the Node shows {n} restarts.", "kubectl logs -n kube-system antrea-agent-xyz shows a stack trace.",
-                "This happens after upgrading the agent DaemonSet."],
+        things=[
+            "antrea-agent",
+            "the agent's NodeRouteController",
+            "agent restart logic",
+            "the agent's health check",
+            "agent memory usage",
+            "the agent's gateway interface setup",
+        ],
+        symptoms=[
+            "crashes with a nil pointer dereference",
+            "leaks goroutines after a few days",
+            "takes 3 minutes to become ready",
+            "keeps restarting with CrashLoopBackOff",
+            "logs 'failed to initialize' on startup",
+        ],
+        detail=[
+            "The antrea-agent Pod on the Node shows {n} restarts.",
+            "kubectl logs -n kube-system antrea-agent-xyz shows a stack trace.",
+            "This happens after upgrading the agent DaemonSet.",
+        ],
     ),
     "antctl": dict(
-        things=["antctl get podinterface", "antctl supportbundle", "antctl traceflow", "antctl get featuregates",
-                "antctl version output", "antctl query endpoint"],
-        symptoms=["prints an empty table", "fails with 'unknown flag'", "times out when the cluster is large",
-                  "returns exit code 0 on error", "shows the wrong column headers"],
-        detail=["Running `{cmd}` from outside the cluster gives this result.", "The antctl binary is version v1.{n}.0.",
-                "The same antctl command works inside the agent container."],
+        things=[
+            "antctl get podinterface",
+            "antctl supportbundle",
+            "antctl traceflow",
+            "antctl get featuregates",
+            "antctl version output",
+            "antctl query endpoint",
+        ],
+        symptoms=[
+            "prints an empty table",
+            "fails with 'unknown flag'",
+            "times out when the cluster is large",
+            "returns exit code 0 on error",
+            "shows the wrong column headers",
+        ],
+        detail=[
+            "Running `{cmd}` from outside the cluster gives this result.",
+            "The antctl binary is version v1.{n}.0.",
+            "The same antctl command works inside the agent container.",
+        ],
     ),
     "cni": dict(
-        things=["the CNI ADD command", "CNI DEL for terminated Pods", "the CNI plugin binary", "IPAM allocation in the CNI",
-                "the CNI config file 10-antrea.conflist", "CNI result caching"],
-        symptoms=["returns 'failed to allocate IP' for new Pods", "leaves stale interfaces behind",
-                  "hangs when the container runtime retries", "is not idempotent", "writes an invalid conflist"],
-        detail=["kubelet reports NetworkPluginNotReady for {n} seconds.", "The Pod sandbox creation fails with a CNI error.",
-                "containerd logs show the CNI call timing out."],
+        things=[
+            "the CNI ADD command",
+            "CNI DEL for terminated Pods",
+            "the CNI plugin binary",
+            "IPAM allocation in the CNI",
+            "the CNI config file 10-antrea.conflist",
+            "CNI result caching",
+        ],
+        symptoms=[
+            "returns 'failed to allocate IP' for new Pods",
+            "leaves stale interfaces behind",
+            "hangs when the container runtime retries",
+            "is not idempotent",
+            "writes an invalid conflist",
+        ],
+        detail=[
+            "kubelet reports NetworkPluginNotReady for {n} seconds.",
+            "The Pod sandbox creation fails with a CNI error.",
+            "containerd logs show the CNI call timing out.",
+        ],
     ),
     "multi-cluster": dict(
-        things=["the multi-cluster leader controller", "ResourceExport for Services", "ClusterSet membership",
-                "the multi-cluster gateway", "ServiceImport in member clusters", "cross-cluster Endpoint sync"],
-        symptoms=["does not sync after the leader restarts", "reports the ClusterSet as not ready",
-                  "exports stale Endpoints", "drops traffic between member clusters", "fails to elect a gateway Node"],
-        detail=["We have {n} member clusters joined to one leader.", "The ResourceImport objects are never created.",
-                "antrea-mc-controller logs show a conflict error."],
+        things=[
+            "the multi-cluster leader controller",
+            "ResourceExport for Services",
+            "ClusterSet membership",
+            "the multi-cluster gateway",
+            "ServiceImport in member clusters",
+            "cross-cluster Endpoint sync",
+        ],
+        symptoms=[
+            "does not sync after the leader restarts",
+            "reports the ClusterSet as not ready",
+            "exports stale Endpoints",
+            "drops traffic between member clusters",
+            "fails to elect a gateway Node",
+        ],
+        detail=[
+            "We have {n} member clusters joined to one leader.",
+            "The ResourceImport objects are never created.",
+            "antrea-mc-controller logs show a conflict error.",
+        ],
     ),
     "network-policy": dict(
-        things=["ClusterNetworkPolicy with namespaceSelector", "NetworkPolicy egress rules", "Antrea-native policy tiers",
-                "the FQDN policy rule", "policy audit logging", "AdminNetworkPolicy priority"],
-        symptoms=["does not drop traffic it should deny", "allows traffic from a Pod outside the selector",
-                  "is realized on only some Nodes", "logs the wrong rule name", "ignores the port range"],
-        detail=["kubectl get acnp shows the policy as realized on {n} of 5 Nodes.", "The Deny rule has priority 10 in the Application tier.",
-                "Traffic is allowed even though the ingress rule selects no peers."],
+        things=[
+            "ClusterNetworkPolicy with namespaceSelector",
+            "NetworkPolicy egress rules",
+            "Antrea-native policy tiers",
+            "the FQDN policy rule",
+            "policy audit logging",
+            "AdminNetworkPolicy priority",
+        ],
+        symptoms=[
+            "does not drop traffic it should deny",
+            "allows traffic from a Pod outside the selector",
+            "is realized on only some Nodes",
+            "logs the wrong rule name",
+            "ignores the port range",
+        ],
+        detail=[
+            "kubectl get acnp shows the policy as realized on {n} of 5 Nodes.",
+            "The Deny rule has priority 10 in the Application tier.",
+            "Traffic is allowed even though the ingress rule selects no peers.",
+        ],
     ),
     "ovs": dict(
-        things=["the OVS bridge br-int", "OpenFlow flows in table 20", "ovs-vswitchd", "the OVS datapath", "OVS group buckets",
-                "the OVS tunnel port antrea-tun0"],
-        symptoms=["uses 100% CPU", "loses flows after ovs-vswitchd restarts", "installs duplicate flows",
-                  "fails to reconnect to the OVSDB server", "drops packets with a large MTU"],
-        detail=["ovs-ofctl dump-flows br-int shows {n} stale flows.", "ovs-vsctl show lists the port twice.",
-                "The OVS kernel module version is 2.{n}."],
+        things=[
+            "the OVS bridge br-int",
+            "OpenFlow flows in table 20",
+            "ovs-vswitchd",
+            "the OVS datapath",
+            "OVS group buckets",
+            "the OVS tunnel port antrea-tun0",
+        ],
+        symptoms=[
+            "uses 100% CPU",
+            "loses flows after ovs-vswitchd restarts",
+            "installs duplicate flows",
+            "fails to reconnect to the OVSDB server",
+            "drops packets with a large MTU",
+        ],
+        detail=[
+            "ovs-ofctl dump-flows br-int shows {n} stale flows.",
+            "ovs-vsctl show lists the port twice.",
+            "The OVS kernel module version is 2.{n}.",
+        ],
     ),
     "proxy": dict(
-        things=["AntreaProxy", "Service ClusterIP load balancing", "NodePort Services", "proxyAll mode", "LoadBalancer Service ingress IPs",
-                "sessionAffinity ClientIP"],
-        symptoms=["sends traffic to terminated Endpoints", "does not balance across all Endpoints",
-                  "breaks when kube-proxy is removed", "ignores externalTrafficPolicy Local", "times out for the first request"],
-        detail=["The Service has {n} Endpoints but only one receives requests.", "skipServices is set in the antrea-agent config.",
-                "curl to the ClusterIP from a Pod hangs."],
+        things=[
+            "AntreaProxy",
+            "Service ClusterIP load balancing",
+            "NodePort Services",
+            "proxyAll mode",
+            "LoadBalancer Service ingress IPs",
+            "sessionAffinity ClientIP",
+        ],
+        symptoms=[
+            "sends traffic to terminated Endpoints",
+            "does not balance across all Endpoints",
+            "breaks when kube-proxy is removed",
+            "ignores externalTrafficPolicy Local",
+            "times out for the first request",
+        ],
+        detail=[
+            "The Service has {n} Endpoints but only one receives requests.",
+            "skipServices is set in the antrea-agent config.",
+            "curl to the ClusterIP from a Pod hangs.",
+        ],
     ),
     "windows": dict(
-        things=["Antrea on Windows Nodes", "the Windows HNS network", "the Windows installation script", "containerd on Windows",
-                "the Windows OVS extension", "Windows host-network Pods"],
-        symptoms=["fails to create the HNS endpoint", "loses connectivity after a Node reboot",
-                  "cannot pull the antrea-windows image", "reports the wrong Node IP", "fails Install-AntreaAgent.ps1"],
-        detail=["The Node runs Windows Server 2022, build {n}.", "Get-HnsNetwork shows no antrea-hnsnetwork.",
-                "The PowerShell script stops at the OVS service step."],
+        things=[
+            "Antrea on Windows Nodes",
+            "the Windows HNS network",
+            "the Windows installation script",
+            "containerd on Windows",
+            "the Windows OVS extension",
+            "Windows host-network Pods",
+        ],
+        symptoms=[
+            "fails to create the HNS endpoint",
+            "loses connectivity after a Node reboot",
+            "cannot pull the antrea-windows image",
+            "reports the wrong Node IP",
+            "fails Install-AntreaAgent.ps1",
+        ],
+        detail=[
+            "The Node runs Windows Server 2022, build {n}.",
+            "Get-HnsNetwork shows no antrea-hnsnetwork.",
+            "The PowerShell script stops at the OVS service step.",
+        ],
     ),
 }
-PAIRS = [("proxy", "windows"), ("network-policy", "agent"), ("ovs", "windows"), ("cni", "agent"),
-         ("multi-cluster", "proxy"), ("ovs", "agent"), ("antctl", "network-policy"), ("cni", "windows")]
+PAIRS = [
+    ("proxy", "windows"),
+    ("network-policy", "agent"),
+    ("ovs", "windows"),
+    ("cni", "agent"),
+    ("multi-cluster", "proxy"),
+    ("ovs", "agent"),
+    ("antctl", "network-policy"),
+    ("cni", "windows"),
+]
 KINDS = ["**Describe the bug**", "**What happened**", "**Problem**"]
-ASKS = ["**Expected**\r\n\r\nIt should keep working.", "**To Reproduce**\r\n\r\n1. Deploy Antrea\r\n2. Wait a few minutes",
-        "**Versions:**\r\n\r\n - Antrea version: v1.{n}.1"]
+ASKS = [
+    "**Expected**\r\n\r\nIt should keep working.",
+    "**To Reproduce**\r\n\r\n1. Deploy Antrea\r\n2. Wait a few minutes",
+    "**Versions:**\r\n\r\n - Antrea version: v1.{n}.1",
+]
 
 
 def body_for(rng: random.Random, labels: list[str]) -> tuple[str, str]:
@@ -115,13 +237,15 @@ def main() -> None:
             if title + body not in seen:
                 seen.add(title + body)
                 break
-        records.append({
-            "id": f"identity_{len(records) + 1}",
-            "conversations": [
-                {"from": "human", "value": f"title: {title} body: {body}"},
-                {"from": "gpt", "value": str(labels)},
-            ],
-        })
+        records.append(
+            {
+                "id": f"identity_{len(records) + 1}",
+                "conversations": [
+                    {"from": "human", "value": f"title: {title} body: {body}"},
+                    {"from": "gpt", "value": str(labels)},
+                ],
+            }
+        )
     out = Path(__file__).with_name("issues.json")
     out.write_text(json.dumps(records, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"wrote {len(records)} records to {out}")

@@ -58,8 +58,8 @@ def read_cfg(path: str | Path, known_keys: frozenset[str] | set[str] | None = No
         raise ConfigError(f"{p}:{line}: not UTF-8 text") from None
     values: dict[str, CfgValue] = {}
     warnings: list[str] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        stripped = line.strip()
+    for lineno, raw_line in enumerate(text.splitlines(), start=1):
+        stripped = raw_line.strip()
         if not stripped or stripped.startswith("#"):
             continue
         if "=" not in stripped:

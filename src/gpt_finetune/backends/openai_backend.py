@@ -23,7 +23,9 @@ http_client_factory: Callable[[], Any] | None = None
 class OpenAIBackend:
     name = "openai"
 
-    def __init__(self, api_key: str | None, base_url: str | None = None, *, client: openai.OpenAI | None = None) -> None:
+    def __init__(
+        self, api_key: str | None, base_url: str | None = None, *, client: openai.OpenAI | None = None
+    ) -> None:
         if client is None:
             if not api_key:
                 raise ConfigError(
@@ -123,10 +125,14 @@ class OpenAIBackend:
         kwargs: dict[str, Any] = {"limit": limit}
         if after:
             kwargs["after"] = after
-        return self._call(lambda: list(self.client.fine_tuning.jobs.list_events(job_id, **kwargs).data), f"events of {job_id}")
+        return self._call(
+            lambda: list(self.client.fine_tuning.jobs.list_events(job_id, **kwargs).data), f"events of {job_id}"
+        )
 
     def list_checkpoints(self, job_id: str) -> list[Any]:
-        return self._call(lambda: list(self.client.fine_tuning.jobs.checkpoints.list(job_id).data), f"checkpoints of {job_id}")
+        return self._call(
+            lambda: list(self.client.fine_tuning.jobs.checkpoints.list(job_id).data), f"checkpoints of {job_id}"
+        )
 
     # models
     def list_models(self) -> list[Model]:

@@ -17,16 +17,26 @@ from .common import add_config_flag, info, settings_from, typed
 
 
 def add_prepare(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-i", "--input", required=True, metavar="FILE", help="raw data: seed JSON/JSONL, Alpaca, chat JSONL, CSV/TSV")
+    p.add_argument(
+        "-i", "--input", required=True, metavar="FILE", help="raw data: seed JSON/JSONL, Alpaca, chat JSONL, CSV/TSV"
+    )
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="chat JSONL to write (atomically)")
     add_config_flag(p)
-    p.add_argument("--format", choices=("auto", *RECORD_FORMATS), default="auto", help="record format (default: detect)")
+    p.add_argument(
+        "--format", choices=("auto", *RECORD_FORMATS), default="auto", help="record format (default: detect)"
+    )
     p.add_argument("--sys-prompt", dest="sys_prompt", metavar="TEXT", help="system message for records without one")
-    p.add_argument("--task-type", dest="task_type", type=typed("task_type"), help="answering (default) or classification")
-    p.add_argument("--label-format", dest="label_format", choices=LABEL_FORMATS, help="how labels are written (default: seed)")
+    p.add_argument(
+        "--task-type", dest="task_type", type=typed("task_type"), help="answering (default) or classification"
+    )
+    p.add_argument(
+        "--label-format", dest="label_format", choices=LABEL_FORMATS, help="how labels are written (default: seed)"
+    )
     p.add_argument("--split", type=float, metavar="FRACTION", help="also write a validation file with this fraction")
     p.add_argument("--seed", type=int, default=None, help="random seed for --split (default 0)")
-    p.add_argument("--validation-output", metavar="FILE", help="where --split writes (default: OUTPUT with .valid.jsonl)")
+    p.add_argument(
+        "--validation-output", metavar="FILE", help="where --split writes (default: OUTPUT with .valid.jsonl)"
+    )
     p.add_argument("--prompt-columns", metavar="A,B", help="CSV/TSV: columns that make the user message")
     p.add_argument("--label-column", metavar="COL", help="CSV/TSV: the answer column")
     p.add_argument("--system-column", metavar="COL", help="CSV/TSV: a per-row system prompt column")
@@ -63,7 +73,9 @@ def cmd_prepare(ns: argparse.Namespace) -> int:
         info(f"Wrote {result.n_examples} examples to {result.output} ({result.record_format} input)")
     if result.labels_path:
         top = ", ".join(f"{k} {v}" for k, v in result.label_counts.most_common(8))
-        info(f"{len(result.label_counts)} labels ({top}{', ...' if len(result.label_counts) > 8 else ''}) -> {result.labels_path}")
+        info(
+            f"{len(result.label_counts)} labels ({top}{', ...' if len(result.label_counts) > 8 else ''}) -> {result.labels_path}"
+        )
     return 0
 
 
@@ -84,26 +96,46 @@ def label_drift(train: FileReport, valid: FileReport) -> list[Finding]:
     unseen = sorted(set(valid.label_counts) - set(train.label_counts))
     if unseen:
         findings.append(
-            Finding("warning", "label_drift", None, None,
-                    f"validation labels never seen in training: {', '.join(unseen)}", valid.path)
+            Finding(
+                "warning",
+                "label_drift",
+                None,
+                None,
+                f"validation labels never seen in training: {', '.join(unseen)}",
+                valid.path,
+            )
         )
     missing = sorted(set(train.label_counts) - set(valid.label_counts))
     if missing:
         findings.append(
-            Finding("warning", "label_drift", None, None,
-                    f"training labels absent from validation: {', '.join(missing)}", valid.path)
+            Finding(
+                "warning",
+                "label_drift",
+                None,
+                None,
+                f"training labels absent from validation: {', '.join(missing)}",
+                valid.path,
+            )
         )
     n_t, n_v = sum(train.label_counts.values()), sum(valid.label_counts.values())
-    shares = {k: (train.label_counts.get(k, 0) / n_t, valid.label_counts.get(k, 0) / n_v)
-              for k in set(train.label_counts) | set(valid.label_counts)}
+    shares = {
+        k: (train.label_counts.get(k, 0) / n_t, valid.label_counts.get(k, 0) / n_v)
+        for k in set(train.label_counts) | set(valid.label_counts)
+    }
     tvd = 0.5 * sum(abs(a - b) for a, b in shares.values())
     if tvd > 0.2:
         worst = max(shares, key=lambda k: abs(shares[k][0] - shares[k][1]))
         a, b = shares[worst]
         findings.append(
-            Finding("warning", "label_drift", None, None,
-                    f"label distributions differ by {tvd:.0%} (total variation); "
-                    f"largest: {worst} is {a:.0%} of training labels, {b:.0%} of validation", valid.path)
+            Finding(
+                "warning",
+                "label_drift",
+                None,
+                None,
+                f"label distributions differ by {tvd:.0%} (total variation); "
+                f"largest: {worst} is {a:.0%} of training labels, {b:.0%} of validation",
+                valid.path,
+            )
         )
     return findings
 
@@ -118,12 +150,24 @@ def cmd_validate(ns: argparse.Namespace) -> int:
     n_errors = sum(r.n_errors for r in reports)
     n_warnings = sum(n for r in reports for k, n in r.finding_counts.items() if k.startswith("warning:")) + len(extra)
     if ns.json:
-        print(json.dumps({
-            "ok": n_errors == 0,
-            "files": [{"file": r.path, "n_examples": r.n_examples, "n_lines": r.n_lines,
-                       "counts": dict(r.finding_counts)} for r in reports],
-            "findings": [f.as_dict() for f in findings],
-        }, indent=1))
+        print(
+            json.dumps(
+                {
+                    "ok": n_errors == 0,
+                    "files": [
+                        {
+                            "file": r.path,
+                            "n_examples": r.n_examples,
+                            "n_lines": r.n_lines,
+                            "counts": dict(r.finding_counts),
+                        }
+                        for r in reports
+                    ],
+                    "findings": [f.as_dict() for f in findings],
+                },
+                indent=1,
+            )
+        )
     else:
         for f in findings:
             print(format_finding(f))
@@ -149,9 +193,15 @@ def format_finding(f: Finding) -> str:
 def add_stats(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", metavar="FILE", help="chat JSONL file")
     p.add_argument("--model", default=None, help="OpenAI model for encoding, limits and price (default gpt-3.5-turbo)")
-    p.add_argument("--n-epochs", dest="n_epochs", type=typed("n_epochs"), help="epochs for the cost (default: OpenAI's rule)")
-    p.add_argument("--local-model", metavar="ID", default=None,
-                   help="also count tokens with this local model's tokenizer (default: the default local model, when installed)")
+    p.add_argument(
+        "--n-epochs", dest="n_epochs", type=typed("n_epochs"), help="epochs for the cost (default: OpenAI's rule)"
+    )
+    p.add_argument(
+        "--local-model",
+        metavar="ID",
+        default=None,
+        help="also count tokens with this local model's tokenizer (default: the default local model, when installed)",
+    )
     p.add_argument("--no-local", action="store_true", help="skip the local tokenizer count")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--workers", type=int, default=0, help="worker processes (default: one per core)")
@@ -187,7 +237,8 @@ def _local_counts(ns: argparse.Namespace) -> dict[str, Any] | None:
 def render_stats(s: dict[str, Any]) -> str:
     t, m, job = s["tokens_per_example"], s["messages_per_example"], s["job"]
     lines = [
-        f"{s['file']}: {s['n_examples']} examples" + (f" ({s['n_errors']} lines with errors skipped)" if s["n_errors"] else ""),
+        f"{s['file']}: {s['n_examples']} examples"
+        + (f" ({s['n_errors']} lines with errors skipped)" if s["n_errors"] else ""),
         f"Tokens ({s['model']}, {s['encoding']}): total {s['total_tokens']:,}, assistant {s['assistant_tokens']:,}",
         f"  per example: min {t['min']}, mean {t['mean']}, p50 {t['p50']}, p95 {t['p95']}, max {t['max']}",
         f"  over the {s['example_token_limit']:,}-token limit: {s['n_over_token_limit']}",
@@ -199,7 +250,9 @@ def render_stats(s: dict[str, Any]) -> str:
         width = max(len(k) for k in s["labels"])
         for label, n in s["labels"].items():
             lines.append(f"  {label:<{width}}  {n:>6}  {n / total:6.1%}  {'#' * max(1, round(30 * n / total))}")
-    cost = "unknown price" if job["cost_usd"] is None else f"${job['cost_usd']:,.2f} at ${job['price_per_million_usd']}/1M"
+    cost = (
+        "unknown price" if job["cost_usd"] is None else f"${job['cost_usd']:,.2f} at ${job['price_per_million_usd']}/1M"
+    )
     lines.append(
         f"OpenAI job: {job['n_epochs']} epochs ({job['epochs_rule']}), {job['billed_tokens']:,} billed tokens, {cost}"
     )
@@ -210,5 +263,3 @@ def render_stats(s: dict[str, Any]) -> str:
             f"(per example mean {local['mean']}, max {local['max']}; {local['assistant_tokens']:,} trained)"
         )
     return "\n".join(lines)
-
-

@@ -37,7 +37,9 @@ def resolve_model(backend: Any, model: str | None, job_id: str | None) -> str:
         detail = f" ({job.error.message})" if getattr(job, "error", None) and job.error.message else ""
         raise BackendError(
             f"job {job_id} is {job.status}{detail}; it has no fine-tuned model yet",
-            hint=f"follow it with: gpt-finetune jobs wait {job_id}" if job.status not in ("failed", "cancelled") else None,
+            hint=f"follow it with: gpt-finetune jobs wait {job_id}"
+            if job.status not in ("failed", "cancelled")
+            else None,
             code="job_not_ready",
         )
     return str(job.fine_tuned_model)
@@ -52,13 +54,15 @@ def cmd_infer(ns: argparse.Namespace) -> int:
         raise ConfigError("no question", hint="pass -q TEXT, set user_input in the -c config file, or pipe it on stdin")
     backend = get_backend(s, announce=False)
     # a model named explicitly (flag, or config when no job is given) wins over the job
-    model = resolve_model(backend, s.model if (s.origin("model") == "command line" or not s.ft_job_id) else None,
-                          s.ft_job_id)
+    model = resolve_model(
+        backend, s.model if (s.origin("model") == "command line" or not s.ft_job_id) else None, s.ft_job_id
+    )
     messages = ([{"role": "system", "content": s.sys_prompt}] if s.sys_prompt else []) + [
         {"role": "user", "content": question}
     ]
-    pieces = backend.chat(model=model, messages=messages, max_tokens=s.max_tokens, temperature=s.temperature,
-                          stream=ns.stream)
+    pieces = backend.chat(
+        model=model, messages=messages, max_tokens=s.max_tokens, temperature=s.temperature, stream=ns.stream
+    )
     for piece in pieces:
         sys.stdout.write(piece)
         if ns.stream:
@@ -99,8 +103,9 @@ def cmd_chat(ns: argparse.Namespace) -> int:
             continue
         history.append({"role": "user", "content": text})
         answer = []
-        for piece in backend.chat(model=model, messages=history, max_tokens=s.max_tokens,
-                                  temperature=s.temperature, stream=True):
+        for piece in backend.chat(
+            model=model, messages=history, max_tokens=s.max_tokens, temperature=s.temperature, stream=True
+        ):
             answer.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()

@@ -21,15 +21,26 @@ def add_finetune(p: argparse.ArgumentParser) -> None:
     add_config_flag(p)
     add_connection_flags(p)
     p.add_argument("-m", "--model", dest="model", help="base model (default gpt-3.5-turbo)")
-    p.add_argument("-v", "--validation-file", dest="validation_file", metavar="FILE", help="validation data (chat JSONL)")
+    p.add_argument(
+        "-v", "--validation-file", dest="validation_file", metavar="FILE", help="validation data (chat JSONL)"
+    )
     p.add_argument("--n-epochs", dest="n_epochs", type=typed("n_epochs"), help="1..50 or auto")
     p.add_argument("--batch-size", dest="batch_size", type=typed("batch_size"), help="1..256 or auto")
-    p.add_argument("--learning-rate-multiplier", dest="learning_rate_multiplier", type=typed("learning_rate_multiplier"),
-                   help="> 0 or auto")
+    p.add_argument(
+        "--learning-rate-multiplier",
+        dest="learning_rate_multiplier",
+        type=typed("learning_rate_multiplier"),
+        help="> 0 or auto",
+    )
     p.add_argument("--suffix", dest="suffix", help="up to 64 characters added to the fine-tuned model's name")
     p.add_argument("--seed", dest="seed", type=typed("seed"), help="training seed")
-    p.add_argument("--no-validate", dest="validate_first", action="store_const", const=False,
-                   help="skip the local check of the data before uploading")
+    p.add_argument(
+        "--no-validate",
+        dest="validate_first",
+        action="store_const",
+        const=False,
+        help="skip the local check of the data before uploading",
+    )
     p.add_argument("--wait", action="store_true", help="follow the job until it ends")
     p.set_defaults(func=cmd_finetune)
 
@@ -121,9 +132,13 @@ def add_jobs(p: argparse.ArgumentParser) -> None:
     lst = sub.add_parser("list", help="list jobs, newest first")
     lst.add_argument("--limit", type=int, default=20)
     lst.add_argument("--after", help="job id to page after")
-    for name, text in (("get", "show a job"), ("events", "a job's events, oldest first"),
-                       ("checkpoints", "a job's checkpoints"), ("cancel", "cancel a job"),
-                       ("wait", "follow a job with a progress bar until it ends")):
+    for name, text in (
+        ("get", "show a job"),
+        ("events", "a job's events, oldest first"),
+        ("checkpoints", "a job's checkpoints"),
+        ("cancel", "cancel a job"),
+        ("wait", "follow a job with a progress bar until it ends"),
+    ):
         q = sub.add_parser(name, help=text)
         q.add_argument("job_id")
     for name, q in sub.choices.items():

@@ -35,7 +35,9 @@ def _adder(name: str) -> Callable[[argparse.ArgumentParser], None]:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    p.add_argument("--home", dest="home", metavar="DIR", help="data directory (default $GPT_FINETUNE_HOME or ~/.gpt-finetune)")
+    p.add_argument(
+        "--home", dest="home", metavar="DIR", help="data directory (default $GPT_FINETUNE_HOME or ~/.gpt-finetune)"
+    )
 
 
 def build_parser(prog: str = "gpt-finetune") -> argparse.ArgumentParser:

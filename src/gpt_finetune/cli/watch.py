@@ -34,8 +34,11 @@ def watch_job(backend: Any, job_id: str, *, poll: float = 2.0, out: Any = None) 
                         bar.total = total
                     bar.n = int(data["step"])
                     post = {}
-                    for key, label in (("train_loss", "loss"), ("valid_loss", "val_loss"),
-                                       ("train_mean_token_accuracy", "acc")):
+                    for key, label in (
+                        ("train_loss", "loss"),
+                        ("valid_loss", "val_loss"),
+                        ("train_mean_token_accuracy", "acc"),
+                    ):
                         if data.get(key) is not None:
                             post[label] = f"{float(data[key]):.4f}"
                     bar.set_postfix(post, refresh=False)

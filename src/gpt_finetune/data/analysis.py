@@ -15,15 +15,15 @@ from pathlib import Path
 
 from ..errors import DataError
 from ..openai_models import ModelInfo, model_info
-from .checks import Finding, check_chunk
+from .checks import Finding, check_block
 from .labels import LabelError, parse_labels
-from .parallel import chunked, parallel_map
-from .readers import iter_lines, sniff
+from .parallel import parallel_map
+from .readers import iter_blocks, sniff
+from .tokens import get_encoding
 
 MIN_EXAMPLES = 10  # OpenAI rejects fewer (invalid_n_examples)
 MAX_FINDINGS_PER_CODE = 100
 MAX_DISTINCT_ANSWERS = 1000  # more distinct answers than this: not a classification file
-CHUNK_LINES = 2000
 PARALLEL_MIN_BYTES = 4 * 1024 * 1024  # smaller files are checked inline: pool start-up costs more
 
 
@@ -57,7 +57,9 @@ class FileReport:
             self.findings.append(finding)
 
 
-def analyze_file(path: str | Path, model: str | None = None, *, count_tokens: bool = True, workers: int = 0) -> FileReport:
+def analyze_file(
+    path: str | Path, model: str | None = None, *, count_tokens: bool = True, workers: int = 0
+) -> FileReport:
     """Check every line of a chat JSONL file. Raises DataError only when the file as a whole is
     unusable (missing, empty, a JSON array); per-line problems become findings."""
     p = Path(path)
@@ -78,42 +80,40 @@ def analyze_file(path: str | Path, model: str | None = None, *, count_tokens: bo
         workers = 1
     fingerprints = array("Q")
     fp_lines = array("q")
-    first_line: int | None = None
     encoding = info.encoding if count_tokens else None
-    lines = iter_lines(p)
-    for results in parallel_map(check_chunk, chunked(lines, CHUNK_LINES), encoding, 1, workers=workers):
-        for r in results:
-            report.n_lines += 1
-            if first_line is None:
-                first_line = r.line
-            for f in r.findings:
-                report.add(f)
-            if not r.ok:
-                continue
-            report.n_examples += 1
-            if r.tokens >= 0:
-                report.tokens.append(r.tokens)
-                report.assistant_tokens += r.assistant_tokens
-                if r.tokens > info.example_token_limit:
-                    report.add(
-                        Finding(
-                            "warning",
-                            "too_many_tokens",
-                            r.line,
-                            "messages",
-                            f"{r.tokens} tokens, over {info.name}'s limit of {info.example_token_limit}: "
-                            "OpenAI truncates it to the limit",
+    if encoding is not None and workers != 1:
+        get_encoding(encoding)  # load once here; forked workers share it
+    limit = info.example_token_limit
+    for chunk in parallel_map(check_block, iter_blocks(p), encoding, str(p), workers=workers):
+        report.n_lines += chunk.n_lines
+        report.n_examples += len(chunk.lines)
+        for f in chunk.findings:
+            report.add(f)
+        if encoding is not None:
+            report.tokens.extend(chunk.tokens)
+            report.assistant_tokens += chunk.assistant_tokens
+            if max(chunk.tokens, default=0) > limit:
+                for line, n in zip(chunk.lines, chunk.tokens):
+                    if n > limit:
+                        report.add(
+                            Finding(
+                                "warning",
+                                "too_many_tokens",
+                                line,
+                                "messages",
+                                f"{n} tokens, over {info.name}'s limit of {limit}: OpenAI truncates it to the limit",
+                            )
                         )
-                    )
-            report.messages.append(r.n_messages)
-            fingerprints.append(r.fingerprint)
-            fp_lines.append(r.line)
-            if report.answers is not None and r.answer is not None:
-                report.answers[r.answer] += 1
+        report.messages.extend(chunk.messages)
+        fingerprints.extend(chunk.fingerprints)
+        fp_lines.extend(chunk.lines)
+        if report.answers is not None:
+            if chunk.unanswered:
+                report.answers = None
+            else:
+                report.answers.update(chunk.answers)
                 if len(report.answers) > MAX_DISTINCT_ANSWERS:
                     report.answers = None
-            elif report.answers is not None and r.answer is None:
-                report.answers = None
     _find_duplicates(report, fingerprints, fp_lines)
     if report.n_examples < MIN_EXAMPLES and not report.n_errors:
         report.add(
@@ -146,7 +146,7 @@ def _find_duplicates(report: FileReport, fingerprints: array, lines: array) -> N
         original = int(line_arr[order[run_start[j]]])
         line = int(line_arr[order[j]])
         report.add(Finding("warning", "duplicate_example", line, None, f"same messages as line {original}"))
-    report.findings.sort(key=lambda f: (f.line or 0))
+    report.findings.sort(key=lambda f: f.line or 0)
 
 
 def _label_counts(path: Path, report: FileReport) -> Counter[str] | None:

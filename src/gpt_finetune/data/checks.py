@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from array import array
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,88 +52,207 @@ class LineResult:
 
 
 def check_line(lineno: int, raw: bytes, encoding: str | None, first: bool = False) -> LineResult:
-    """Decode and check one JSONL line; count its tokens with ``encoding`` when given."""
+    """Decode and check one JSONL line; count its tokens with ``encoding`` when given.
+
+    The hot loop of validate and stats: field names are only formatted when there is a finding."""
     result = LineResult(lineno)
-
-    def err(code: str, message: str, where: str | None = None, severity: str = "error") -> None:
-        result.findings.append(Finding(severity, code, lineno, where, message))
+    findings = result.findings
 
     try:
-        text = raw.decode("utf-8")
+        example = json.loads(raw)
     except UnicodeDecodeError as exc:
-        err("invalid_encoding", f"not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})")
+        findings.append(
+            Finding(
+                "error",
+                "invalid_encoding",
+                lineno,
+                None,
+                f"not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})",
+            )
+        )
         return result
-    try:
-        example = json.loads(text)
     except json.JSONDecodeError as exc:
         from .readers import json_error_message
 
-        err("invalid_json", json_error_message(exc, text, first))
+        findings.append(
+            Finding(
+                "error", "invalid_json", lineno, None, json_error_message(exc, raw.decode("utf-8", "replace"), first)
+            )
+        )
         return result
     if not isinstance(example, dict):
-        err("data_type", f"each line must be a JSON object, got {type(example).__name__}")
+        findings.append(
+            Finding(
+                "error", "data_type", lineno, None, f"each line must be a JSON object, got {type(example).__name__}"
+            )
+        )
         return result
     messages = example.get("messages")
-    if messages is None:
-        err("missing_messages_list", "no 'messages' list", "messages")
-        return result
     if not isinstance(messages, list) or not messages:
-        err("missing_messages_list", "'messages' must be a non-empty list", "messages")
+        text = "no 'messages' list" if messages is None else "'messages' must be a non-empty list"
+        findings.append(Finding("error", "missing_messages_list", lineno, "messages", text))
         return result
-    for key in example:
-        if key not in EXAMPLE_KEYS:
-            err("example_unrecognized_key", f"unrecognised key {key!r} is ignored", key, "warning")
+    if len(example) > 1:
+        for key in example:
+            if key not in EXAMPLE_KEYS:
+                findings.append(
+                    Finding("warning", "example_unrecognized_key", lineno, key, f"unrecognised key {key!r} is ignored")
+                )
     result.n_messages = len(messages)
-    has_assistant = False
-    trainable = False
+    has_assistant = trainable = False
+    last_answer: Any = None
     for i, message in enumerate(messages):
-        where = f"messages[{i}]"
         if not isinstance(message, dict):
-            err("data_type", f"message must be an object, got {type(message).__name__}", where)
+            findings.append(
+                Finding(
+                    "error",
+                    "data_type",
+                    lineno,
+                    f"messages[{i}]",
+                    f"message must be an object, got {type(message).__name__}",
+                )
+            )
             continue
+        if not message.keys() <= MESSAGE_KEYS:
+            for key in message.keys() - MESSAGE_KEYS:
+                findings.append(
+                    Finding(
+                        "error", "message_unrecognized_key", lineno, f"messages[{i}].{key}", f"unrecognised key {key!r}"
+                    )
+                )
         role = message.get("role")
-        if "role" not in message:
-            err("message_missing_key", "message has no 'role'", where + ".role")
-        elif role not in ROLES:
-            err("unrecognized_role", f"role {role!r} is not one of {', '.join(sorted(ROLES))}", where + ".role")
-        for key in message:
-            if key not in MESSAGE_KEYS:
-                err("message_unrecognized_key", f"unrecognised key {key!r}", f"{where}.{key}")
+        if role not in ROLES:
+            if "role" not in message:
+                findings.append(
+                    Finding("error", "message_missing_key", lineno, f"messages[{i}].role", "message has no 'role'")
+                )
+            else:
+                findings.append(
+                    Finding(
+                        "error",
+                        "unrecognized_role",
+                        lineno,
+                        f"messages[{i}].role",
+                        f"role {role!r} is not one of {', '.join(sorted(ROLES))}",
+                    )
+                )
         content = message.get("content")
-        calls = message.get("tool_calls") or message.get("function_call")
-        if role == "assistant" and calls:
+        if type(content) is str and content.strip():
+            pass  # the common case
+        elif role == "assistant" and (message.get("tool_calls") or message.get("function_call")):
             pass  # a tool call needs no content (the cookbook wrongly flags this)
         elif "content" not in message:
-            err("message_missing_key", "message has no 'content'", where + ".content")
-        elif content is None or (isinstance(content, str) and not content.strip()) or content == []:
-            err("missing_content", "content is empty", where + ".content")
-        elif not isinstance(content, (str, list)):
-            err("invalid_content", f"content must be text, got {type(content).__name__}", where + ".content")
-        elif isinstance(content, list) and role == "assistant":
-            err("invalid_content", "assistant content must be text, not a list of parts", where + ".content")
+            findings.append(
+                Finding("error", "message_missing_key", lineno, f"messages[{i}].content", "message has no 'content'")
+            )
+        elif content is None or content == "" or content == [] or (isinstance(content, str) and not content.strip()):
+            findings.append(Finding("error", "missing_content", lineno, f"messages[{i}].content", "content is empty"))
+        elif not isinstance(content, list):
+            findings.append(
+                Finding(
+                    "error",
+                    "invalid_content",
+                    lineno,
+                    f"messages[{i}].content",
+                    f"content must be text, got {type(content).__name__}",
+                )
+            )
+        elif role == "assistant":
+            findings.append(
+                Finding(
+                    "error",
+                    "invalid_content",
+                    lineno,
+                    f"messages[{i}].content",
+                    "assistant content must be text, not a list of parts",
+                )
+            )
         if "weight" in message:
             weight = message["weight"]
             if isinstance(weight, bool) or weight not in (0, 1):
-                err("invalid_weight", f"weight must be 0 or 1, got {weight!r}", where + ".weight")
+                findings.append(
+                    Finding(
+                        "error",
+                        "invalid_weight",
+                        lineno,
+                        f"messages[{i}].weight",
+                        f"weight must be 0 or 1, got {weight!r}",
+                    )
+                )
             elif role != "assistant":
-                err("invalid_weight", "weight is only allowed on assistant messages", where + ".weight")
+                findings.append(
+                    Finding(
+                        "error",
+                        "invalid_weight",
+                        lineno,
+                        f"messages[{i}].weight",
+                        "weight is only allowed on assistant messages",
+                    )
+                )
         if role == "assistant":
             has_assistant = True
+            last_answer = content
             if message.get("weight", 1) != 0:
                 trainable = True
     if not has_assistant:
-        err("example_missing_assistant_message", "no assistant message to learn from", "messages")
+        findings.append(
+            Finding(
+                "error", "example_missing_assistant_message", lineno, "messages", "no assistant message to learn from"
+            )
+        )
     elif not trainable:
-        err("no_trainable_message", "every assistant message has weight 0: nothing to learn", "messages", "warning")
-    last = next((m for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "assistant"), None)
-    if last is not None and isinstance(last.get("content"), str) and len(last["content"]) <= ANSWER_SAMPLE_CHARS:
-        result.answer = last["content"].strip()
-    canonical = json.dumps(messages, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    result.fingerprint = int.from_bytes(hashlib.blake2b(canonical.encode(), digest_size=8).digest(), "little")
+        findings.append(
+            Finding(
+                "warning",
+                "no_trainable_message",
+                lineno,
+                "messages",
+                "every assistant message has weight 0: nothing to learn",
+            )
+        )
+    if isinstance(last_answer, str) and len(last_answer) <= ANSWER_SAMPLE_CHARS:
+        result.answer = last_answer.strip()
+    # duplicates are identical lines (ignoring surrounding blanks): hashing the bytes costs a
+    # tenth of re-serialising the example canonically
+    result.fingerprint = int.from_bytes(hashlib.blake2b(raw.strip(), digest_size=8).digest(), "little")
     if encoding is not None:
         result.tokens, result.assistant_tokens = count_message_tokens(messages, get_encoding(encoding))
     return result
 
 
-def check_chunk(chunk: list[tuple[int, bytes]], encoding: str | None, first_line: int) -> list[LineResult]:
-    return [check_line(n, raw, encoding, n == first_line) for n, raw in chunk]
+@dataclass
+class ChunkResult:
+    """What the parent needs of a chunk of lines, compact to pickle: arrays, not objects."""
+
+    n_lines: int = 0
+    lines: array = field(default_factory=lambda: array("q"))  # usable examples only, below too
+    tokens: array = field(default_factory=lambda: array("q"))
+    messages: array = field(default_factory=lambda: array("l"))
+    fingerprints: array = field(default_factory=lambda: array("Q"))
+    assistant_tokens: int = 0
+    findings: list[Finding] = field(default_factory=list)
+    answers: Counter[str] = field(default_factory=Counter)
+    unanswered: int = 0  # usable examples whose answer is not short text
+
+
+def check_block(block: tuple[int, bytes], encoding: str | None, path: str) -> ChunkResult:
+    """Check the lines of one block from :func:`readers.iter_blocks`."""
+    from .readers import split_block
+
+    out = ChunkResult()
+    for n, raw in split_block(path, *block):
+        out.n_lines += 1
+        r = check_line(n, raw, encoding, n == 1)
+        out.findings.extend(r.findings)
+        if not r.ok:
+            continue
+        out.lines.append(n)
+        out.tokens.append(r.tokens)
+        out.messages.append(r.n_messages)
+        out.fingerprints.append(r.fingerprint)
+        out.assistant_tokens += r.assistant_tokens
+        if r.answer is None:
+            out.unanswered += 1
+        else:
+            out.answers[r.answer] += 1
+    return out

@@ -151,7 +151,9 @@ def _from_seed(record: dict[str, Any], path: str, line: int) -> list[dict[str, A
                 field=where + ".from",
             )
         value = turn.get("value", turn.get("content"))
-        messages.append({"role": ROLE_MAP[speaker.strip().lower()], "content": _text(value, path, line, where + ".value")})
+        messages.append(
+            {"role": ROLE_MAP[speaker.strip().lower()], "content": _text(value, path, line, where + ".value")}
+        )
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError("no 'gpt' (assistant) turn to learn from", path=path, line=line, field="conversations")
     return messages

@@ -29,7 +29,7 @@ def parse_labels(text: str) -> list[str]:
     s = text.strip()
     if not s:
         raise LabelError("no label (empty answer)")
-    items: list[object]
+    items: list[object] = []
     if s.startswith("[") or s.startswith("("):
         try:
             value = json.loads(s)
@@ -42,7 +42,7 @@ def parse_labels(text: str) -> list[str]:
             raise LabelError(f"{s[:80]!r} is not a list of labels")
         items = list(value)
     elif "," in s:
-        items = s.split(",")
+        items = list(s.split(","))
     else:
         items = [s]
     labels: list[str] = []

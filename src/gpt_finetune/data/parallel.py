@@ -34,8 +34,11 @@ def parallel_map(
             yield fn(chunk, *args)
         return
     window = window or workers * 3
-    # forkserver: a clean, fast-to-fork server process, safe with threads in the parent
-    ctx = multiprocessing.get_context("forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
+    # fork where there is one: workers share what the parent already loaded (the tokenizer's
+    # ~120 MB of tables) copy-on-write instead of loading their own. Callers are command-line
+    # jobs with no threads running; a server process should call with workers=1.
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
         pending: deque[Future[R]] = deque()
         try:

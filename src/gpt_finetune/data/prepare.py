@@ -20,10 +20,9 @@ from ..atomic import atomic_outputs
 from ..errors import DataError
 from .convert import ConvertOptions, convert_record, detect_record_format
 from .labels import labels_sidecar_path
-from .parallel import chunked, parallel_map
-from .readers import decode_line, first_record, iter_lines, iter_records, sniff
+from .parallel import parallel_map
+from .readers import decode_line, first_record, iter_blocks, iter_records, sniff, split_block
 
-CHUNK_LINES = 2000
 PARALLEL_MIN_BYTES = 4 * 1024 * 1024
 
 
@@ -49,20 +48,22 @@ def _dump(example: dict[str, Any]) -> str:
     return json.dumps(example, ensure_ascii=False, separators=(", ", ": ")) + "\n"
 
 
-def convert_chunk(chunk: list[tuple[int, bytes]], fmt: str, opts: ConvertOptions, path: str) -> list[tuple[str, list[str]]]:
+def convert_block(block: tuple[int, bytes], fmt: str, opts: ConvertOptions, path: str) -> list[tuple[str, list[str]]]:
     out = []
-    for lineno, raw in chunk:
+    for lineno, raw in split_block(path, *block):
         record = decode_line(path, lineno, raw)
         converted = convert_record(record, fmt, opts, path, lineno)
         out.append((_dump(converted.example), converted.labels))
     return out
 
 
-def _converted(path: str, container: str, fmt: str, opts: ConvertOptions, workers: int) -> Iterator[tuple[str, list[str]]]:
+def _converted(
+    path: str, container: str, fmt: str, opts: ConvertOptions, workers: int
+) -> Iterator[tuple[str, list[str]]]:
     if container == "jsonl":
         if workers == 0 and os.path.getsize(path) < PARALLEL_MIN_BYTES:
             workers = 1
-        for results in parallel_map(convert_chunk, chunked(iter_lines(path), CHUNK_LINES), fmt, opts, path, workers=workers):
+        for results in parallel_map(convert_block, iter_blocks(path), fmt, opts, path, workers=workers):
             yield from results
     else:
         for lineno, record in iter_records(path, container):
@@ -103,7 +104,9 @@ def prepare(
             result.n_train = result.n_examples
         else:
             assert valid_out is not None
-            _write_split(src, container, record_format, opts, workers, group, out, valid_out, split, seed, result, label_counts)
+            _write_split(
+                src, container, record_format, opts, workers, group, out, valid_out, split, seed, result, label_counts
+            )
         if result.n_examples == 0:
             raise DataError("no examples in the input", path=src, code="invalid_n_examples")
         if opts.task_type == "classification":

@@ -41,21 +41,40 @@ def _value_text(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
+_SHORT: dict[tuple[int, str], int] = {}  # token counts of roles and names, which repeat
+
+
+def _short_count(enc: Encoder, text: str) -> int:
+    key = (id(enc), text)
+    n = _SHORT.get(key)
+    if n is None:
+        if len(_SHORT) > 4096:
+            _SHORT.clear()
+        n = _SHORT[key] = len(enc.encode_ordinary(text))
+    return n
+
+
 def count_message_tokens(messages: list[Any], enc: Encoder) -> tuple[int, int]:
     """(tokens of the whole example, tokens of its assistant messages' content)."""
+    encode = enc.encode_ordinary
     total = TOKENS_REPLY_PRIMER
     assistant = 0
     for message in messages:
         if not isinstance(message, dict):
             continue
         total += TOKENS_PER_MESSAGE
+        is_assistant = message.get("role") == "assistant"
         for key, value in message.items():
             if key == "weight":
                 continue
-            n = len(enc.encode_ordinary(_value_text(value)))
+            if key == "role" or key == "name":
+                n = _short_count(enc, value) if isinstance(value, str) else len(encode(_value_text(value)))
+                if key == "name":
+                    n += TOKENS_PER_NAME
+                total += n
+                continue
+            n = len(encode(value if isinstance(value, str) else _value_text(value)))
             total += n
-            if key == "name":
-                total += TOKENS_PER_NAME
-            if message.get("role") == "assistant" and key in ("content", "tool_calls", "function_call"):
+            if is_assistant and key in ("content", "tool_calls", "function_call"):
                 assistant += n
     return total, assistant

@@ -1,0 +1,197 @@
+"""The seed's finetune.py and infer.py against the OpenAI API, through the official SDK on a mock
+transport: the exact requests they send, and what they print."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import EXAMPLES, ROOT
+from fake_openai import FakeOpenAI
+
+from gpt_finetune.backends import openai_backend
+from gpt_finetune.cli.main import run_seed
+from gpt_finetune.data.convert import ConvertOptions
+from gpt_finetune.data.prepare import prepare
+
+KEY = "sk-test-1234567890"
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    f = FakeOpenAI()
+    monkeypatch.setattr(openai_backend, "http_client_factory", f.client)
+    return f
+
+
+@pytest.fixture
+def data(tmp_path):
+    out = tmp_path / "output.jsonl"
+    prepare(
+        EXAMPLES / "issues.json", out, options=ConvertOptions(task_type="classification", sys_prompt="S"), split=0.1
+    )
+    return out
+
+
+@pytest.mark.parametrize("flags", [["-k", KEY, "-d"], ["--key", KEY, "--data"]])
+def test_finetune_short_and_long_flags(fake, data, capsys, flags):
+    assert run_seed("finetune", [*flags, str(data)]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == "ftjob-1"  # the job id, as the seed prints it
+    assert "visible to other users" in err and KEY not in err and KEY not in out
+    uploads = fake.bodies("POST", "/v1/files")
+    assert len(uploads) == 1 and b'name="purpose"\r\n\r\nfine-tune' in uploads[0]
+    assert data.read_bytes() in uploads[0]
+    assert fake.bodies("POST", "/v1/fine_tuning/jobs") == [{"model": "gpt-3.5-turbo", "training_file": "file-1"}]
+
+
+def test_finetune_with_train_cfg_sends_every_key(fake, data, tmp_path, capsys):
+    cfg = tmp_path / "train.cfg"
+    cfg.write_text(
+        f"openai_api_key = {KEY}\n"
+        f"training_file = {data}\n"
+        "model = gpt-3.5-turbo\n"
+        "n_epochs = 3\n"
+        "batch_size = 1\n"
+        "learning_rate_multiplier = 2\n"
+        f"validation_file = {data.with_name('output.valid.jsonl')}\n"
+    )
+    assert run_seed("finetune", ["-c", str(cfg)]) == 0
+    assert capsys.readouterr().out.strip() == "ftjob-1"
+    assert len(fake.bodies("POST", "/v1/files")) == 2
+    assert fake.bodies("POST", "/v1/fine_tuning/jobs") == [
+        {
+            "model": "gpt-3.5-turbo",
+            "training_file": "file-1",
+            "validation_file": "file-2",
+            "method": {
+                "type": "supervised",
+                "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 1, "learning_rate_multiplier": 2.0}},
+            },
+        }
+    ]
+
+
+def test_finetune_key_from_environment_and_placeholder_in_cfg(fake, data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    cfg = tmp_path / "train.cfg"
+    cfg.write_text(f"openai_api_key = <openai_api_key>\ntraining_file = {data}\n")
+    assert run_seed("finetune", ["-c", str(cfg)]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == "ftjob-1" and "placeholder" in err and "visible to other users" not in err
+
+
+def test_bad_cfg_value_names_the_key(fake, data, tmp_path, capsys):
+    cfg = tmp_path / "train.cfg"
+    cfg.write_text(f"openai_api_key = {KEY}\ntraining_file = {data}\nn_epochs = three\n")
+    assert run_seed("finetune", ["-c", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert f"{cfg}:3" in err and "n_epochs" in err
+    assert fake.requests == []
+
+
+def test_invalid_data_is_refused_before_upload(fake, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "x"}]}\n' * 12)
+    assert run_seed("finetune", ["-k", KEY, "-d", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}:1" in err and "example_missing_assistant_message" in err
+    assert fake.requests == []
+
+
+def test_wrong_key_is_reported_redacted(fake, data, capsys):
+    wrong = "sk-wrong-abcdefghijkl"
+    assert run_seed("finetune", ["-k", wrong, "-d", str(data)]) == 1
+    err = capsys.readouterr().err
+    assert "refused the API key sk-...ijkl" in err and wrong not in err
+
+
+def test_infer_by_model(fake, capsys):
+    assert run_seed("infer", ["--key", KEY, "--model", "ft:gpt-3.5-turbo:org::abc", "-q", "title: x"]) == 0
+    assert capsys.readouterr().out == "'proxy'\n"
+    body = fake.bodies("POST", "/v1/chat/completions")[0]
+    assert body == {"model": "ft:gpt-3.5-turbo:org::abc", "messages": [{"role": "user", "content": "title: x"}]}
+
+
+def test_infer_by_job_reads_the_model_from_the_job(fake, capsys):
+    fake.jobs["ftjob-9"] = {
+        "id": "ftjob-9",
+        "object": "fine_tuning.job",
+        "created_at": 1,
+        "error": None,
+        "fine_tuned_model": "ft:gpt-3.5-turbo:org::xyz",
+        "finished_at": 2,
+        "hyperparameters": {},
+        "model": "gpt-3.5-turbo",
+        "organization_id": "o",
+        "result_files": [],
+        "seed": 1,
+        "status": "succeeded",
+        "trained_tokens": 5,
+        "training_file": "file-1",
+        "validation_file": None,
+    }
+    assert run_seed("infer", ["--key", KEY, "--job", "ftjob-9", "-q", "q"]) == 0
+    assert fake.bodies("POST", "/v1/chat/completions")[0]["model"] == "ft:gpt-3.5-turbo:org::xyz"
+
+
+@pytest.mark.parametrize("status", ["running", "failed"])
+def test_infer_by_unfinished_job_names_its_status(fake, capsys, status):
+    fake.jobs["ftjob-9"] = {
+        "id": "ftjob-9",
+        "object": "fine_tuning.job",
+        "created_at": 1,
+        "error": {"code": "x", "message": "boom", "param": None} if status == "failed" else None,
+        "fine_tuned_model": None,
+        "finished_at": None,
+        "hyperparameters": {},
+        "model": "gpt-3.5-turbo",
+        "organization_id": "o",
+        "result_files": [],
+        "seed": 1,
+        "status": status,
+        "trained_tokens": None,
+        "training_file": "file-1",
+        "validation_file": None,
+    }
+    assert run_seed("infer", ["--key", KEY, "--job", "ftjob-9", "-q", "q"]) == 1
+    assert f"job ftjob-9 is {status}" in capsys.readouterr().err
+    assert fake.bodies("POST", "/v1/chat/completions") == []
+
+
+def test_infer_cfg(fake, tmp_path, capsys):
+    cfg = tmp_path / "infer.cfg"
+    cfg.write_text(
+        f"openai_api_key = {KEY}\nft_job_id = <job_id>\nmodel = ft:gpt-3.5-turbo:o::m\nmax_tokens = 20\n"
+        "temperature = 0\nsys_prompt = Label it # with labels\nuser_input = title: a = b\n"
+    )
+    assert run_seed("infer", ["--config", str(cfg)]) == 0
+    assert capsys.readouterr().out == "'proxy'\n"
+    assert fake.bodies("POST", "/v1/chat/completions")[0] == {
+        "model": "ft:gpt-3.5-turbo:o::m",
+        "max_tokens": 20,
+        "temperature": 0.0,
+        "messages": [
+            {"role": "system", "content": "Label it # with labels"},
+            {"role": "user", "content": "title: a = b"},
+        ],
+    }
+
+
+def test_base_url_from_flag(fake, capsys):
+    assert run_seed("infer", ["-k", KEY, "--base-url", "http://127.0.0.1:9/v1", "-m", "m", "-q", "q"]) == 0
+    assert str(fake.requests[0].url).startswith("http://127.0.0.1:9/v1/chat/completions")
+
+
+@pytest.mark.parametrize("script", ["data_process.py", "finetune.py", "infer.py"])
+def test_help(script):
+    r = subprocess.run([sys.executable, str(ROOT / script), "-h"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith(f"usage: {script}")
+    flags = {
+        "data_process.py": ["--input", "--output", "--config"],
+        "finetune.py": ["--key", "--data", "--config"],
+        "infer.py": ["--key", "--model", "--job", "--config", "-q"],
+    }[script]
+    for flag in flags:
+        assert flag in r.stdout

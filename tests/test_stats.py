@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import json
+
+from conftest import chat_example, write_jsonl
+
+from gpt_finetune.cli.main import main
+from gpt_finetune.data.analysis import analyze_file
+from gpt_finetune.data.stats import job_cost
+from gpt_finetune.data.tokens import count_message_tokens, get_encoding
+from gpt_finetune.openai_models import default_epochs, model_info
+
+
+def test_exact_encodings_offline():
+    assert get_encoding("cl100k_base").encode_ordinary("Hello world") == [9906, 1917]
+    # o200k_base differs from cl100k_base on the same text
+    assert get_encoding("o200k_base").encode_ordinary("Hello world") == [13225, 2375]
+
+
+def test_models_use_their_own_encoding():
+    assert model_info("gpt-3.5-turbo-0125").encoding == "cl100k_base"
+    assert model_info("gpt-4o-mini-2024-07-18").encoding == "o200k_base"
+    assert model_info("gpt-4.1-mini").price_per_million == 5.0
+    assert model_info("gpt-4.1-nano-2025-04-14").example_token_limit == 32768
+    assert model_info("ft:gpt-4o-mini:acme:x:abc").name == "gpt-4o-mini"
+
+
+def test_cookbook_message_count():
+    enc = get_encoding("cl100k_base")
+    msgs = [{"role": "user", "content": "Hello world"}, {"role": "assistant", "content": "Hello world", "name": "bob"}]
+    total, assistant = count_message_tokens(msgs, enc)
+    role_user, role_asst, bob = (len(enc.encode_ordinary(x)) for x in ("user", "assistant", "bob"))
+    assert total == 3 + (3 + role_user + 2) + (3 + role_asst + 2 + bob + 1)
+    assert assistant == 2
+
+
+def test_default_epochs_rule():
+    assert default_epochs(10) == 10  # raised so that 10 x 10 >= 100
+    assert default_epochs(30) == 4  # 30 x 4 = 120 >= 100
+    assert default_epochs(200) == 3
+    assert default_epochs(10_000) == 2  # lowered so that <= 25,000
+    assert default_epochs(2) == 25  # capped at 25
+    assert default_epochs(100_000) == 1
+
+
+def test_cost(tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", [chat_example(i) for i in range(40)])
+    report = analyze_file(path, "gpt-4o-mini")
+    cost = job_cost(report)
+    assert cost.n_epochs == 3
+    assert cost.billed_tokens == 3 * sum(report.tokens)
+    assert cost.usd == round(cost.billed_tokens / 1e6 * 3.0, 4)
+    assert job_cost(report, 5).billed_tokens == 5 * sum(report.tokens)
+
+
+def test_stats_command_json(tmp_path, capsys):
+    rows = [chat_example(i, ["'proxy'", "'ovs'", "'proxy','windows'"][i % 3]) for i in range(30)]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    assert main(["stats", str(path), "--json", "--no-local", "--model", "gpt-4.1"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["n_examples"] == 30 and s["encoding"] == "o200k_base"
+    t = s["tokens_per_example"]
+    assert t["min"] <= t["p50"] <= t["p95"] <= t["max"]
+    assert s["labels"] == {"proxy": 20, "ovs": 10, "windows": 10}
+    assert s["job"]["n_epochs"] == 4 and s["job"]["cost_usd"] > 0
+
+
+def test_stats_text(chat_file, capsys):
+    assert main(["stats", str(chat_file), "--no-local"]) == 0
+    out = capsys.readouterr().out
+    assert "12 examples" in out and "billed tokens" in out and "Labels (3)" in out
