@@ -228,3 +228,14 @@ def test_output_equal_to_input_is_refused(tmp_path):
 
     with pytest.raises(DataError, match="overwrite the input"):
         prepare(src, src)
+
+
+def test_output_has_ordinary_permissions(tmp_path):
+    import os
+
+    src = write_jsonl(tmp_path / "in.jsonl", [seed_record(1, ["a"])])
+    out = tmp_path / "o.jsonl"
+    prepare(src, out)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask

@@ -23,6 +23,13 @@ class AtomicGroup:
         path = Path(target)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        # mkstemp makes the file private (0600); give it the mode of the file it replaces, or
+        # what a plain open() would give (0666 less the umask)
+        try:
+            perms = path.stat().st_mode & 0o777
+        except FileNotFoundError:
+            perms = 0o666 & ~_umask()
+        os.chmod(tmp, perms)
         self._pending.append((Path(tmp), path))
         if "b" in mode:
             return os.fdopen(fd, mode)  # type: ignore[return-value]
@@ -65,6 +72,12 @@ def write_text_atomic(target: str | Path, text: str) -> None:
 def write_bytes_atomic(target: str | Path, data: bytes) -> None:
     with atomic_outputs() as group, group.open(target, "wb") as fh:
         fh.write(data)  # type: ignore[arg-type]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(path: Path) -> None:

@@ -35,9 +35,9 @@ class FileReport:
     n_examples: int = 0  # lines that parsed as examples with no error
     findings: list[Finding] = field(default_factory=list)
     finding_counts: Counter[str] = field(default_factory=Counter)
-    tokens: array = field(default_factory=lambda: array("q"))  # per usable example
+    tokens: array = field(default_factory=lambda: array("i"))  # per usable example
     assistant_tokens: int = 0
-    messages: array = field(default_factory=lambda: array("l"))
+    messages: array = field(default_factory=lambda: array("I"))
     answers: Counter[str] | None = field(default_factory=Counter)
     label_counts: Counter[str] | None = None
 
@@ -79,7 +79,7 @@ def analyze_file(
     if workers == 0 and size < PARALLEL_MIN_BYTES:
         workers = 1
     fingerprints = array("Q")
-    fp_lines = array("q")
+    fp_lines = array("I")
     encoding = info.encoding if count_tokens else None
     if encoding is not None and workers != 1:
         get_encoding(encoding)  # load once here; forked workers share it
@@ -141,7 +141,7 @@ def _find_duplicates(report: FileReport, fingerprints: array, lines: array) -> N
     is_start = np.ones(n, dtype=bool)
     is_start[1:] = sorted_fps[1:] != sorted_fps[:-1]
     run_start = np.maximum.accumulate(np.where(is_start, np.arange(n), 0))
-    line_arr = np.frombuffer(lines, dtype=np.int64)
+    line_arr = np.frombuffer(lines, dtype=np.uint32)
     for j in np.nonzero(~is_start)[0]:
         original = int(line_arr[order[run_start[j]]])
         line = int(line_arr[order[j]])

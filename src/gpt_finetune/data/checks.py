@@ -225,9 +225,9 @@ class ChunkResult:
     """What the parent needs of a chunk of lines, compact to pickle: arrays, not objects."""
 
     n_lines: int = 0
-    lines: array = field(default_factory=lambda: array("q"))  # usable examples only, below too
-    tokens: array = field(default_factory=lambda: array("q"))
-    messages: array = field(default_factory=lambda: array("l"))
+    lines: array = field(default_factory=lambda: array("I"))  # usable examples only, below too
+    tokens: array = field(default_factory=lambda: array("i"))
+    messages: array = field(default_factory=lambda: array("I"))
     fingerprints: array = field(default_factory=lambda: array("Q"))
     assistant_tokens: int = 0
     findings: list[Finding] = field(default_factory=list)

@@ -19,7 +19,7 @@ def _percentile(sorted_values: Any, q: float) -> int:
 def distribution(values: Any) -> dict[str, float]:
     import numpy as np
 
-    arr = np.sort(np.frombuffer(values, dtype=np.int64) if values.typecode == "q" else np.asarray(values))
+    arr = np.sort(np.asarray(values))
     if len(arr) == 0:
         return {"min": 0, "mean": 0.0, "p50": 0, "p95": 0, "max": 0}
     return {
@@ -42,7 +42,9 @@ class Cost:
 def job_cost(report: FileReport, n_epochs: int | str | None = None) -> Cost:
     """Billed tokens = epochs x sum of per-example tokens, each capped at the model's limit."""
     limit = report.model.example_token_limit
-    per_epoch = sum(min(t, limit) for t in report.tokens)
+    import numpy as np
+
+    per_epoch = int(np.minimum(np.asarray(report.tokens, dtype=np.int64), limit).sum())
     if isinstance(n_epochs, int):
         epochs, rule = n_epochs, "as given"
     else:
@@ -63,7 +65,7 @@ def stats_dict(report: FileReport, n_epochs: int | str | None = None) -> dict[st
         "n_errors": report.n_errors,
         "tokens_per_example": distribution(report.tokens),
         "messages_per_example": distribution(report.messages),
-        "total_tokens": int(sum(report.tokens)),
+        "total_tokens": int(sum(report.tokens)),  # Python ints: no overflow
         "assistant_tokens": report.assistant_tokens,
         "n_over_token_limit": report.finding_counts.get("warning:too_many_tokens", 0),
         "example_token_limit": report.model.example_token_limit,

@@ -1,0 +1,104 @@
+"""The ``local`` backend: this project's services in-process, in the openai SDK's types.
+
+Jobs train in a detached worker (see ``services.jobs``); creating this backend is enough to
+recover and resume jobs whose worker died.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from openai.types import FileObject, Model
+from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
+from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
+
+from ..services import Services
+from ..settings import Settings
+from .base import Hyperparameters
+
+LOCAL_OPTION_KEYS = ("training_type", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+                     "checkpoint_every_steps", "num_processes", "max_length", "log_every_steps", "torch_compile")
+
+
+class LocalBackend:
+    name = "local"
+
+    def __init__(self, services: Services, options: dict[str, Any] | None = None) -> None:
+        self.services = services
+        self.options = options or {}
+        self._engine: Any = None
+        services.jobs.kick()  # resume what a dead worker left
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LocalBackend:
+        services = Services.open(settings.home, local_base_model=settings.local_base_model)
+        options = {k: getattr(settings, k) for k in LOCAL_OPTION_KEYS if getattr(settings, k, None) is not None}
+        return cls(services, options)
+
+    def describe(self) -> str:
+        return f"local backend (data in {self.services.home.root})"
+
+    # files
+    def upload_file(self, path: Path, purpose: str = "fine-tune") -> FileObject:
+        return FileObject(**self.services.files.to_openai(self.services.files.create_from_path(path, purpose)))
+
+    def list_files(self) -> list[FileObject]:
+        return [FileObject(**self.services.files.to_openai(r)) for r in self.services.files.list()]
+
+    def retrieve_file(self, file_id: str) -> FileObject:
+        return FileObject(**self.services.files.to_openai(self.services.files.retrieve(file_id)))
+
+    def delete_file(self, file_id: str) -> bool:
+        return self.services.files.delete(file_id)
+
+    # jobs
+    def create_job(self, *, model: str, training_file: str, validation_file: str | None = None,
+                   hyperparameters: Hyperparameters | None = None, suffix: str | None = None,
+                   seed: int | None = None) -> FineTuningJob:
+        job = self.services.jobs.create(model=model, training_file=training_file, validation_file=validation_file,
+                                        hyperparameters=hyperparameters.explicit() if hyperparameters else {},
+                                        suffix=suffix, seed=seed, options=self.options)
+        return FineTuningJob(**job)
+
+    def retrieve_job(self, job_id: str) -> FineTuningJob:
+        return FineTuningJob(**self.services.jobs.retrieve(job_id))
+
+    def list_jobs(self, *, limit: int = 20, after: str | None = None) -> list[FineTuningJob]:
+        return [FineTuningJob(**j) for j in self.services.jobs.list_jobs(limit=limit, after=after)[0]]
+
+    def cancel_job(self, job_id: str) -> FineTuningJob:
+        return FineTuningJob(**self.services.jobs.cancel(job_id))
+
+    def list_events(self, job_id: str, *, limit: int = 100, after: str | None = None) -> list[FineTuningJobEvent]:
+        return [FineTuningJobEvent(**e) for e in self.services.jobs.list_events(job_id, limit=limit, after=after)[0]]
+
+    def list_checkpoints(self, job_id: str) -> list[Any]:
+        return [FineTuningJobCheckpoint(**c) for c in self.services.jobs.list_checkpoints(job_id, limit=100)[0]]
+
+    # models
+    def list_models(self) -> list[Model]:
+        return [Model(**m) for m in self.services.models.list()]
+
+    def retrieve_model(self, model_id: str) -> Model:
+        return Model(**self.services.models.retrieve(model_id))
+
+    def delete_model(self, model_id: str) -> bool:
+        return self.services.models.delete(model_id)
+
+    # inference
+    @property
+    def engine(self) -> Any:
+        if self._engine is None:
+            from ..local.inference import Engine
+
+            self._engine = Engine(self.services.home, self.services.models.local_base_model)
+        return self._engine
+
+    def chat(self, *, model: str, messages: list[dict[str, Any]], max_tokens: int | None = None,
+             temperature: float | None = None, stream: bool = False) -> Iterator[str]:
+        base, adapter = self.services.models.locate(model)
+        if stream:
+            return self.engine.stream(base, adapter, messages, max_tokens=max_tokens, temperature=temperature)
+        return iter([self.engine.complete(base, adapter, messages, max_tokens=max_tokens, temperature=temperature).text])

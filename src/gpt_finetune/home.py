@@ -1,0 +1,68 @@
+"""The data directory: one place for the database, uploaded files, jobs and models.
+
+    $GPT_FINETUNE_HOME/            (default ~/.gpt-finetune)
+      gpt-finetune.db              SQLite: files, jobs, events, checkpoints, models
+      files/<file id>.jsonl        uploaded files
+      jobs/<job id>/               checkpoints/, result.csv, train.log
+      models/<job id>/             fine-tuned adapters (or full weights)
+      models/base/<name>/          base models converted once (GGUF -> safetensors)
+      runner.lock, logs/runner.log the training worker's lock and log
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from .errors import NotFoundError
+from .settings import default_home
+
+_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def safe_name(identifier: str, what: str = "id") -> str:
+    """An id that is about to become part of a path: letters, digits, ``_ . -`` only."""
+    if not _SAFE.match(identifier) or ".." in identifier:
+        raise NotFoundError(f"no such {what}: {identifier!r}")
+    return identifier
+
+
+class Home:
+    def __init__(self, root: str | Path | None = None) -> None:
+        self.root = Path(root).expanduser() if root else default_home()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def db(self) -> Path:
+        return self.root / "gpt-finetune.db"
+
+    @property
+    def files(self) -> Path:
+        return self._dir("files")
+
+    def job_dir(self, job_id: str) -> Path:
+        return self._dir("jobs") / safe_name(job_id, "job")
+
+    def model_dir(self, job_id: str) -> Path:
+        return self._dir("models") / safe_name(job_id, "model")
+
+    @property
+    def base_models(self) -> Path:
+        override = os.environ.get("GPT_FINETUNE_MODEL_CACHE")
+        path = Path(override).expanduser() if override else self.root / "models" / "base"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def logs(self) -> Path:
+        return self._dir("logs")
+
+    @property
+    def runner_lock(self) -> Path:
+        return self.root / "runner.lock"
+
+    def _dir(self, name: str) -> Path:
+        path = self.root / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path

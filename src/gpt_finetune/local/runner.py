@@ -1,0 +1,111 @@
+"""The training runner: a detached process that trains queued jobs one at a time.
+
+Started by ``JobService.kick`` whenever jobs wait and no runner holds ``runner.lock``; exits when
+the queue is empty. Each job trains in a child process of its own (``local.train_job``, through
+``accelerate launch`` when ``num_processes`` > 1), so a job's memory is freed when it ends, and a
+cancelled job that does not stop within ``CANCEL_GRACE`` seconds is killed. The child dies with
+the runner (PR_SET_PDEATHSIG on Linux; it also polls the runner's pid), so a job never trains
+twice at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import fcntl
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from typing import IO, Any
+
+from ..services import Services
+
+CANCEL_GRACE = 10.0
+log = logging.getLogger("gpt_finetune.runner")
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux: the child polls the runner's pid instead
+
+
+def child_command(services: Services, job: dict[str, Any]) -> list[str]:
+    args = ["--home", str(services.home.root), job["id"]]
+    n = int(job["options"].get("num_processes") or 1)
+    if n > 1:
+        launcher = shutil.which("accelerate") or "accelerate"
+        return [launcher, "launch", "--multi_gpu", "--num_processes", str(n), "--num_machines", "1",
+                "-m", "gpt_finetune.local.train_job", *args]
+    return [sys.executable, "-m", "gpt_finetune.local.train_job", *args]
+
+
+def run_job(services: Services, job: dict[str, Any]) -> None:
+    jobs = services.jobs
+    env = dict(os.environ, GPT_FINETUNE_RUNNER_PID=str(os.getpid()), PYTHONUNBUFFERED="1")
+    log_path = services.home.job_dir(job["id"])
+    log_path.mkdir(parents=True, exist_ok=True)
+    with open(log_path / "train.log", "ab") as out:
+        child = subprocess.Popen(child_command(services, job), stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                 env=env, preexec_fn=_die_with_parent, start_new_session=False)
+        cancelled_at: float | None = None
+        while child.poll() is None:
+            time.sleep(0.5)
+            status = jobs.row(job["id"])["status"]
+            if status == "cancelled" and cancelled_at is None:
+                cancelled_at = time.time()
+            if cancelled_at is not None and time.time() - cancelled_at > CANCEL_GRACE:
+                child.kill()
+                child.wait()
+    row = jobs.row(job["id"])
+    if row["status"] == "running":  # the child died without finishing the job
+        if child.returncode and child.returncode < 0:
+            jobs.event(job["id"], f"The training process was killed by signal {-child.returncode}", level="warn")
+        if row["attempts"] >= 3:
+            jobs.fail(job["id"], "worker_died", f"the training process exited with code {child.returncode} "
+                      f"{row['attempts']} times; see {log_path / 'train.log'}")
+        elif services.store.update("jobs", job["id"], {"status": "queued"}, where="status = 'running'"):
+            jobs.event(job["id"], "The training process stopped unexpectedly; resuming from the last checkpoint",
+                       level="warn")
+
+
+def _try_lock(fh: IO[str]) -> bool:
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="gpt_finetune.local.runner")
+    ap.add_argument("--home", required=True)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s runner[%(process)d] %(message)s")
+    services = Services.open(args.home)
+    fh = open(services.home.runner_lock, "a+")
+    if not _try_lock(fh):
+        return 0  # another runner is alive
+    log.info("runner started")
+    services.jobs.recover_orphans()
+    while True:
+        job = services.jobs.claim_next(os.getpid())
+        if job is not None:
+            log.info("training %s (attempt %s)", job["id"], job["attempts"])
+            run_job(services, job)
+            continue
+        # nothing queued: let go, then look once more, so a job queued meanwhile is not stranded
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        if not services.jobs.has_active() or not _try_lock(fh):
+            log.info("runner done")
+            return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""One job's training process, started by the runner (or by ``accelerate launch``).
+
+Reads the job from the store, trains (``trainer.train``), and records what happens as OpenAI
+does: metrics and message events, checkpoints with model ids, the result CSV, the fine-tuned
+model. With several processes only rank 0 writes. Python errors fail the job with their message;
+a hard crash (a signal) is left to the runner, which resumes the job from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import re
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from ..services import Services
+from ..services.jobs import BASE_LEARNING_RATE
+from ..services.models import fine_tuned_id
+from .base_models import model_dir as base_model_dir
+from .base_models import resolve_base
+
+RESULT_COLUMNS = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
+
+
+def latest_checkpoint(output_dir: Path) -> str | None:
+    found = []
+    for p in output_dir.glob("checkpoint-*"):
+        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
+        if m and (p / "trainer_state.json").is_file():
+            found.append((int(m.group(1)), str(p)))
+    return max(found)[1] if found else None
+
+
+def result_csv(services: Services, job_id: str) -> str:
+    """OpenAI's result file, from the job's metrics events (so it survives a resume)."""
+    rows: dict[int, dict[str, Any]] = {}
+    for e in services.store.query("SELECT data FROM events WHERE job_id = ? AND type = 'metrics' ORDER BY seq", (job_id,)):
+        d = e["data"]
+        row = rows.setdefault(int(d["step"]), {"step": int(d["step"])})
+        row.update({"train_loss": d.get("train_loss", row.get("train_loss")),
+                    "train_accuracy": d.get("train_mean_token_accuracy", row.get("train_accuracy")),
+                    "valid_loss": d.get("valid_loss", row.get("valid_loss")),
+                    "valid_mean_token_accuracy": d.get("valid_mean_token_accuracy", row.get("valid_mean_token_accuracy"))})
+    out = io.StringIO()
+    w = csv.DictWriter(out, RESULT_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for step in sorted(rows):
+        w.writerow({k: ("" if rows[step].get(k) is None else rows[step][k]) for k in RESULT_COLUMNS})
+    return out.getvalue()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="gpt_finetune.local.train_job")
+    ap.add_argument("--home", required=True)
+    ap.add_argument("job_id")
+    args = ap.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    services = Services.open(args.home)
+    jobs = services.jobs
+    job = jobs.row(args.job_id)
+    is_main = rank == 0
+    try:
+        return _run(services, job, is_main)
+    except Exception as exc:
+        if is_main:
+            traceback.print_exc()
+            jobs.fail(job["id"], "training_error", f"{type(exc).__name__}: {exc}")
+        return 1
+
+
+def _run(services: Services, job: dict[str, Any], is_main: bool) -> int:
+    from .trainer import Hooks, TrainSpec, device_kind, train
+
+    jobs, home = services.jobs, services.home
+    job_id = job["id"]
+    opts = job["options"]
+    hp = job["hyperparameters"]
+    base = resolve_base(opts.get("base") or job["base_model"])
+    if is_main and job["attempts"] == 1:
+        jobs.event(job_id, "Fine-tuning job started")
+    mdir = base_model_dir(base, home)
+    out_dir = home.job_dir(job_id) / "checkpoints"
+    final_dir = home.model_dir(job_id)
+    training_type = opts.get("training_type", "lora")
+    spec = TrainSpec(
+        model_dir=mdir,
+        training_file=str(services.files.path(job["training_file"])),
+        validation_file=str(services.files.path(job["validation_file"])) if job["validation_file"] else None,
+        output_dir=str(out_dir),
+        final_dir=str(final_dir),
+        n_epochs=int(hp["n_epochs"]),
+        batch_size=int(hp["batch_size"]),
+        learning_rate=float(opts.get("base_learning_rate") or BASE_LEARNING_RATE[training_type])
+        * float(hp["learning_rate_multiplier"]),
+        seed=int(job["seed"]),
+        training_type=training_type,
+        lora={k[5:]: v for k, v in opts.items() if k.startswith("lora_") and v is not None},
+        max_length=int(opts.get("max_length") or 2048),
+        checkpoint_every_steps=int(opts.get("checkpoint_every_steps") or 0),
+        log_every_steps=int(opts.get("log_every_steps") or 0),
+        resume_from=latest_checkpoint(out_dir),
+        torch_compile=bool(opts.get("torch_compile")),
+    )
+    model_id = fine_tuned_id(base.id, job["suffix"], job_id)
+    runner_pid = int(os.environ.get("GPT_FINETUNE_RUNNER_PID") or 0)
+    last_poll = [0.0, False]
+
+    def should_stop() -> bool:
+        if time.time() - last_poll[0] < 1.0:
+            return bool(last_poll[1])
+        last_poll[0] = time.time()
+        stop = jobs.row(job_id)["status"] != "running"
+        if runner_pid and not stop:
+            try:
+                os.kill(runner_pid, 0)
+            except ProcessLookupError:
+                stop = True  # our runner is gone; the next one resumes this job
+        last_poll[1] = stop
+        return stop
+
+    def on_metrics(m: dict[str, Any]) -> None:
+        parts = [f"Step {m['step']}/{m['total_steps']}"]
+        for key in ("train_loss", "valid_loss", "train_mean_token_accuracy"):
+            if key in m:
+                parts.append(f"{key}={m[key]:.4f}")
+        jobs.event(job_id, ": ".join([parts[0], ", ".join(parts[1:])]), type="metrics", data=m)
+
+    def on_checkpoint(step: int, path: str, metrics: dict[str, Any]) -> None:
+        ckpt_id = f"{model_id}:ckpt-step-{step}"
+        services.store.execute("DELETE FROM checkpoints WHERE fine_tuned_model_checkpoint = ?", (ckpt_id,))
+        services.store.insert("checkpoints", {
+            "id": f"ftckpt-{job_id.split('-', 1)[1]}-{step}", "job_id": job_id, "created_at": int(time.time()),
+            "step_number": step, "fine_tuned_model_checkpoint": ckpt_id, "path": path,
+            "metrics": {k: v for k, v in metrics.items() if k not in ("total_steps",)}})
+        services.models.register(ckpt_id, kind="checkpoint", base=opts.get("base") or job["base_model"],
+                                 path=Path(path), job_id=job_id)
+        # the trainer keeps the last 3 checkpoint directories; forget the ones it removed
+        for row in services.store.query("SELECT id, path, fine_tuned_model_checkpoint FROM checkpoints WHERE job_id = ?",
+                                        (job_id,)):
+            if row["path"] != path and not Path(row["path"]).exists():
+                services.store.delete("checkpoints", row["id"])
+                services.store.delete("models", row["fine_tuned_model_checkpoint"])
+        jobs.event(job_id, f"Checkpoint created at step {step}")
+
+    hooks = Hooks(on_metrics=on_metrics, on_checkpoint=on_checkpoint,
+                  on_message=lambda text: jobs.event(job_id, text), should_stop=should_stop)
+    if not is_main:
+        hooks = Hooks(should_stop=should_stop)
+    if is_main and device_kind() == "cpu" and os.cpu_count():
+        pass  # torch uses every core by default
+    result = train(spec, hooks)
+    if not is_main:
+        return 0
+    if result.stopped:
+        return 0  # cancelled (the status says so already) or the runner went away
+    if result.full_valid_loss is not None:
+        m = {"step": result.global_step, "total_steps": result.global_step, "full_valid_loss": result.full_valid_loss}
+        if result.full_valid_mean_token_accuracy is not None:
+            m["full_valid_mean_token_accuracy"] = result.full_valid_mean_token_accuracy
+        jobs.event(job_id, f"Full validation loss: {result.full_valid_loss:.4f}", type="metrics", data=m)
+    result_path = home.job_dir(job_id) / "result.csv"
+    from ..atomic import write_text_atomic
+
+    write_text_atomic(result_path, result_csv(services, job_id))
+    result_file = services.files.register(result_path, "step_metrics.csv", "fine-tune-results")
+    services.models.register(model_id, kind="fine-tuned", base=opts.get("base") or job["base_model"],
+                             path=final_dir, job_id=job_id)
+    jobs.event(job_id, f"New fine-tuned model created: {model_id}")
+    if jobs.succeed(job_id, fine_tuned_model=model_id, trained_tokens=result.trained_tokens,
+                    result_files=[result_file["id"]]):
+        jobs.event(job_id, "The job has successfully completed")
+    else:  # cancelled at the last moment: the model is not kept
+        services.store.delete("models", model_id)
+        shutil.rmtree(final_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""Fine-tuning jobs with OpenAI's semantics, trained by a local worker process.
+
+Lifecycle: ``validating_files`` -> ``queued`` -> ``running`` -> ``succeeded`` | ``failed`` |
+``cancelled``. Creating a job validates its files right away (a bad file fails the job with
+OpenAI's codes) and makes sure a runner is alive: a detached process (``local.runner``) that
+holds ``runner.lock``, trains queued jobs one at a time, and exits when none are left. Nothing
+needs starting by hand: every start of the CLI's local backend or the server calls ``kick``.
+
+A job whose worker died is found by the next runner (it holds the lock, so any ``running`` job
+is orphaned) and resumed from its last checkpoint, at most ``MAX_ATTEMPTS`` times in all; then
+it fails with ``worker_died``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import random
+import subprocess
+import sys
+from typing import Any
+
+from ..data.analysis import MIN_EXAMPLES, analyze_file
+from ..errors import BackendError, NotFoundError
+from ..home import Home, safe_name
+from ..local.base_models import resolve_base
+from ..openai_models import default_epochs
+from ..store import Store, new_id, now
+from .files import FileService
+from .models import ModelService
+
+ACTIVE = ("validating_files", "queued", "running")
+TERMINAL = ("succeeded", "failed", "cancelled")
+MAX_ATTEMPTS = 3
+BASE_LEARNING_RATE = {"lora": 1e-3, "full": 5e-5}
+
+
+def auto_batch_size(n_examples: int) -> int:
+    """OpenAI does not publish its rule; ours: about 1 batch per 20 examples, from 1 to 8."""
+    return max(1, min(8, n_examples // 20))
+
+
+def resolve_hyperparameters(hp: dict[str, Any], n_examples: int) -> dict[str, Any]:
+    out = dict(hp)
+    if out.get("n_epochs", "auto") == "auto":
+        out["n_epochs"] = default_epochs(n_examples)
+    if out.get("batch_size", "auto") == "auto":
+        out["batch_size"] = auto_batch_size(n_examples)
+    if out.get("learning_rate_multiplier", "auto") == "auto":
+        out["learning_rate_multiplier"] = 1.0
+    return out
+
+
+def check_hyperparameters(hp: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's ranges: n_epochs 1..50, batch_size 1..256, learning_rate_multiplier > 0, or "auto"."""
+    out: dict[str, Any] = {}
+    for key, lo, hi in (("n_epochs", 1, 50), ("batch_size", 1, 256)):
+        value = hp.get(key, "auto")
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi):
+            raise BackendError(f"{key} must be an integer from {lo} to {hi} or 'auto', got {value!r}",
+                               code="invalid_hyperparameters")
+        out[key] = value
+    lr = hp.get("learning_rate_multiplier", "auto")
+    if lr != "auto" and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
+        raise BackendError(f"learning_rate_multiplier must be a number > 0 or 'auto', got {lr!r}",
+                           code="invalid_hyperparameters")
+    out["learning_rate_multiplier"] = lr
+    unknown = set(hp) - set(out)
+    if unknown:
+        raise BackendError(f"unknown hyperparameters: {', '.join(sorted(unknown))}", code="invalid_hyperparameters")
+    return out
+
+
+class JobService:
+    def __init__(self, store: Store, home: Home, files: FileService, models: ModelService) -> None:
+        self.store = store
+        self.home = home
+        self.files = files
+        self.models = models
+
+    # ---- create -------------------------------------------------------------------------
+    def create(
+        self,
+        *,
+        model: str,
+        training_file: str,
+        validation_file: str | None = None,
+        hyperparameters: dict[str, Any] | None = None,
+        suffix: str | None = None,
+        seed: int | None = None,
+        metadata: dict[str, str] | None = None,
+        options: dict[str, Any] | None = None,
+        start: bool = True,
+    ) -> dict[str, Any]:
+        """Create a job. ``options`` are local-only settings (LoRA, checkpointing, processes)."""
+        base = resolve_base(model, self.models.local_base_model)
+        hp = check_hyperparameters(hyperparameters or {})
+        if suffix is not None and len(suffix) > 64:
+            raise BackendError("suffix is longer than 64 characters", code="invalid_suffix")
+        train = self.files.retrieve(training_file)
+        valid = self.files.retrieve(validation_file) if validation_file else None
+        job_id = new_id("ftjob")
+        seed = seed if seed is not None else random.randint(0, 2**31 - 1)
+        meta = dict(metadata or {})
+        row = {
+            "id": job_id, "created_at": now(), "model": model, "base_model": base.id, "status": "validating_files",
+            "training_file": train["id"], "validation_file": valid["id"] if valid else None,
+            "hyperparameters": hp, "method": {"type": "supervised"}, "suffix": suffix, "seed": seed,
+            "metadata": meta or None, "options": {"base": base.location if base.source != "gguf" else base.id,
+                                                  **(options or {})},
+        }
+        self.store.insert("jobs", row)
+        if model != base.id:
+            self.event(job_id, f"{model} is trained locally as base model {base.id}")
+        self.event(job_id, f"Validating training file: {train['id']}" + (f" and validation file: {valid['id']}" if valid else ""))
+        error = self._validate(train, "training_file") or (self._validate(valid, "validation_file") if valid else None)
+        if error:
+            self._finish(job_id, "failed", error=error)
+            self.event(job_id, f"Training file validation failed: {error['message']}", level="error")
+            return self.retrieve(job_id)
+        n_train = self._count(train)
+        self.store.update("jobs", job_id, {"status": "queued", "hyperparameters": resolve_hyperparameters(hp, n_train)})
+        self.event(job_id, "Files validated, moving job to queued state")
+        if start:
+            self.kick()
+        return self.retrieve(job_id)
+
+    def _validate(self, file: dict[str, Any], param: str) -> dict[str, Any] | None:
+        try:
+            report = analyze_file(file["path"], None, count_tokens=False, workers=1)
+        except Exception as exc:  # a whole-file problem: not JSONL, empty, unreadable
+            return {"code": "invalid_training_file" if param == "training_file" else "invalid_validation_file",
+                    "param": param, "message": f"{file['filename']}: {exc}"}
+        errors = report.errors
+        if errors and errors[0].code != "invalid_n_examples":
+            f = errors[0]
+            where = f"line {f.line}" + (f", {f.field}" if f.field else "")
+            return {"code": "invalid_training_file" if param == "training_file" else "invalid_validation_file",
+                    "param": param,
+                    "message": f"{file['filename']} has {report.n_errors} format errors; the first, at {where}: {f.message}"}
+        if param == "training_file" and report.n_examples < MIN_EXAMPLES:
+            return {"code": "invalid_n_examples", "param": param,
+                    "message": f"Training file has {report.n_examples} example(s), but must have at least {MIN_EXAMPLES} examples"}
+        return None
+
+    def _count(self, file: dict[str, Any]) -> int:
+        with open(file["path"], "rb") as fh:
+            return sum(1 for line in fh if line.strip())
+
+    # ---- read ---------------------------------------------------------------------------
+    def _row(self, job_id: str) -> dict[str, Any]:
+        row = self.store.get("jobs", safe_name(job_id, "job"))
+        if row is None:
+            raise NotFoundError(f"Job with id '{job_id}' not found.", code="job_not_found")
+        return row
+
+    def retrieve(self, job_id: str) -> dict[str, Any]:
+        return self.to_openai(self._row(job_id))
+
+    def row(self, job_id: str) -> dict[str, Any]:
+        return self._row(job_id)
+
+    def list_jobs(self, *, limit: int = 20, after: str | None = None) -> tuple[list[dict[str, Any]], bool]:
+        params: list[Any] = []
+        where = ""
+        if after:
+            cursor = self.store.query("SELECT rowid AS r, created_at FROM jobs WHERE id = ?", (after,))
+            if not cursor:
+                raise NotFoundError(f"Job with id '{after}' not found.", code="job_not_found")
+            where = "WHERE (created_at < ? OR (created_at = ? AND rowid < ?))"
+            params = [cursor[0]["created_at"], cursor[0]["created_at"], cursor[0]["r"]]
+        rows = self.store.query(f"SELECT * FROM jobs {where} ORDER BY created_at DESC, rowid DESC LIMIT ?",
+                                [*params, limit + 1])
+        return [self.to_openai(r) for r in rows[:limit]], len(rows) > limit
+
+    def list_events(self, job_id: str, *, limit: int = 20, after: str | None = None) -> tuple[list[dict[str, Any]], bool]:
+        self._row(job_id)
+        params: list[Any] = [job_id]
+        where = "job_id = ?"
+        if after:
+            where += " AND seq < (SELECT seq FROM events WHERE id = ?)"
+            params.append(after)
+        rows = self.store.query(f"SELECT * FROM events WHERE {where} ORDER BY seq DESC LIMIT ?", [*params, limit + 1])
+        events = [{"id": r["id"], "object": "fine_tuning.job.event", "created_at": r["created_at"], "level": r["level"],
+                   "message": r["message"], "type": r["type"], "data": r["data"] or {}} for r in rows[:limit]]
+        return events, len(rows) > limit
+
+    def list_checkpoints(self, job_id: str, *, limit: int = 10, after: str | None = None) -> tuple[list[dict[str, Any]], bool]:
+        self._row(job_id)
+        params: list[Any] = [job_id]
+        where = "job_id = ?"
+        if after:
+            where += " AND step_number < (SELECT step_number FROM checkpoints WHERE id = ?)"
+            params.append(after)
+        rows = self.store.query(f"SELECT * FROM checkpoints WHERE {where} ORDER BY step_number DESC LIMIT ?",
+                                [*params, limit + 1])
+        out = [{"id": r["id"], "object": "fine_tuning.job.checkpoint", "created_at": r["created_at"],
+                "fine_tuned_model_checkpoint": r["fine_tuned_model_checkpoint"], "fine_tuning_job_id": job_id,
+                "metrics": r["metrics"], "step_number": r["step_number"]} for r in rows[:limit]]
+        return out, len(rows) > limit
+
+    # ---- write --------------------------------------------------------------------------
+    def event(self, job_id: str, message: str, *, level: str = "info", type: str = "message",
+              data: dict[str, Any] | None = None) -> None:
+        self.store.insert("events", {"id": new_id("ftevent"), "job_id": job_id, "created_at": now(), "level": level,
+                                     "message": message, "type": type, "data": data})
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        row = self._row(job_id)
+        if row["status"] in TERMINAL:
+            raise BackendError(f"Job {job_id} has already {'been ' if row['status'] == 'cancelled' else ''}"
+                               f"{row['status']}; it cannot be cancelled", code="job_not_cancellable")
+        # the worker polls the status and stops; the runner kills it if it does not stop in time
+        if self.store.update("jobs", job_id, {"status": "cancelled", "finished_at": now()},
+                             where="status IN ('validating_files', 'queued', 'running')"):
+            self.event(job_id, "Job was cancelled")
+        return self.retrieve(job_id)
+
+    def _finish(self, job_id: str, status: str, *, error: dict[str, Any] | None = None, **changes: Any) -> bool:
+        """Move a job to a terminal state, unless it already is in one (a cancel wins)."""
+        return self.store.update("jobs", job_id, {"status": status, "finished_at": now(), "error": error, **changes},
+                                 where="status NOT IN ('succeeded', 'failed', 'cancelled')")
+
+    def succeed(self, job_id: str, **changes: Any) -> bool:
+        return self._finish(job_id, "succeeded", **changes)
+
+    def fail(self, job_id: str, code: str, message: str) -> bool:
+        ok = self._finish(job_id, "failed", error={"code": code, "message": message, "param": None})
+        if ok:
+            self.event(job_id, f"Job failed: {message}", level="error")
+        return ok
+
+    # ---- the worker ---------------------------------------------------------------------
+    def claim_next(self, pid: int) -> dict[str, Any] | None:
+        with self.store.tx() as conn:
+            row = conn.execute("SELECT id FROM jobs WHERE status = 'queued' ORDER BY created_at, rowid LIMIT 1").fetchone()
+            if row is None:
+                return None
+            conn.execute("UPDATE jobs SET status = 'running', attempts = attempts + 1, worker_pid = ? WHERE id = ?",
+                         (pid, row["id"]))
+        return self._row(row["id"])
+
+    def recover_orphans(self) -> list[str]:
+        """Called by a runner that holds the lock: every ``running`` job lost its worker."""
+        recovered = []
+        for row in self.store.query("SELECT * FROM jobs WHERE status = 'running'"):
+            if row["attempts"] >= MAX_ATTEMPTS:
+                self.fail(row["id"], "worker_died",
+                          f"the training worker died {row['attempts']} times; giving up (see {self.home.logs / 'runner.log'})")
+            elif self.store.update("jobs", row["id"], {"status": "queued"}, where="status = 'running'"):
+                self.event(row["id"], "The training worker stopped unexpectedly; the job will resume from its last "
+                           "checkpoint", level="warn")
+                recovered.append(row["id"])
+        return recovered
+
+    def has_active(self) -> bool:
+        return bool(self.store.query("SELECT 1 FROM jobs WHERE status IN ('queued', 'running') LIMIT 1"))
+
+    def runner_alive(self) -> bool:
+        with open(self.home.runner_lock, "a+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            return False
+
+    def kick(self) -> bool:
+        """Start a runner if jobs wait and none is alive. True if one was started."""
+        if not self.has_active() or self.runner_alive():
+            return False
+        log = open(self.home.logs / "runner.log", "ab")
+        env = dict(os.environ)
+        src = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        subprocess.Popen(
+            [sys.executable, "-m", "gpt_finetune.local.runner", "--home", str(self.home.root)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, env=env, close_fds=True,
+        )
+        log.close()
+        return True
+
+    # ---- shapes -------------------------------------------------------------------------
+    def to_openai(self, row: dict[str, Any]) -> dict[str, Any]:
+        hp = row["hyperparameters"]
+        return {
+            "id": row["id"], "object": "fine_tuning.job", "created_at": row["created_at"], "error": row["error"],
+            "fine_tuned_model": row["fine_tuned_model"], "finished_at": row["finished_at"], "hyperparameters": hp,
+            "model": row["model"], "organization_id": "local", "result_files": row["result_files"], "seed": row["seed"],
+            "status": row["status"], "trained_tokens": row["trained_tokens"], "training_file": row["training_file"],
+            "validation_file": row["validation_file"], "estimated_finish": row["estimated_finish"], "integrations": None,
+            "metadata": {**(row["metadata"] or {}), "base_model": row["base_model"]},
+            "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
+        }
+
+

@@ -1,0 +1,93 @@
+"""Models: base models, fine-tuned models and their checkpoints, with OpenAI's ids.
+
+Fine-tuned ``ft:<base>:<suffix>:<job id>``; checkpoints ``ft:<base>:<suffix>:<job id>:ckpt-step-<N>``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..errors import BackendError, NotFoundError
+from ..home import Home
+from ..local.base_models import DEFAULT_BASE_MODEL, gguf_path, is_openai_name, resolve_base
+from ..store import Store, now
+
+
+def fine_tuned_id(base_id: str, suffix: str | None, job_id: str) -> str:
+    return f"ft:{base_id}:{suffix or ''}:{job_id}"
+
+
+class ModelService:
+    def __init__(self, store: Store, home: Home, *, local_base_model: str | None = None) -> None:
+        self.store = store
+        self.home = home
+        self.local_base_model = local_base_model or DEFAULT_BASE_MODEL
+
+    def register(self, model_id: str, *, kind: str, base: str, path: Path, job_id: str) -> None:
+        self.store.execute("DELETE FROM models WHERE id = ?", (model_id,))
+        self.store.insert("models", {"id": model_id, "created": now(), "owned_by": "user", "kind": kind,
+                                     "base": base, "path": str(path), "job_id": job_id})
+
+    def base_ids(self) -> list[str]:
+        ids = [DEFAULT_BASE_MODEL] if gguf_path() is not None else []
+        for row in self.store.query("SELECT DISTINCT base_model FROM jobs"):
+            if row["base_model"] not in ids:
+                ids.append(row["base_model"])
+        return ids
+
+    def list(self) -> list[dict[str, Any]]:
+        out = [{"id": b, "object": "model", "created": 0, "owned_by": "system"} for b in self.base_ids()]
+        for row in self.store.query("SELECT * FROM models WHERE kind = 'fine-tuned' ORDER BY created DESC, id"):
+            out.append(self.to_openai(row))
+        return out
+
+    def retrieve(self, model_id: str) -> dict[str, Any]:
+        row = self.store.get("models", model_id)
+        if row is not None:
+            return self.to_openai(row)
+        if model_id in self.base_ids():
+            return {"id": model_id, "object": "model", "created": 0, "owned_by": "system"}
+        raise NotFoundError(f"The model '{model_id}' does not exist", code="model_not_found")
+
+    def locate(self, model_id: str) -> tuple[str, str | None]:
+        """(base model name for resolve_base, adapter or weights directory or None) for inference."""
+        row = self.store.get("models", model_id)
+        if row is not None:
+            if not Path(row["path"]).exists():
+                raise NotFoundError(f"the files of model {model_id} are gone ({row['path']})")
+            return row["base"], row["path"]
+        if is_openai_name(model_id):
+            return self.local_base_model, None
+        try:
+            resolve_base(model_id, self.local_base_model)
+        except NotFoundError:
+            raise NotFoundError(f"The model '{model_id}' does not exist", code="model_not_found",
+                                hint="see: gpt-finetune models list") from None
+        return model_id, None
+
+    def delete(self, model_id: str) -> bool:
+        """Delete a fine-tuned model (and its checkpoints), freeing their disk. Deleting the
+        default base model removes its converted copy; it is converted again on next use."""
+        row = self.store.get("models", model_id)
+        if row is None:
+            if model_id == DEFAULT_BASE_MODEL:
+                shutil.rmtree(self.home.base_models / DEFAULT_BASE_MODEL, ignore_errors=True)
+                return True
+            raise NotFoundError(f"The model '{model_id}' does not exist", code="model_not_found")
+        if row["kind"] != "fine-tuned":
+            raise BackendError("only fine-tuned models can be deleted; checkpoints go with their model")
+        job_id = row["job_id"]
+        for ckpt in self.store.query("SELECT * FROM models WHERE job_id = ? AND kind = 'checkpoint'", (job_id,)):
+            shutil.rmtree(ckpt["path"], ignore_errors=True)
+            self.store.delete("models", ckpt["id"])
+        shutil.rmtree(row["path"], ignore_errors=True)
+        shutil.rmtree(self.home.job_dir(job_id) / "checkpoints", ignore_errors=True)
+        self.store.execute("DELETE FROM checkpoints WHERE job_id = ?", (job_id,))
+        self.store.delete("models", model_id)
+        return True
+
+    @staticmethod
+    def to_openai(row: dict[str, Any]) -> dict[str, Any]:
+        return {"id": row["id"], "object": "model", "created": row["created"], "owned_by": row["owned_by"]}

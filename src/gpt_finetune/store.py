@@ -1,0 +1,153 @@
+"""The SQLite store: files, jobs, events, checkpoints and models under one data directory.
+
+Schema changes are an append-only list of migrations (``PRAGMA user_version`` counts how many
+ran). WAL mode lets the CLI, the server and the training worker read while one writes; each
+thread gets its own connection.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE files (
+        id TEXT PRIMARY KEY, filename TEXT NOT NULL, purpose TEXT NOT NULL, bytes INTEGER NOT NULL,
+        created_at INTEGER NOT NULL, path TEXT NOT NULL
+    );
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY, created_at INTEGER NOT NULL, model TEXT NOT NULL, base_model TEXT NOT NULL,
+        status TEXT NOT NULL, training_file TEXT NOT NULL, validation_file TEXT,
+        hyperparameters TEXT NOT NULL, method TEXT NOT NULL, suffix TEXT, seed INTEGER NOT NULL,
+        fine_tuned_model TEXT, finished_at INTEGER, error TEXT, trained_tokens INTEGER,
+        result_files TEXT NOT NULL DEFAULT '[]', metadata TEXT, options TEXT NOT NULL DEFAULT '{}',
+        attempts INTEGER NOT NULL DEFAULT 0, worker_pid INTEGER, estimated_finish INTEGER
+    );
+    CREATE INDEX jobs_status ON jobs(status, created_at);
+    CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, job_id TEXT NOT NULL,
+        created_at INTEGER NOT NULL, level TEXT NOT NULL, message TEXT NOT NULL, type TEXT NOT NULL,
+        data TEXT
+    );
+    CREATE INDEX events_job ON events(job_id, seq);
+    CREATE TABLE checkpoints (
+        id TEXT PRIMARY KEY, job_id TEXT NOT NULL, created_at INTEGER NOT NULL, step_number INTEGER NOT NULL,
+        fine_tuned_model_checkpoint TEXT NOT NULL UNIQUE, metrics TEXT NOT NULL, path TEXT NOT NULL
+    );
+    CREATE INDEX checkpoints_job ON checkpoints(job_id, step_number);
+    CREATE TABLE models (
+        id TEXT PRIMARY KEY, created INTEGER NOT NULL, owned_by TEXT NOT NULL, kind TEXT NOT NULL,
+        base TEXT, path TEXT NOT NULL, job_id TEXT
+    );
+    """,
+]
+
+JSON_COLUMNS = {"hyperparameters", "method", "error", "result_files", "metadata", "options", "data", "metrics"}
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class Store:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._migrate()
+
+    def _connect(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; BEGIN IMMEDIATE takes the write lock up front, so
+        read-then-write sequences (claiming a job) cannot interleave across processes."""
+        conn = self._connect()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        conn = self._connect()
+        with self.tx():
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            for i, script in enumerate(MIGRATIONS[version:], start=version):
+                for statement in script.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {i + 1}")
+
+    # generic helpers
+    def insert(self, table: str, row: dict[str, Any]) -> None:
+        cols = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        with self.tx() as conn:
+            conn.execute(f"INSERT INTO {table} ({cols}) VALUES ({marks})", [_enc(k, v) for k, v in row.items()])
+
+    def update(self, table: str, key: str, changes: dict[str, Any], *, where: str = "", params: tuple = ()) -> bool:
+        """Update one row; ``where`` adds a condition (``status = 'running'``). True if it changed."""
+        sets = ", ".join(f"{k} = ?" for k in changes)
+        sql = f"UPDATE {table} SET {sets} WHERE id = ?" + (f" AND ({where})" if where else "")
+        with self.tx() as conn:
+            cur = conn.execute(sql, [*(_enc(k, v) for k, v in changes.items()), key, *params])
+            return cur.rowcount > 0
+
+    def get(self, table: str, key: str) -> dict[str, Any] | None:
+        row = self._connect().execute(f"SELECT * FROM {table} WHERE id = ?", (key,)).fetchone()
+        return _dec(row) if row else None
+
+    def query(self, sql: str, params: tuple | list = ()) -> list[dict[str, Any]]:
+        return [_dec(r) for r in self._connect().execute(sql, params).fetchall()]
+
+    def execute(self, sql: str, params: tuple | list = ()) -> int:
+        with self.tx() as conn:
+            return conn.execute(sql, params).rowcount
+
+    def delete(self, table: str, key: str) -> bool:
+        with self.tx() as conn:
+            return conn.execute(f"DELETE FROM {table} WHERE id = ?", (key,)).rowcount > 0
+
+
+def _enc(key: str, value: Any) -> Any:
+    if key in JSON_COLUMNS and value is not None:
+        return json.dumps(value)
+    return value
+
+
+def _dec(row: sqlite3.Row) -> dict[str, Any]:
+    out = dict(row)
+    for key in JSON_COLUMNS & out.keys():
+        if out[key] is not None:
+            out[key] = json.loads(out[key])
+    return out
