@@ -11,13 +11,22 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
 
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory):
+    """Base models converted once per test run (the default model's GGUF takes ~30 s)."""
+    return tmp_path_factory.mktemp("model-cache")
+
+
 @pytest.fixture(autouse=True)
-def isolated_home(tmp_path_factory, monkeypatch):
+def isolated_home(tmp_path_factory, monkeypatch, model_cache):
     """Every test gets its own data directory and no OpenAI credentials from the real env."""
     home = tmp_path_factory.mktemp("home")
     monkeypatch.setenv("GPT_FINETUNE_HOME", str(home))
+    monkeypatch.setenv("GPT_FINETUNE_MODEL_CACHE", str(model_cache))
     for var in list(os.environ):
-        if var.startswith("OPENAI_") or (var.startswith("GPT_FINETUNE_") and var != "GPT_FINETUNE_HOME"):
+        if var.startswith("OPENAI_") or (
+            var.startswith("GPT_FINETUNE_") and var not in ("GPT_FINETUNE_HOME", "GPT_FINETUNE_MODEL_CACHE")
+        ):
             monkeypatch.delenv(var, raising=False)
     return home
 
@@ -54,3 +63,58 @@ def chat_file(tmp_path) -> Path:
 
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer_dir(model_cache):
+    """The default model's real tokenizer and chat template, read from its GGUF file (no Hub)."""
+    pytest.importorskip("transformers")
+    from gpt_finetune.home import Home
+    from gpt_finetune.local.base_models import DEFAULT_BASE_MODEL, resolve_base, tokenizer_dir
+
+    os.environ["GPT_FINETUNE_MODEL_CACHE"] = str(model_cache)
+    return tokenizer_dir(resolve_base(DEFAULT_BASE_MODEL), Home(model_cache / "home"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smol_tokenizer_dir):
+    """A tiny Llama (hidden size 32, two layers) built from a config, with SmolLM2's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    tok = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+TOY_ANSWERS = ["red", "blue", "green", "gold"]
+
+
+def toy_examples(n: int = 24) -> list[dict]:
+    """Short examples with a learnable mapping: 'colour of thing k' -> a fixed colour."""
+    return [
+        {
+            "messages": [
+                {"role": "system", "content": "Answer with a colour."},
+                {"role": "user", "content": f"thing {i % 4}"},
+                {"role": "assistant", "content": TOY_ANSWERS[i % 4]},
+            ]
+        }
+        for i in range(n)
+    ]

@@ -1,12 +1,12 @@
 """The data directory: one place for the database, uploaded files, jobs and models.
 
-    $GPT_FINETUNE_HOME/            (default ~/.gpt-finetune)
-      gpt-finetune.db              SQLite: files, jobs, events, checkpoints, models
-      files/<file id>.jsonl        uploaded files
-      jobs/<job id>/               checkpoints/, result.csv, train.log
-      models/<job id>/             fine-tuned adapters (or full weights)
-      models/base/<name>/          base models converted once (GGUF -> safetensors)
-      runner.lock, logs/runner.log the training worker's lock and log
+$GPT_FINETUNE_HOME/            (default ~/.gpt-finetune)
+  gpt-finetune.db              SQLite: files, jobs, events, checkpoints, models
+  files/<file id>.jsonl        uploaded files
+  jobs/<job id>/               checkpoints/, result.csv, train.log
+  models/<job id>/             fine-tuned adapters (or full weights)
+  models/base/<name>/          base models converted once (GGUF -> safetensors)
+  runner.lock, logs/runner.log the training worker's lock and log
 """
 
 from __future__ import annotations

@@ -18,8 +18,18 @@ from ..services import Services
 from ..settings import Settings
 from .base import Hyperparameters
 
-LOCAL_OPTION_KEYS = ("training_type", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
-                     "checkpoint_every_steps", "num_processes", "max_length", "log_every_steps", "torch_compile")
+LOCAL_OPTION_KEYS = (
+    "training_type",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "checkpoint_every_steps",
+    "num_processes",
+    "max_length",
+    "log_every_steps",
+    "torch_compile",
+)
 
 
 class LocalBackend:
@@ -54,12 +64,25 @@ class LocalBackend:
         return self.services.files.delete(file_id)
 
     # jobs
-    def create_job(self, *, model: str, training_file: str, validation_file: str | None = None,
-                   hyperparameters: Hyperparameters | None = None, suffix: str | None = None,
-                   seed: int | None = None) -> FineTuningJob:
-        job = self.services.jobs.create(model=model, training_file=training_file, validation_file=validation_file,
-                                        hyperparameters=hyperparameters.explicit() if hyperparameters else {},
-                                        suffix=suffix, seed=seed, options=self.options)
+    def create_job(
+        self,
+        *,
+        model: str,
+        training_file: str,
+        validation_file: str | None = None,
+        hyperparameters: Hyperparameters | None = None,
+        suffix: str | None = None,
+        seed: int | None = None,
+    ) -> FineTuningJob:
+        job = self.services.jobs.create(
+            model=model,
+            training_file=training_file,
+            validation_file=validation_file,
+            hyperparameters=hyperparameters.explicit() if hyperparameters else {},
+            suffix=suffix,
+            seed=seed,
+            options=self.options,
+        )
         return FineTuningJob(**job)
 
     def retrieve_job(self, job_id: str) -> FineTuningJob:
@@ -96,9 +119,18 @@ class LocalBackend:
             self._engine = Engine(self.services.home, self.services.models.local_base_model)
         return self._engine
 
-    def chat(self, *, model: str, messages: list[dict[str, Any]], max_tokens: int | None = None,
-             temperature: float | None = None, stream: bool = False) -> Iterator[str]:
+    def chat(
+        self,
+        *,
+        model: str,
+        messages: list[dict[str, Any]],
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        stream: bool = False,
+    ) -> Iterator[str]:
         base, adapter = self.services.models.locate(model)
         if stream:
             return self.engine.stream(base, adapter, messages, max_tokens=max_tokens, temperature=temperature)
-        return iter([self.engine.complete(base, adapter, messages, max_tokens=max_tokens, temperature=temperature).text])
+        return iter(
+            [self.engine.complete(base, adapter, messages, max_tokens=max_tokens, temperature=temperature).text]
+        )

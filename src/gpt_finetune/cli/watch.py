@@ -23,7 +23,7 @@ def watch_job(backend: Any, job_id: str, *, poll: float = 2.0, out: Any = None) 
     try:
         while True:
             events = backend.list_events(job_id, limit=100)
-            for event in sorted((e for e in events if e.id not in seen), key=lambda e: (e.created_at, e.id)):
+            for event in [e for e in reversed(events) if e.id not in seen]:  # the API lists newest first
                 seen.add(event.id)
                 data = event.data if isinstance(event.data, dict) else {}
                 if event.type == "metrics" and data.get("step") is not None:

@@ -30,8 +30,10 @@ def render_spans(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[str, l
         prefix = tokenizer.apply_chat_template(clean[:i], tokenize=False, add_generation_prompt=True) if i else ""
         upto = tokenizer.apply_chat_template(clean[: i + 1], tokenize=False)
         if not upto.startswith(prefix) or not text.startswith(upto):
-            raise DataError("the model's chat template is not prefix-consistent; cannot mask the loss",
-                            hint="use a model whose chat template renders each turn after the previous ones")
+            raise DataError(
+                "the model's chat template is not prefix-consistent; cannot mask the loss",
+                hint="use a model whose chat template renders each turn after the previous ones",
+            )
         start = len(prefix)
         content = message.get("content") or ""
         at = upto.find(content, start) if content else start
@@ -46,7 +48,9 @@ def render_spans(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[str, l
     return text, spans
 
 
-def tokenize_example(tokenizer: Any, messages: list[dict[str, Any]], max_length: int | None = None) -> dict[str, list[int]]:
+def tokenize_example(
+    tokenizer: Any, messages: list[dict[str, Any]], max_length: int | None = None
+) -> dict[str, list[int]]:
     text, spans = render_spans(tokenizer, messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = enc["input_ids"]

@@ -43,7 +43,9 @@ class Engine:
             if base_name not in self._bases:
                 base = resolve_base(base_name, self.local_base_model)
                 path = model_dir(base, self.home)
-                dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+                dtype = (
+                    torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+                )
                 model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
                 if torch.cuda.is_available():
                     model = model.to("cuda")
@@ -76,11 +78,16 @@ class Engine:
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         return {k: v.to(device) for k, v in ids.items()}
 
-    def _gen_kwargs(self, tokenizer: Any, max_tokens: int | None, temperature: float | None, seed: int | None) -> dict[str, Any]:
+    def _gen_kwargs(
+        self, tokenizer: Any, max_tokens: int | None, temperature: float | None, seed: int | None
+    ) -> dict[str, Any]:
         import torch
 
-        kwargs: dict[str, Any] = {"max_new_tokens": max_tokens or DEFAULT_MAX_TOKENS,
-                                  "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max_tokens or DEFAULT_MAX_TOKENS,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
         if temperature is None or temperature > 0:
             kwargs.update(do_sample=True, temperature=temperature if temperature is not None else 1.0, top_k=0)
             if seed is not None:
@@ -89,8 +96,16 @@ class Engine:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         return kwargs
 
-    def complete(self, base: str, adapter: str | None, messages: list[dict[str, Any]], *,
-                 max_tokens: int | None = None, temperature: float | None = None, seed: int | None = None) -> Completion:
+    def complete(
+        self,
+        base: str,
+        adapter: str | None,
+        messages: list[dict[str, Any]],
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        seed: int | None = None,
+    ) -> Completion:
         import torch
 
         with self._lock:
@@ -98,13 +113,26 @@ class Engine:
             inputs = self._inputs(tokenizer, messages, model.device)
             with torch.inference_mode():
                 out = model.generate(**inputs, **self._gen_kwargs(tokenizer, max_tokens, temperature, seed))
-        new = out[0, inputs["input_ids"].shape[1]:]
+        new = out[0, inputs["input_ids"].shape[1] :]
         stopped = len(new) > 0 and int(new[-1]) == tokenizer.eos_token_id
         text = tokenizer.decode(new, skip_special_tokens=True)
-        return Completion(text, int(inputs["input_ids"].shape[1]), len(new), "stop" if stopped or len(new) < (max_tokens or DEFAULT_MAX_TOKENS) else "length")
+        return Completion(
+            text,
+            int(inputs["input_ids"].shape[1]),
+            len(new),
+            "stop" if stopped or len(new) < (max_tokens or DEFAULT_MAX_TOKENS) else "length",
+        )
 
-    def stream(self, base: str, adapter: str | None, messages: list[dict[str, Any]], *,
-               max_tokens: int | None = None, temperature: float | None = None, seed: int | None = None) -> Iterator[str]:
+    def stream(
+        self,
+        base: str,
+        adapter: str | None,
+        messages: list[dict[str, Any]],
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        seed: int | None = None,
+    ) -> Iterator[str]:
         import torch
         from transformers import TextIteratorStreamer
 

@@ -41,8 +41,18 @@ def child_command(services: Services, job: dict[str, Any]) -> list[str]:
     n = int(job["options"].get("num_processes") or 1)
     if n > 1:
         launcher = shutil.which("accelerate") or "accelerate"
-        return [launcher, "launch", "--multi_gpu", "--num_processes", str(n), "--num_machines", "1",
-                "-m", "gpt_finetune.local.train_job", *args]
+        return [
+            launcher,
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(n),
+            "--num_machines",
+            "1",
+            "-m",
+            "gpt_finetune.local.train_job",
+            *args,
+        ]
     return [sys.executable, "-m", "gpt_finetune.local.train_job", *args]
 
 
@@ -52,8 +62,15 @@ def run_job(services: Services, job: dict[str, Any]) -> None:
     log_path = services.home.job_dir(job["id"])
     log_path.mkdir(parents=True, exist_ok=True)
     with open(log_path / "train.log", "ab") as out:
-        child = subprocess.Popen(child_command(services, job), stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                 env=env, preexec_fn=_die_with_parent, start_new_session=False)
+        child = subprocess.Popen(
+            child_command(services, job),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            env=env,
+            preexec_fn=_die_with_parent,
+            start_new_session=False,
+        )
         cancelled_at: float | None = None
         while child.poll() is None:
             time.sleep(0.5)
@@ -68,11 +85,16 @@ def run_job(services: Services, job: dict[str, Any]) -> None:
         if child.returncode and child.returncode < 0:
             jobs.event(job["id"], f"The training process was killed by signal {-child.returncode}", level="warn")
         if row["attempts"] >= 3:
-            jobs.fail(job["id"], "worker_died", f"the training process exited with code {child.returncode} "
-                      f"{row['attempts']} times; see {log_path / 'train.log'}")
+            jobs.fail(
+                job["id"],
+                "worker_died",
+                f"the training process exited with code {child.returncode} "
+                f"{row['attempts']} times; see {log_path / 'train.log'}",
+            )
         elif services.store.update("jobs", job["id"], {"status": "queued"}, where="status = 'running'"):
-            jobs.event(job["id"], "The training process stopped unexpectedly; resuming from the last checkpoint",
-                       level="warn")
+            jobs.event(
+                job["id"], "The training process stopped unexpectedly; resuming from the last checkpoint", level="warn"
+            )
 
 
 def _try_lock(fh: IO[str]) -> bool:

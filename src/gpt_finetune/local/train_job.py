@@ -41,13 +41,19 @@ def latest_checkpoint(output_dir: Path) -> str | None:
 def result_csv(services: Services, job_id: str) -> str:
     """OpenAI's result file, from the job's metrics events (so it survives a resume)."""
     rows: dict[int, dict[str, Any]] = {}
-    for e in services.store.query("SELECT data FROM events WHERE job_id = ? AND type = 'metrics' ORDER BY seq", (job_id,)):
+    for e in services.store.query(
+        "SELECT data FROM events WHERE job_id = ? AND type = 'metrics' ORDER BY seq", (job_id,)
+    ):
         d = e["data"]
         row = rows.setdefault(int(d["step"]), {"step": int(d["step"])})
-        row.update({"train_loss": d.get("train_loss", row.get("train_loss")),
-                    "train_accuracy": d.get("train_mean_token_accuracy", row.get("train_accuracy")),
-                    "valid_loss": d.get("valid_loss", row.get("valid_loss")),
-                    "valid_mean_token_accuracy": d.get("valid_mean_token_accuracy", row.get("valid_mean_token_accuracy"))})
+        row.update(
+            {
+                "train_loss": d.get("train_loss", row.get("train_loss")),
+                "train_accuracy": d.get("train_mean_token_accuracy", row.get("train_accuracy")),
+                "valid_loss": d.get("valid_loss", row.get("valid_loss")),
+                "valid_mean_token_accuracy": d.get("valid_mean_token_accuracy", row.get("valid_mean_token_accuracy")),
+            }
+        )
     out = io.StringIO()
     w = csv.DictWriter(out, RESULT_COLUMNS, lineterminator="\n")
     w.writeheader()
@@ -135,22 +141,36 @@ def _run(services: Services, job: dict[str, Any], is_main: bool) -> int:
     def on_checkpoint(step: int, path: str, metrics: dict[str, Any]) -> None:
         ckpt_id = f"{model_id}:ckpt-step-{step}"
         services.store.execute("DELETE FROM checkpoints WHERE fine_tuned_model_checkpoint = ?", (ckpt_id,))
-        services.store.insert("checkpoints", {
-            "id": f"ftckpt-{job_id.split('-', 1)[1]}-{step}", "job_id": job_id, "created_at": int(time.time()),
-            "step_number": step, "fine_tuned_model_checkpoint": ckpt_id, "path": path,
-            "metrics": {k: v for k, v in metrics.items() if k not in ("total_steps",)}})
-        services.models.register(ckpt_id, kind="checkpoint", base=opts.get("base") or job["base_model"],
-                                 path=Path(path), job_id=job_id)
+        services.store.insert(
+            "checkpoints",
+            {
+                "id": f"ftckpt-{job_id.split('-', 1)[1]}-{step}",
+                "job_id": job_id,
+                "created_at": int(time.time()),
+                "step_number": step,
+                "fine_tuned_model_checkpoint": ckpt_id,
+                "path": path,
+                "metrics": {k: v for k, v in metrics.items() if k not in ("total_steps",)},
+            },
+        )
+        services.models.register(
+            ckpt_id, kind="checkpoint", base=opts.get("base") or job["base_model"], path=Path(path), job_id=job_id
+        )
         # the trainer keeps the last 3 checkpoint directories; forget the ones it removed
-        for row in services.store.query("SELECT id, path, fine_tuned_model_checkpoint FROM checkpoints WHERE job_id = ?",
-                                        (job_id,)):
+        for row in services.store.query(
+            "SELECT id, path, fine_tuned_model_checkpoint FROM checkpoints WHERE job_id = ?", (job_id,)
+        ):
             if row["path"] != path and not Path(row["path"]).exists():
                 services.store.delete("checkpoints", row["id"])
                 services.store.delete("models", row["fine_tuned_model_checkpoint"])
         jobs.event(job_id, f"Checkpoint created at step {step}")
 
-    hooks = Hooks(on_metrics=on_metrics, on_checkpoint=on_checkpoint,
-                  on_message=lambda text: jobs.event(job_id, text), should_stop=should_stop)
+    hooks = Hooks(
+        on_metrics=on_metrics,
+        on_checkpoint=on_checkpoint,
+        on_message=lambda text: jobs.event(job_id, text),
+        should_stop=should_stop,
+    )
     if not is_main:
         hooks = Hooks(should_stop=should_stop)
     if is_main and device_kind() == "cpu" and os.cpu_count():
@@ -170,11 +190,13 @@ def _run(services: Services, job: dict[str, Any], is_main: bool) -> int:
 
     write_text_atomic(result_path, result_csv(services, job_id))
     result_file = services.files.register(result_path, "step_metrics.csv", "fine-tune-results")
-    services.models.register(model_id, kind="fine-tuned", base=opts.get("base") or job["base_model"],
-                             path=final_dir, job_id=job_id)
+    services.models.register(
+        model_id, kind="fine-tuned", base=opts.get("base") or job["base_model"], path=final_dir, job_id=job_id
+    )
     jobs.event(job_id, f"New fine-tuned model created: {model_id}")
-    if jobs.succeed(job_id, fine_tuned_model=model_id, trained_tokens=result.trained_tokens,
-                    result_files=[result_file["id"]]):
+    if jobs.succeed(
+        job_id, fine_tuned_model=model_id, trained_tokens=result.trained_tokens, result_files=[result_file["id"]]
+    ):
         jobs.event(job_id, "The job has successfully completed")
     else:  # cancelled at the last moment: the model is not kept
         services.store.delete("models", model_id)

@@ -70,7 +70,7 @@ def device_kind() -> str:
     return "cpu"
 
 
-def train(spec: TrainSpec, hooks: Hooks) -> TrainResult:
+def train(spec: TrainSpec, hooks: Hooks, extra_callbacks: list[Any] | None = None) -> TrainResult:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -98,8 +98,13 @@ def train(spec: TrainSpec, hooks: Hooks) -> TrainResult:
         from peft import LoraConfig
 
         lora = {**DEFAULT_LORA, **spec.lora}
-        peft_config = LoraConfig(r=int(lora["r"]), lora_alpha=int(lora["alpha"]), lora_dropout=float(lora["dropout"]),
-                                 target_modules=list(lora["target_modules"]), task_type="CAUSAL_LM")
+        peft_config = LoraConfig(
+            r=int(lora["r"]),
+            lora_alpha=int(lora["alpha"]),
+            lora_dropout=float(lora["dropout"]),
+            target_modules=list(lora["target_modules"]),
+            task_type="CAUSAL_LM",
+        )
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_device = max(1, spec.batch_size // world)
@@ -108,7 +113,8 @@ def train(spec: TrainSpec, hooks: Hooks) -> TrainResult:
     log_every = spec.log_every_steps or max(1, total_steps // 100)
     hooks.on_message(
         f"Training {len(train_rows)} examples ({n_tokens:,} tokens, {n_assistant:,} trained) for {spec.n_epochs} "
-        f"epochs, batch {spec.batch_size}, {total_steps} steps, on {kind}" + (f" x{world}" if world > 1 else "")
+        f"epochs, batch {spec.batch_size}, {total_steps} steps, on {kind}"
+        + (f" x{world}" if world > 1 else "")
         + f" ({spec.training_type})"
     )
     args = SFTConfig(
@@ -177,8 +183,15 @@ def train(spec: TrainSpec, hooks: Hooks) -> TrainResult:
                 control.should_save = False
 
     bridge = Bridge()
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=valid_ds,
-                         processing_class=tokenizer, peft_config=peft_config, callbacks=[bridge])
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=valid_ds,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[bridge, *(extra_callbacks or [])],
+    )
     if spec.resume_from:
         hooks.on_message(f"Resuming from checkpoint {Path(spec.resume_from).name}")
     trainer.train(resume_from_checkpoint=spec.resume_from)

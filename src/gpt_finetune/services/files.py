@@ -27,8 +27,14 @@ class FileService:
         path = self.home.files / f"{file_id}{Path(filename).suffix[:10] or '.dat'}"
         with atomic_outputs() as group, group.open(path, "wb") as out:
             shutil.copyfileobj(fileobj, out)  # type: ignore[misc]
-        row = {"id": file_id, "filename": os.path.basename(filename) or "upload", "purpose": purpose,
-               "bytes": path.stat().st_size, "created_at": now(), "path": str(path)}
+        row = {
+            "id": file_id,
+            "filename": os.path.basename(filename) or "upload",
+            "purpose": purpose,
+            "bytes": path.stat().st_size,
+            "created_at": now(),
+            "path": str(path),
+        }
         self.store.insert("files", row)
         return row
 
@@ -38,8 +44,14 @@ class FileService:
 
     def register(self, path: Path, filename: str, purpose: str) -> dict[str, Any]:
         """Record a file the service wrote itself (a job's result CSV)."""
-        row = {"id": new_id("file"), "filename": filename, "purpose": purpose, "bytes": path.stat().st_size,
-               "created_at": now(), "path": str(path)}
+        row = {
+            "id": new_id("file"),
+            "filename": filename,
+            "purpose": purpose,
+            "bytes": path.stat().st_size,
+            "created_at": now(),
+            "path": str(path),
+        }
         self.store.insert("files", row)
         return row
 
@@ -68,5 +80,12 @@ class FileService:
 
     @staticmethod
     def to_openai(row: dict[str, Any]) -> dict[str, Any]:
-        return {"id": row["id"], "object": "file", "bytes": row["bytes"], "created_at": row["created_at"],
-                "filename": row["filename"], "purpose": row["purpose"], "status": "processed"}
+        return {
+            "id": row["id"],
+            "object": "file",
+            "bytes": row["bytes"],
+            "created_at": row["created_at"],
+            "filename": row["filename"],
+            "purpose": row["purpose"],
+            "status": "processed",
+        }

@@ -57,13 +57,15 @@ def check_hyperparameters(hp: dict[str, Any]) -> dict[str, Any]:
     for key, lo, hi in (("n_epochs", 1, 50), ("batch_size", 1, 256)):
         value = hp.get(key, "auto")
         if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi):
-            raise BackendError(f"{key} must be an integer from {lo} to {hi} or 'auto', got {value!r}",
-                               code="invalid_hyperparameters")
+            raise BackendError(
+                f"{key} must be an integer from {lo} to {hi} or 'auto', got {value!r}", code="invalid_hyperparameters"
+            )
         out[key] = value
     lr = hp.get("learning_rate_multiplier", "auto")
     if lr != "auto" and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
-        raise BackendError(f"learning_rate_multiplier must be a number > 0 or 'auto', got {lr!r}",
-                           code="invalid_hyperparameters")
+        raise BackendError(
+            f"learning_rate_multiplier must be a number > 0 or 'auto', got {lr!r}", code="invalid_hyperparameters"
+        )
     out["learning_rate_multiplier"] = lr
     unknown = set(hp) - set(out)
     if unknown:
@@ -103,16 +105,27 @@ class JobService:
         seed = seed if seed is not None else random.randint(0, 2**31 - 1)
         meta = dict(metadata or {})
         row = {
-            "id": job_id, "created_at": now(), "model": model, "base_model": base.id, "status": "validating_files",
-            "training_file": train["id"], "validation_file": valid["id"] if valid else None,
-            "hyperparameters": hp, "method": {"type": "supervised"}, "suffix": suffix, "seed": seed,
-            "metadata": meta or None, "options": {"base": base.location if base.source != "gguf" else base.id,
-                                                  **(options or {})},
+            "id": job_id,
+            "created_at": now(),
+            "model": model,
+            "base_model": base.id,
+            "status": "validating_files",
+            "training_file": train["id"],
+            "validation_file": valid["id"] if valid else None,
+            "hyperparameters": hp,
+            "method": {"type": "supervised"},
+            "suffix": suffix,
+            "seed": seed,
+            "metadata": meta or None,
+            "options": {"base": base.location if base.source != "gguf" else base.id, **(options or {})},
         }
         self.store.insert("jobs", row)
         if model != base.id:
             self.event(job_id, f"{model} is trained locally as base model {base.id}")
-        self.event(job_id, f"Validating training file: {train['id']}" + (f" and validation file: {valid['id']}" if valid else ""))
+        self.event(
+            job_id,
+            f"Validating training file: {train['id']}" + (f" and validation file: {valid['id']}" if valid else ""),
+        )
         error = self._validate(train, "training_file") or (self._validate(valid, "validation_file") if valid else None)
         if error:
             self._finish(job_id, "failed", error=error)
@@ -129,18 +142,26 @@ class JobService:
         try:
             report = analyze_file(file["path"], None, count_tokens=False, workers=1)
         except Exception as exc:  # a whole-file problem: not JSONL, empty, unreadable
-            return {"code": "invalid_training_file" if param == "training_file" else "invalid_validation_file",
-                    "param": param, "message": f"{file['filename']}: {exc}"}
+            return {
+                "code": "invalid_training_file" if param == "training_file" else "invalid_validation_file",
+                "param": param,
+                "message": f"{file['filename']}: {exc}",
+            }
         errors = report.errors
         if errors and errors[0].code != "invalid_n_examples":
             f = errors[0]
             where = f"line {f.line}" + (f", {f.field}" if f.field else "")
-            return {"code": "invalid_training_file" if param == "training_file" else "invalid_validation_file",
-                    "param": param,
-                    "message": f"{file['filename']} has {report.n_errors} format errors; the first, at {where}: {f.message}"}
+            return {
+                "code": "invalid_training_file" if param == "training_file" else "invalid_validation_file",
+                "param": param,
+                "message": f"{file['filename']} has {report.n_errors} format errors; the first, at {where}: {f.message}",
+            }
         if param == "training_file" and report.n_examples < MIN_EXAMPLES:
-            return {"code": "invalid_n_examples", "param": param,
-                    "message": f"Training file has {report.n_examples} example(s), but must have at least {MIN_EXAMPLES} examples"}
+            return {
+                "code": "invalid_n_examples",
+                "param": param,
+                "message": f"Training file has {report.n_examples} example(s), but must have at least {MIN_EXAMPLES} examples",
+            }
         return None
 
     def _count(self, file: dict[str, Any]) -> int:
@@ -169,11 +190,14 @@ class JobService:
                 raise NotFoundError(f"Job with id '{after}' not found.", code="job_not_found")
             where = "WHERE (created_at < ? OR (created_at = ? AND rowid < ?))"
             params = [cursor[0]["created_at"], cursor[0]["created_at"], cursor[0]["r"]]
-        rows = self.store.query(f"SELECT * FROM jobs {where} ORDER BY created_at DESC, rowid DESC LIMIT ?",
-                                [*params, limit + 1])
+        rows = self.store.query(
+            f"SELECT * FROM jobs {where} ORDER BY created_at DESC, rowid DESC LIMIT ?", [*params, limit + 1]
+        )
         return [self.to_openai(r) for r in rows[:limit]], len(rows) > limit
 
-    def list_events(self, job_id: str, *, limit: int = 20, after: str | None = None) -> tuple[list[dict[str, Any]], bool]:
+    def list_events(
+        self, job_id: str, *, limit: int = 20, after: str | None = None
+    ) -> tuple[list[dict[str, Any]], bool]:
         self._row(job_id)
         params: list[Any] = [job_id]
         where = "job_id = ?"
@@ -181,45 +205,95 @@ class JobService:
             where += " AND seq < (SELECT seq FROM events WHERE id = ?)"
             params.append(after)
         rows = self.store.query(f"SELECT * FROM events WHERE {where} ORDER BY seq DESC LIMIT ?", [*params, limit + 1])
-        events = [{"id": r["id"], "object": "fine_tuning.job.event", "created_at": r["created_at"], "level": r["level"],
-                   "message": r["message"], "type": r["type"], "data": r["data"] or {}} for r in rows[:limit]]
+        events = [
+            {
+                "id": r["id"],
+                "object": "fine_tuning.job.event",
+                "created_at": r["created_at"],
+                "level": r["level"],
+                "message": r["message"],
+                "type": r["type"],
+                "data": r["data"] or {},
+            }
+            for r in rows[:limit]
+        ]
         return events, len(rows) > limit
 
-    def list_checkpoints(self, job_id: str, *, limit: int = 10, after: str | None = None) -> tuple[list[dict[str, Any]], bool]:
+    def list_checkpoints(
+        self, job_id: str, *, limit: int = 10, after: str | None = None
+    ) -> tuple[list[dict[str, Any]], bool]:
         self._row(job_id)
         params: list[Any] = [job_id]
         where = "job_id = ?"
         if after:
             where += " AND step_number < (SELECT step_number FROM checkpoints WHERE id = ?)"
             params.append(after)
-        rows = self.store.query(f"SELECT * FROM checkpoints WHERE {where} ORDER BY step_number DESC LIMIT ?",
-                                [*params, limit + 1])
-        out = [{"id": r["id"], "object": "fine_tuning.job.checkpoint", "created_at": r["created_at"],
-                "fine_tuned_model_checkpoint": r["fine_tuned_model_checkpoint"], "fine_tuning_job_id": job_id,
-                "metrics": r["metrics"], "step_number": r["step_number"]} for r in rows[:limit]]
+        rows = self.store.query(
+            f"SELECT * FROM checkpoints WHERE {where} ORDER BY step_number DESC LIMIT ?", [*params, limit + 1]
+        )
+        out = [
+            {
+                "id": r["id"],
+                "object": "fine_tuning.job.checkpoint",
+                "created_at": r["created_at"],
+                "fine_tuned_model_checkpoint": r["fine_tuned_model_checkpoint"],
+                "fine_tuning_job_id": job_id,
+                "metrics": r["metrics"],
+                "step_number": r["step_number"],
+            }
+            for r in rows[:limit]
+        ]
         return out, len(rows) > limit
 
     # ---- write --------------------------------------------------------------------------
-    def event(self, job_id: str, message: str, *, level: str = "info", type: str = "message",
-              data: dict[str, Any] | None = None) -> None:
-        self.store.insert("events", {"id": new_id("ftevent"), "job_id": job_id, "created_at": now(), "level": level,
-                                     "message": message, "type": type, "data": data})
+    def event(
+        self,
+        job_id: str,
+        message: str,
+        *,
+        level: str = "info",
+        type: str = "message",
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        self.store.insert(
+            "events",
+            {
+                "id": new_id("ftevent"),
+                "job_id": job_id,
+                "created_at": now(),
+                "level": level,
+                "message": message,
+                "type": type,
+                "data": data,
+            },
+        )
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         row = self._row(job_id)
         if row["status"] in TERMINAL:
-            raise BackendError(f"Job {job_id} has already {'been ' if row['status'] == 'cancelled' else ''}"
-                               f"{row['status']}; it cannot be cancelled", code="job_not_cancellable")
+            raise BackendError(
+                f"Job {job_id} has already {'been ' if row['status'] == 'cancelled' else ''}"
+                f"{row['status']}; it cannot be cancelled",
+                code="job_not_cancellable",
+            )
         # the worker polls the status and stops; the runner kills it if it does not stop in time
-        if self.store.update("jobs", job_id, {"status": "cancelled", "finished_at": now()},
-                             where="status IN ('validating_files', 'queued', 'running')"):
+        if self.store.update(
+            "jobs",
+            job_id,
+            {"status": "cancelled", "finished_at": now()},
+            where="status IN ('validating_files', 'queued', 'running')",
+        ):
             self.event(job_id, "Job was cancelled")
         return self.retrieve(job_id)
 
     def _finish(self, job_id: str, status: str, *, error: dict[str, Any] | None = None, **changes: Any) -> bool:
         """Move a job to a terminal state, unless it already is in one (a cancel wins)."""
-        return self.store.update("jobs", job_id, {"status": status, "finished_at": now(), "error": error, **changes},
-                                 where="status NOT IN ('succeeded', 'failed', 'cancelled')")
+        return self.store.update(
+            "jobs",
+            job_id,
+            {"status": status, "finished_at": now(), "error": error, **changes},
+            where="status NOT IN ('succeeded', 'failed', 'cancelled')",
+        )
 
     def succeed(self, job_id: str, **changes: Any) -> bool:
         return self._finish(job_id, "succeeded", **changes)
@@ -233,11 +307,15 @@ class JobService:
     # ---- the worker ---------------------------------------------------------------------
     def claim_next(self, pid: int) -> dict[str, Any] | None:
         with self.store.tx() as conn:
-            row = conn.execute("SELECT id FROM jobs WHERE status = 'queued' ORDER BY created_at, rowid LIMIT 1").fetchone()
+            row = conn.execute(
+                "SELECT id FROM jobs WHERE status = 'queued' ORDER BY created_at, rowid LIMIT 1"
+            ).fetchone()
             if row is None:
                 return None
-            conn.execute("UPDATE jobs SET status = 'running', attempts = attempts + 1, worker_pid = ? WHERE id = ?",
-                         (pid, row["id"]))
+            conn.execute(
+                "UPDATE jobs SET status = 'running', attempts = attempts + 1, worker_pid = ? WHERE id = ?",
+                (pid, row["id"]),
+            )
         return self._row(row["id"])
 
     def recover_orphans(self) -> list[str]:
@@ -245,11 +323,17 @@ class JobService:
         recovered = []
         for row in self.store.query("SELECT * FROM jobs WHERE status = 'running'"):
             if row["attempts"] >= MAX_ATTEMPTS:
-                self.fail(row["id"], "worker_died",
-                          f"the training worker died {row['attempts']} times; giving up (see {self.home.logs / 'runner.log'})")
+                self.fail(
+                    row["id"],
+                    "worker_died",
+                    f"the training worker died {row['attempts']} times; giving up (see {self.home.logs / 'runner.log'})",
+                )
             elif self.store.update("jobs", row["id"], {"status": "queued"}, where="status = 'running'"):
-                self.event(row["id"], "The training worker stopped unexpectedly; the job will resume from its last "
-                           "checkpoint", level="warn")
+                self.event(
+                    row["id"],
+                    "The training worker stopped unexpectedly; the job will resume from its last checkpoint",
+                    level="warn",
+                )
                 recovered.append(row["id"])
         return recovered
 
@@ -275,7 +359,12 @@ class JobService:
         env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         subprocess.Popen(
             [sys.executable, "-m", "gpt_finetune.local.runner", "--home", str(self.home.root)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, env=env, close_fds=True,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            env=env,
+            close_fds=True,
         )
         log.close()
         return True
@@ -284,13 +373,23 @@ class JobService:
     def to_openai(self, row: dict[str, Any]) -> dict[str, Any]:
         hp = row["hyperparameters"]
         return {
-            "id": row["id"], "object": "fine_tuning.job", "created_at": row["created_at"], "error": row["error"],
-            "fine_tuned_model": row["fine_tuned_model"], "finished_at": row["finished_at"], "hyperparameters": hp,
-            "model": row["model"], "organization_id": "local", "result_files": row["result_files"], "seed": row["seed"],
-            "status": row["status"], "trained_tokens": row["trained_tokens"], "training_file": row["training_file"],
-            "validation_file": row["validation_file"], "estimated_finish": row["estimated_finish"], "integrations": None,
+            "id": row["id"],
+            "object": "fine_tuning.job",
+            "created_at": row["created_at"],
+            "error": row["error"],
+            "fine_tuned_model": row["fine_tuned_model"],
+            "finished_at": row["finished_at"],
+            "hyperparameters": hp,
+            "model": row["model"],
+            "organization_id": "local",
+            "result_files": row["result_files"],
+            "seed": row["seed"],
+            "status": row["status"],
+            "trained_tokens": row["trained_tokens"],
+            "training_file": row["training_file"],
+            "validation_file": row["validation_file"],
+            "estimated_finish": row["estimated_finish"],
+            "integrations": None,
             "metadata": {**(row["metadata"] or {}), "base_model": row["base_model"]},
             "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
         }
-
-

@@ -27,8 +27,18 @@ class ModelService:
 
     def register(self, model_id: str, *, kind: str, base: str, path: Path, job_id: str) -> None:
         self.store.execute("DELETE FROM models WHERE id = ?", (model_id,))
-        self.store.insert("models", {"id": model_id, "created": now(), "owned_by": "user", "kind": kind,
-                                     "base": base, "path": str(path), "job_id": job_id})
+        self.store.insert(
+            "models",
+            {
+                "id": model_id,
+                "created": now(),
+                "owned_by": "user",
+                "kind": kind,
+                "base": base,
+                "path": str(path),
+                "job_id": job_id,
+            },
+        )
 
     def base_ids(self) -> list[str]:
         ids = [DEFAULT_BASE_MODEL] if gguf_path() is not None else []
@@ -63,8 +73,9 @@ class ModelService:
         try:
             resolve_base(model_id, self.local_base_model)
         except NotFoundError:
-            raise NotFoundError(f"The model '{model_id}' does not exist", code="model_not_found",
-                                hint="see: gpt-finetune models list") from None
+            raise NotFoundError(
+                f"The model '{model_id}' does not exist", code="model_not_found", hint="see: gpt-finetune models list"
+            ) from None
         return model_id, None
 
     def delete(self, model_id: str) -> bool:

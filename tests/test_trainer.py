@@ -1,0 +1,148 @@
+"""The trainer on a tiny model built from a config, with the default model's real tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("trl")
+
+from conftest import TOY_ANSWERS, toy_examples, write_jsonl
+
+from gpt_finetune.local.chat_data import IGNORE, tokenize_example
+from gpt_finetune.local.trainer import Hooks, TrainSpec, train
+
+
+def test_loss_mask_covers_assistant_answers_and_their_end_token_only(smol_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
+    messages = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "not this", "weight": 0},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "this one"},
+    ]
+    row = tokenize_example(tok, messages)
+    labels = row["labels"]
+    trained = [i for i, label in enumerate(labels) if label != IGNORE]
+    assert 0 < len(trained) < len(labels)  # neither all nor nothing
+    assert tok.decode([labels[i] for i in trained]) == "this one<|im_end|>"
+    assert trained == list(range(trained[0], trained[-1] + 1))  # one contiguous span
+    no_weight = tokenize_example(tok, [{k: v for k, v in m.items() if k != "weight"} for m in messages])
+    assert tok.decode([t for t in no_weight["labels"] if t != IGNORE]) == "not this<|im_end|>this one<|im_end|>"
+
+
+class Snapshot:
+    """A callback that keeps the trainable parameters at the start and at the end of training."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class CB(TrainerCallback):
+            def on_train_begin(self, args, state, control, model=None, **kw):
+                outer.before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+            def on_train_end(self, args, state, control, model=None, **kw):
+                outer.after = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+        self.callback = CB()
+
+
+def spec_for(tmp_path, model_dir, **kw):
+    data = write_jsonl(tmp_path / "train.jsonl", toy_examples(24))
+    args = dict(
+        model_dir=str(model_dir),
+        training_file=str(data),
+        validation_file=None,
+        output_dir=str(tmp_path / "ckpt"),
+        final_dir=str(tmp_path / "final"),
+        n_epochs=6,
+        batch_size=4,
+        learning_rate=5e-3,
+        seed=3,
+        log_every_steps=1,
+    )
+    args.update(kw)
+    return TrainSpec(**args)
+
+
+def test_lora_training_lowers_the_loss_changes_every_lora_weight_and_saves_the_adapter(tmp_path, tiny_model_dir):
+    metrics, checkpoints = [], []
+    snap = Snapshot()
+    hooks = Hooks(on_metrics=metrics.append, on_checkpoint=lambda s, p, m: checkpoints.append(s))
+    result = train(spec_for(tmp_path, tiny_model_dir, learning_rate=5e-2), hooks, [snap.callback])
+    losses = [m["train_loss"] for m in metrics if "train_loss" in m]
+    # a random model's loss starts at ln(vocab) ~ 10.8; LoRA on attention moves it slowly, but surely
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05
+    assert all(m["total_steps"] == 36 for m in metrics) and metrics[-1]["step"] == 36
+    assert snap.before and all("lora" in n for n in snap.before)
+    unchanged = [n for n in snap.before if (snap.before[n] == snap.after[n]).all()]
+    assert unchanged == []
+    assert (tmp_path / "final" / "adapter_config.json").is_file()
+    assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
+    assert checkpoints == [6, 12, 18, 24, 30, 36]  # one per epoch
+    assert len(list((tmp_path / "ckpt").glob("checkpoint-*"))) == 3  # the last 3 kept
+    assert result.global_step == 36 and not result.stopped
+
+
+def test_same_seed_same_weights(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    train(spec_for(a, tiny_model_dir, n_epochs=1), Hooks())
+    train(spec_for(b, tiny_model_dir, n_epochs=1), Hooks())
+    wa, wb = load_file(a / "final" / "adapter_model.safetensors"), load_file(b / "final" / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
+
+
+def test_validation_metrics_and_full_finetune_learns_to_stop(tmp_path, tiny_model_dir):
+    from gpt_finetune.home import Home
+    from gpt_finetune.local.inference import Engine
+
+    valid = write_jsonl(tmp_path / "valid.jsonl", toy_examples(8))
+    metrics = []
+    result = train(
+        spec_for(
+            tmp_path,
+            tiny_model_dir,
+            training_type="full",
+            learning_rate=3e-3,
+            n_epochs=30,
+            validation_file=str(valid),
+            log_every_steps=10,
+        ),
+        Hooks(on_metrics=metrics.append),
+    )
+    assert any("valid_loss" in m and "valid_mean_token_accuracy" in m for m in metrics)
+    assert result.full_valid_loss is not None and result.full_valid_loss < 1.0
+    engine = Engine(Home(tmp_path / "home"))
+    msgs = [{"role": "system", "content": "Answer with a colour."}, {"role": "user", "content": "thing 1"}]
+    base = engine.complete(str(tiny_model_dir), None, msgs, max_tokens=12, temperature=0)
+    tuned = engine.complete(str(tiny_model_dir), str(tmp_path / "final"), msgs, max_tokens=12, temperature=0)
+    assert base.finish_reason == "length"  # the random model rambles on
+    assert tuned.finish_reason == "stop" and tuned.completion_tokens < 12  # EOS learnt
+    assert tuned.text.strip() == TOY_ANSWERS[1]
+    streamed = "".join(engine.stream(str(tiny_model_dir), str(tmp_path / "final"), msgs, max_tokens=12, temperature=0))
+    assert streamed.strip() == tuned.text.strip()
+
+
+def test_examples_with_nothing_to_learn_are_skipped(tmp_path, smol_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from gpt_finetune.errors import DataError
+    from gpt_finetune.local.chat_data import tokenize_file
+
+    tok = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
+    rows = toy_examples(3)
+    rows[1]["messages"][-1]["weight"] = 0
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    assert len(tokenize_file(tok, str(path))) == 2
+    path.write_text(json.dumps(rows[1]) + "\n")
+    with pytest.raises(DataError, match="no example has a trainable"):
+        tokenize_file(tok, str(path))
