@@ -39,7 +39,7 @@ def test_seed_example_with_seed_cfg_via_the_seed_script(tmp_path):
     assert len(rows) == len(raw) >= 150
     first = rows[0]["messages"]
     assert [m["role"] for m in first] == ["system", "user", "assistant"]
-    assert first[0]["content"].startswith("You label GitHub issues of Antrea")
+    assert first[0]["content"] == "Label this Antrea GitHub issue with its area labels."
     assert first[1]["content"] == raw[0]["conversations"][0]["value"]
     # the seed's label style: brackets and separator spaces removed
     assert first[2]["content"] == ",".join(f"'{x}'" for x in eval_free(raw[0]["conversations"][1]["value"]))

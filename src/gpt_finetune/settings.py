@@ -139,6 +139,7 @@ class Settings:
     num_processes: int | None = _opt(_positive_int)
     max_length: int | None = _opt(_positive_int)
     torch_compile: bool | None = _opt(_bool)
+    gradient_checkpointing: bool | None = _opt(_bool)
     # inference (infer.cfg)
     ft_job_id: str | None = _opt(_str)
     max_tokens: int | None = _opt(_positive_int)

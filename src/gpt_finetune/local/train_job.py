@@ -113,6 +113,7 @@ def _run(services: Services, job: dict[str, Any], is_main: bool) -> int:
         log_every_steps=int(opts.get("log_every_steps") or 0),
         resume_from=latest_checkpoint(out_dir),
         torch_compile=bool(opts.get("torch_compile")),
+        gradient_checkpointing=bool(opts.get("gradient_checkpointing")),
     )
     model_id = fine_tuned_id(base.id, job["suffix"], job_id)
     runner_pid = int(os.environ.get("GPT_FINETUNE_RUNNER_PID") or 0)
