@@ -125,7 +125,10 @@ def test_validation_metrics_and_full_finetune_learns_to_stop(tmp_path, tiny_mode
     msgs = [{"role": "system", "content": "Answer with a colour."}, {"role": "user", "content": "thing 1"}]
     base = engine.complete(str(tiny_model_dir), None, msgs, max_tokens=12, temperature=0)
     tuned = engine.complete(str(tiny_model_dir), str(tmp_path / "final"), msgs, max_tokens=12, temperature=0)
+    assert tuned.text != base.text
     assert base.finish_reason == "length"  # the random model rambles on
+    again = engine.complete(str(tiny_model_dir), None, msgs, max_tokens=12, temperature=0)
+    assert again.text == base.text  # the adapter loaded meanwhile is off for the base model
     assert tuned.finish_reason == "stop" and tuned.completion_tokens < 12  # EOS learnt
     assert tuned.text.strip() == TOY_ANSWERS[1]
     streamed = "".join(engine.stream(str(tiny_model_dir), str(tmp_path / "final"), msgs, max_tokens=12, temperature=0))
@@ -146,3 +149,25 @@ def test_examples_with_nothing_to_learn_are_skipped(tmp_path, smol_tokenizer_dir
     path.write_text(json.dumps(rows[1]) + "\n")
     with pytest.raises(DataError, match="no example has a trainable"):
         tokenize_file(tok, str(path))
+
+
+def test_engine_switches_adapters_off_for_the_base_model(tmp_path, tiny_model_dir):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from gpt_finetune.home import Home
+    from gpt_finetune.local.inference import Engine
+
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    lora = LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    get_peft_model(model, lora).save_pretrained(tmp_path / "adapter")  # random, non-zero: changes outputs
+    engine = Engine(Home(tmp_path / "home"))
+    msgs = [{"role": "user", "content": "thing 1"}]
+    ask = lambda adapter: engine.complete(str(tiny_model_dir), adapter, msgs, max_tokens=8, temperature=0).text  # noqa: E731
+    base = ask(None)
+    tuned = ask(str(tmp_path / "adapter"))
+    assert tuned != base
+    assert ask(None) == base
+    assert ask(str(tmp_path / "adapter")) == tuned

@@ -35,7 +35,17 @@ class Engine:
         self._bases: dict[str, Any] = {}  # base name -> (model, tokenizer, adapters loaded)
         self._lock = threading.RLock()
 
-    def _load(self, base_name: str, adapter: str | None) -> tuple[Any, Any]:
+    def _load(self, base_name: str, adapter: str | None) -> tuple[Any, Any, Any]:
+        """(model, tokenizer, context): generate inside the context, which switches adapters
+        off when the base model itself is asked and adapters are attached to it."""
+        from contextlib import nullcontext
+
+        model, tokenizer = self._load_model(base_name, adapter)
+        if adapter is None and hasattr(model, "disable_adapter"):
+            return model, tokenizer, model.disable_adapter()
+        return model, tokenizer, nullcontext()
+
+    def _load_model(self, base_name: str, adapter: str | None) -> tuple[Any, Any]:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -109,9 +119,9 @@ class Engine:
         import torch
 
         with self._lock:
-            model, tokenizer = self._load(base, adapter)
+            model, tokenizer, ctx = self._load(base, adapter)
             inputs = self._inputs(tokenizer, messages, model.device)
-            with torch.inference_mode():
+            with torch.inference_mode(), ctx:
                 out = model.generate(**inputs, **self._gen_kwargs(tokenizer, max_tokens, temperature, seed))
         new = out[0, inputs["input_ids"].shape[1] :]
         stopped = len(new) > 0 and int(new[-1]) == tokenizer.eos_token_id
@@ -138,13 +148,13 @@ class Engine:
 
         self._lock.acquire()
         try:
-            model, tokenizer = self._load(base, adapter)
+            model, tokenizer, ctx = self._load(base, adapter)
             inputs = self._inputs(tokenizer, messages, model.device)
             streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
             kwargs = {**inputs, **self._gen_kwargs(tokenizer, max_tokens, temperature, seed), "streamer": streamer}
 
             def run() -> None:
-                with torch.inference_mode():
+                with torch.inference_mode(), ctx:
                     model.generate(**kwargs)
 
             thread = threading.Thread(target=run, daemon=True)

