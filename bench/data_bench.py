@@ -96,12 +96,20 @@ def main() -> None:
     ours = [py, "-m", "gpt_finetune"]
     cases = {
         "prepare": (
-            ours
-            + ["prepare", "-i", str(seed_path), "-o", str(OUT / "ours.jsonl"), "--sys-prompt", "You label issues."],
-            base + ["prepare", str(seed_path), str(OUT / "base.jsonl")],
+            [
+                *ours,
+                "prepare",
+                "-i",
+                str(seed_path),
+                "-o",
+                str(OUT / "ours.jsonl"),
+                "--sys-prompt",
+                "You label issues.",
+            ],
+            [*base, "prepare", str(seed_path), str(OUT / "base.jsonl")],
         ),
-        "validate": (ours + ["validate", str(chat_path)], base + ["validate", str(chat_path)]),
-        "stats": (ours + ["stats", str(chat_path), "--no-local"], base + ["stats", str(chat_path)]),
+        "validate": ([*ours, "validate", str(chat_path)], [*base, "validate", str(chat_path)]),
+        "stats": ([*ours, "stats", str(chat_path), "--no-local"], [*base, "stats", str(chat_path)]),
     }
     print(f"{args.examples:,} examples; {os.cpu_count()} cores; chat file {chat_path.stat().st_size / 1e6:.0f} MB\n")
     print("| job | baseline ex/s | ours ex/s | speed-up | baseline peak memory | ours peak memory |")
