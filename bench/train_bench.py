@@ -64,16 +64,25 @@ def run(kind: str, model_dir: str, train_file: str, out: str, args: argparse.Nam
             learning_rate=args.lr,
             seed=0,
             log_every_steps=10,
+            max_steps=args.max_steps,
         )
         t = time.perf_counter()
-        train(spec, Hooks())
+        result = train(spec, Hooks())
         seconds = time.perf_counter() - t
+        steps, seen = result.global_step, result.tokens_seen
     else:
         from datasets import Dataset
         from peft import LoraConfig
         from trl import SFTConfig, SFTTrainer
 
-        rows = [json.loads(line) for line in open(train_file, encoding="utf-8")]
+        if kind == "plain":
+            rows = [json.loads(line) for line in open(train_file, encoding="utf-8")]
+        else:  # "masked": TRL defaults, but given our assistant-only labels (isolates the loss mask's share)
+            from transformers import AutoTokenizer
+
+            from gpt_finetune.local.chat_data import tokenize_file
+
+            rows = tokenize_file(AutoTokenizer.from_pretrained(model_dir), train_file)
         config = SFTConfig(
             output_dir=out + "/ckpt",
             num_train_epochs=args.epochs,
@@ -85,6 +94,7 @@ def run(kind: str, model_dir: str, train_file: str, out: str, args: argparse.Nam
             save_strategy="no",
             logging_steps=10,
             disable_tqdm=True,
+            max_steps=args.max_steps or -1,
         )
         trainer = SFTTrainer(
             model=model_dir, args=config, train_dataset=Dataset.from_list(rows), peft_config=LoraConfig(**LORA)
@@ -92,9 +102,10 @@ def run(kind: str, model_dir: str, train_file: str, out: str, args: argparse.Nam
         t = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - t
+        steps, seen = trainer.state.global_step, int(trainer._total_train_tokens)
         trainer.model.save_pretrained(out + "/adapter")
     stop.set()
-    return {"seconds": seconds, "peak_rss_mb": peak[0] / 1e6}
+    return {"seconds": seconds, "steps": steps, "tokens": seen, "peak_rss_mb": peak[0] / 1e6}
 
 
 def _cuda() -> bool:
@@ -145,6 +156,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--max-steps", type=int, default=0, help="stop every run after this many steps (0: all epochs)")
+    ap.add_argument("--runs", default="plain,masked,ours", help="which runs, in order")
     ap.add_argument("--child", nargs=4, metavar=("KIND", "MODEL_DIR", "TRAIN", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -171,7 +184,7 @@ def main() -> None:
     model_dir = base_dir(resolve_base(args.model), Home())
     tokens = count_tokens(model_dir, str(work / "train.jsonl")) * args.epochs
     results = {}
-    for kind in ("plain", "ours"):
+    for kind in args.runs.split(","):
         cmd = [
             sys.executable,
             __file__,
@@ -181,6 +194,8 @@ def main() -> None:
             str(args.batch_size),
             "--lr",
             str(args.lr),
+            "--max-steps",
+            str(args.max_steps),
             "--child",
             kind,
             model_dir,
@@ -191,22 +206,32 @@ def main() -> None:
         if r.returncode:
             raise SystemExit(r.stderr[-3000:])
         results[kind] = json.loads(r.stdout.strip().splitlines()[-1])
+        print(f"{kind}: {results[kind]}", file=sys.stderr, flush=True)
     losses = evaluate(model_dir, {k: str(work / k / "adapter") for k in results}, str(work / "valid.jsonl"))
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     print(
-        f"{args.model}, LoRA r8 q/k/v/o, {args.epochs} epoch(s), batch {args.batch_size}, lr {args.lr}; "
-        f"{tokens:,} real tokens; {device}\n"
+        f"{args.model}, LoRA r8 q/k/v/o, {args.epochs} epoch(s)"
+        + (f" capped at {args.max_steps} steps" if args.max_steps else "")
+        + f", batch {args.batch_size}, lr {args.lr}; {tokens:,} real tokens per epoch; {device}\n"
     )
-    print("| run | train time | real tokens/s | speed-up | peak RSS | valid loss (assistant tokens) |")
-    print("|---|---:|---:|---:|---:|---:|")
-    base = results["plain"]["seconds"]
-    for kind, label in (("plain", "plain TRL SFTTrainer (defaults)"), ("ours", "gpt-finetune trainer")):
-        s = results[kind]["seconds"]
+    print(
+        "| run | steps | real tokens | train time | real tokens/s | speed-up | peak RSS | valid loss (assistant tokens) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    rate = {k: r["tokens"] / r["seconds"] for k, r in results.items()}
+    for kind, label in (
+        ("plain", "plain TRL SFTTrainer (defaults)"),
+        ("masked", "TRL defaults + our assistant-only labels"),
+        ("ours", "gpt-finetune trainer"),
+    ):
+        if kind not in results:
+            continue
+        r = results[kind]
         print(
-            f"| {label} | {s:.0f} s | {tokens / s:,.0f} | {base / s:.2f}x | {results[kind]['peak_rss_mb']:,.0f} MB | "
-            f"{losses[kind]:.4f} |"
+            f"| {label} | {r['steps']} | {r['tokens']:,} | {r['seconds']:.0f} s | {rate[kind]:,.0f} | "
+            f"{rate[kind] / rate['plain']:.2f}x | {r['peak_rss_mb']:,.0f} MB | {losses[kind]:.4f} |"
         )
 
 

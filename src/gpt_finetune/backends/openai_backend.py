@@ -27,6 +27,8 @@ class OpenAIBackend:
         self, api_key: str | None, base_url: str | None = None, *, client: openai.OpenAI | None = None
     ) -> None:
         if client is None:
+            if not api_key and base_url:
+                api_key = "unused"  # a self-hosted compatible server may need no key; the SDK wants one
             if not api_key:
                 raise ConfigError(
                     "no OpenAI API key",

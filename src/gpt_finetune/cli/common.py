@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from ..errors import ConfigError, GptFinetuneError
+from ..errors import ConfigError
 from ..settings import KEYS, Settings, load_settings, parse_value
 
 
@@ -77,5 +77,3 @@ def require(value: Any, what: str, hint: str) -> Any:
         raise ConfigError(f"no {what}", hint=hint)
     return value
 
-
-__all__ = ["GptFinetuneError"]

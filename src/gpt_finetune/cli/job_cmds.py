@@ -127,7 +127,9 @@ def cmd_files(ns: argparse.Namespace) -> int:
 
 
 def add_jobs(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="jobs_cmd", required=True, metavar="{create,list,get,events,checkpoints,cancel,wait}")
+    sub = p.add_subparsers(
+        dest="jobs_cmd", required=True, metavar="{create,list,get,events,checkpoints,cancel,wait,plot}"
+    )
     add_finetune(sub.add_parser("create", help="upload data and create a job (same as finetune)"))
     lst = sub.add_parser("list", help="list jobs, newest first")
     lst.add_argument("--limit", type=int, default=20)
@@ -138,9 +140,12 @@ def add_jobs(p: argparse.ArgumentParser) -> None:
         ("checkpoints", "a job's checkpoints"),
         ("cancel", "cancel a job"),
         ("wait", "follow a job with a progress bar until it ends"),
+        ("plot", "draw a job's loss and accuracy curves as a PNG"),
     ):
         q = sub.add_parser(name, help=text)
         q.add_argument("job_id")
+        if name == "plot":
+            q.add_argument("-o", "--output", default=None, help="PNG to write (default: <job id>.png)")
     for name, q in sub.choices.items():
         if name == "create":
             continue
@@ -175,6 +180,14 @@ def cmd_jobs(ns: argparse.Namespace) -> int:
         info(f"Job {job.id}: {job.status}")
     elif ns.jobs_cmd == "wait":
         return _exit_for(watch_job(backend, ns.job_id))
+    elif ns.jobs_cmd == "plot":
+        from ..report import plot_metrics
+
+        events = backend.list_events(ns.job_id, limit=10_000)
+        data = [e.data for e in reversed(events) if e.type == "metrics" and isinstance(e.data, dict)]
+        if not data:
+            raise BackendError(f"job {ns.job_id} has no metrics yet")
+        info(f"Wrote {plot_metrics(data, ns.output or f'{ns.job_id}.png', title=ns.job_id)}")
     return 0
 
 

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(services: Services, job: dict[str, Any], is_main: bool) -> int:
-    from .trainer import Hooks, TrainSpec, device_kind, train
+    from .trainer import Hooks, TrainSpec, train
 
     jobs, home = services.jobs, services.home
     job_id = job["id"]
@@ -174,8 +174,6 @@ def _run(services: Services, job: dict[str, Any], is_main: bool) -> int:
     )
     if not is_main:
         hooks = Hooks(should_stop=should_stop)
-    if is_main and device_kind() == "cpu" and os.cpu_count():
-        pass  # torch uses every core by default
     result = train(spec, hooks)
     if not is_main:
         return 0

@@ -40,6 +40,7 @@ class TrainSpec:
     resume_from: str | None = None
     torch_compile: bool = False
     gradient_checkpointing: bool = False
+    max_steps: int = 0  # 0: train every epoch (benchmarks cap it)
 
 
 @dataclass
@@ -59,6 +60,7 @@ class TrainResult:
     trained_tokens: int
     full_valid_loss: float | None
     full_valid_mean_token_accuracy: float | None
+    tokens_seen: int = 0  # real (non-padding) tokens trained on, as TRL counts them
 
 
 def device_kind() -> str:
@@ -121,6 +123,7 @@ def train(spec: TrainSpec, hooks: Hooks, extra_callbacks: list[Any] | None = Non
     args = SFTConfig(
         output_dir=spec.output_dir,
         num_train_epochs=spec.n_epochs,
+        max_steps=spec.max_steps or -1,
         per_device_train_batch_size=per_device,
         per_device_eval_batch_size=per_device,
         learning_rate=spec.learning_rate,
@@ -209,4 +212,5 @@ def train(spec: TrainSpec, hooks: Hooks, extra_callbacks: list[Any] | None = Non
             trained: Any = trainer.model
             trained.save_pretrained(spec.final_dir)
             tokenizer.save_pretrained(spec.final_dir)
-    return TrainResult(bridge.stopped, trainer.state.global_step, n_tokens * spec.n_epochs, full_loss, full_acc)
+    seen = int(getattr(trainer, "_total_train_tokens", 0))
+    return TrainResult(bridge.stopped, trainer.state.global_step, n_tokens * spec.n_epochs, full_loss, full_acc, seen)
