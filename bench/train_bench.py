@@ -207,7 +207,7 @@ def main() -> None:
             raise SystemExit(r.stderr[-3000:])
         results[kind] = json.loads(r.stdout.strip().splitlines()[-1])
         print(f"{kind}: {results[kind]}", file=sys.stderr, flush=True)
-    losses = evaluate(model_dir, {k: str(work / k / "adapter") for k in results}, str(work / "valid.jsonl"))
+    losses = evaluate(model_dir, {k: str(work / k / "adapter") for k in results}, str(work / "train.valid.jsonl"))
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
