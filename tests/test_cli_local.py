@@ -8,8 +8,9 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from conftest import chat_example, write_jsonl  # noqa: E402
-from gpt_finetune.cli.main import main  # noqa: E402
+from conftest import chat_example, write_jsonl
+
+from gpt_finetune.cli.main import main
 
 
 def test_local_is_the_default_without_keys_and_is_announced(tmp_path, capsys, tiny_model_dir):
@@ -50,10 +51,30 @@ def test_unknown_model_is_a_clear_error(capsys):
 
 
 def test_infer_stream_and_chat_with_a_local_directory_model(tiny_model_dir, capsys, monkeypatch):
-    assert main(["infer", "--backend", "local", "-m", str(tiny_model_dir), "-q", "hi", "--max-tokens", "4",
-                 "-t", "0", "--stream"]) == 0
+    assert (
+        main(
+            [
+                "infer",
+                "--backend",
+                "local",
+                "-m",
+                str(tiny_model_dir),
+                "-q",
+                "hi",
+                "--max-tokens",
+                "4",
+                "-t",
+                "0",
+                "--stream",
+            ]
+        )
+        == 0
+    )
     streamed = capsys.readouterr().out
-    assert main(["infer", "--backend", "local", "-m", str(tiny_model_dir), "-q", "hi", "--max-tokens", "4", "-t", "0"]) == 0
+    assert (
+        main(["infer", "--backend", "local", "-m", str(tiny_model_dir), "-q", "hi", "--max-tokens", "4", "-t", "0"])
+        == 0
+    )
     assert capsys.readouterr().out == streamed and streamed.strip()
     lines = iter(["hi", "/reset", "hi", ""])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
@@ -71,7 +92,9 @@ def test_stats_counts_tokens_with_the_local_tokenizer(tmp_path, capsys, smol_tok
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
-    expected = sum(len(tok(tok.apply_chat_template(r["messages"], tokenize=False), add_special_tokens=False)["input_ids"])
-                   for r in rows)
+    expected = sum(
+        len(tok(tok.apply_chat_template(r["messages"], tokenize=False), add_special_tokens=False)["input_ids"])
+        for r in rows
+    )
     assert local["total_tokens"] == expected
     assert 0 < local["assistant_tokens"] < local["total_tokens"]

@@ -227,7 +227,11 @@ def test_seed_scripts_end_to_end_on_the_local_backend(tmp_path, tiny_model_dir, 
     )
     assert s["status"] == "succeeded" and s["hyperparameters"]["n_epochs"] == 2
     png = tmp_path / "curves.png"
-    p = subprocess.run([sys.executable, "-m", "gpt_finetune", "jobs", "plot", job_id, "-o", str(png)],
-                       capture_output=True, text=True, env=env)
+    p = subprocess.run(
+        [sys.executable, "-m", "gpt_finetune", "jobs", "plot", job_id, "-o", str(png)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert p.returncode == 0, p.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

@@ -76,4 +76,3 @@ def require(value: Any, what: str, hint: str) -> Any:
     if value in (None, ""):
         raise ConfigError(f"no {what}", hint=hint)
     return value
-
