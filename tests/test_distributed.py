@@ -3,7 +3,6 @@ artifacts as one process: the same steps, metrics and adapter weights within tol
 
 from __future__ import annotations
 
-import shutil
 import time
 
 import pytest
@@ -37,7 +36,6 @@ def run_job(home, tmp_path, model, processes):
     return b.services.home.model_dir(job.id), metrics, started
 
 
-@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate's launcher is not installed")
 def test_two_processes_match_one(tmp_path, tiny_model_dir, isolated_home):
     from safetensors.torch import load_file
 

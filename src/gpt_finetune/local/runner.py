@@ -15,7 +15,6 @@ import ctypes
 import fcntl
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -40,10 +39,11 @@ def child_command(services: Services, job: dict[str, Any]) -> list[str]:
     args = ["--home", str(services.home.root), job["id"]]
     n = int(job["options"].get("num_processes") or 1)
     if n > 1:
-        launcher = shutil.which("accelerate") or "accelerate"
+        # the launcher as a module of this interpreter: works whether or not the venv is on PATH
         return [
-            launcher,
-            "launch",
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
             "--multi_gpu",
             "--num_processes",
             str(n),
@@ -84,17 +84,9 @@ def run_job(services: Services, job: dict[str, Any]) -> None:
     if row["status"] == "running":  # the child died without finishing the job
         if child.returncode and child.returncode < 0:
             jobs.event(job["id"], f"The training process was killed by signal {-child.returncode}", level="warn")
-        if row["attempts"] >= 3:
-            jobs.fail(
-                job["id"],
-                "worker_died",
-                f"the training process exited with code {child.returncode} "
-                f"{row['attempts']} times; see {log_path / 'train.log'}",
-            )
-        elif services.store.update("jobs", job["id"], {"status": "queued"}, where="status = 'running'"):
-            jobs.event(
-                job["id"], "The training process stopped unexpectedly; resuming from the last checkpoint", level="warn"
-            )
+        jobs.requeue_or_fail(
+            row, f"the training process exited with code {child.returncode}", str(log_path / "train.log")
+        )
 
 
 def _try_lock(fh: IO[str]) -> bool:

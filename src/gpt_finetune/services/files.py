@@ -27,25 +27,16 @@ class FileService:
         path = self.home.files / f"{file_id}{Path(filename).suffix[:10] or '.dat'}"
         with atomic_outputs() as group, group.open(path, "wb") as out:
             shutil.copyfileobj(fileobj, out)  # type: ignore[misc]
-        row = {
-            "id": file_id,
-            "filename": os.path.basename(filename) or "upload",
-            "purpose": purpose,
-            "bytes": path.stat().st_size,
-            "created_at": now(),
-            "path": str(path),
-        }
-        self.store.insert("files", row)
-        return row
+        return self.register(path, os.path.basename(filename) or "upload", purpose, file_id=file_id)
 
     def create_from_path(self, path: str | Path, purpose: str = "fine-tune") -> dict[str, Any]:
         with open(path, "rb") as fh:
             return self.create(fh, Path(path).name, purpose)
 
-    def register(self, path: Path, filename: str, purpose: str) -> dict[str, Any]:
-        """Record a file the service wrote itself (a job's result CSV)."""
+    def register(self, path: Path, filename: str, purpose: str, *, file_id: str | None = None) -> dict[str, Any]:
+        """Record a file written under the data directory (an upload, or a job's result CSV)."""
         row = {
-            "id": new_id("file"),
+            "id": file_id or new_id("file"),
             "filename": filename,
             "purpose": purpose,
             "bytes": path.stat().st_size,

@@ -318,24 +318,28 @@ class JobService:
             )
         return self._row(row["id"])
 
+    def requeue_or_fail(self, row: dict[str, Any], what: str, log: str) -> bool:
+        """A running job lost its worker: queue it to resume from its last checkpoint, or fail it
+        after ``MAX_ATTEMPTS`` attempts in all. True if it was queued again."""
+        if row["attempts"] >= MAX_ATTEMPTS:
+            self.fail(row["id"], "worker_died", f"{what} {row['attempts']} times; giving up (see {log})")
+            return False
+        if self.store.update("jobs", row["id"], {"status": "queued"}, where="status = 'running'"):
+            self.event(
+                row["id"],
+                "The training worker stopped unexpectedly; the job will resume from its last checkpoint",
+                level="warn",
+            )
+            return True
+        return False
+
     def recover_orphans(self) -> list[str]:
         """Called by a runner that holds the lock: every ``running`` job lost its worker."""
-        recovered = []
-        for row in self.store.query("SELECT * FROM jobs WHERE status = 'running'"):
-            if row["attempts"] >= MAX_ATTEMPTS:
-                self.fail(
-                    row["id"],
-                    "worker_died",
-                    f"the training worker died {row['attempts']} times; giving up (see {self.home.logs / 'runner.log'})",
-                )
-            elif self.store.update("jobs", row["id"], {"status": "queued"}, where="status = 'running'"):
-                self.event(
-                    row["id"],
-                    "The training worker stopped unexpectedly; the job will resume from its last checkpoint",
-                    level="warn",
-                )
-                recovered.append(row["id"])
-        return recovered
+        return [
+            row["id"]
+            for row in self.store.query("SELECT * FROM jobs WHERE status = 'running'")
+            if self.requeue_or_fail(row, "the training worker died", str(self.home.logs / "runner.log"))
+        ]
 
     def has_active(self) -> bool:
         return bool(self.store.query("SELECT 1 FROM jobs WHERE status IN ('queued', 'running') LIMIT 1"))
