@@ -221,6 +221,7 @@ def main() -> None:
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     rate = {k: r["tokens"] / r["seconds"] for k, r in results.items()}
+    first = next(iter(results))  # speed-ups are relative to the first run (plain TRL by default)
     for kind, label in (
         ("plain", "plain TRL SFTTrainer (defaults)"),
         ("masked", "TRL defaults + our assistant-only labels"),
@@ -231,7 +232,7 @@ def main() -> None:
         r = results[kind]
         print(
             f"| {label} | {r['steps']} | {r['tokens']:,} | {r['seconds']:.0f} s | {rate[kind]:,.0f} | "
-            f"{rate[kind] / rate['plain']:.2f}x | {r['peak_rss_mb']:,.0f} MB | {losses[kind]:.4f} |"
+            f"{rate[kind] / rate[first]:.2f}x | {r['peak_rss_mb']:,.0f} MB | {losses[kind]:.4f} |"
         )
 
 
