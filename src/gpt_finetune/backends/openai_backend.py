@@ -59,8 +59,7 @@ class OpenAIBackend:
         except openai.NotFoundError as exc:
             raise NotFoundError(f"{what}: {_message(exc)}") from None
         except openai.PermissionDeniedError as exc:
-            body = exc.body if isinstance(exc.body, dict) else {}
-            code = body.get("code") or (body.get("error") or {}).get("code") if isinstance(body, dict) else None
+            code = _code(exc)
             hint = None
             if code == "training_not_available":
                 hint = "OpenAI no longer accepts new fine-tuning jobs; train locally with --backend local"

@@ -17,14 +17,13 @@ from ..errors import DataError
 from ..openai_models import ModelInfo, model_info
 from .checks import Finding, check_block
 from .labels import LabelError, parse_labels
-from .parallel import parallel_map
+from .parallel import PARALLEL_MIN_BYTES, parallel_map
 from .readers import iter_blocks, sniff
 from .tokens import get_encoding
 
 MIN_EXAMPLES = 10  # OpenAI rejects fewer (invalid_n_examples)
 MAX_FINDINGS_PER_CODE = 100
 MAX_DISTINCT_ANSWERS = 1000  # more distinct answers than this: not a classification file
-PARALLEL_MIN_BYTES = 4 * 1024 * 1024  # smaller files are checked inline: pool start-up costs more
 
 
 @dataclass

@@ -14,6 +14,8 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+# files smaller than this are processed inline by the data jobs: a pool's start-up costs more
+PARALLEL_MIN_BYTES = 4 * 1024 * 1024
 R = TypeVar("R")
 
 

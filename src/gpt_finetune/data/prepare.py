@@ -20,10 +20,8 @@ from ..atomic import atomic_outputs
 from ..errors import DataError
 from .convert import ConvertOptions, convert_record, detect_record_format
 from .labels import labels_sidecar_path
-from .parallel import parallel_map
+from .parallel import PARALLEL_MIN_BYTES, parallel_map
 from .readers import decode_line, first_record, iter_blocks, iter_records, sniff, split_block
-
-PARALLEL_MIN_BYTES = 4 * 1024 * 1024
 
 
 @dataclass

@@ -106,6 +106,20 @@ class Engine:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         return kwargs
 
+    def _prepare(
+        self,
+        base: str,
+        adapter: str | None,
+        messages: list[dict[str, Any]],
+        max_tokens: int | None,
+        temperature: float | None,
+        seed: int | None,
+    ) -> tuple[Any, Any, Any, dict[str, Any], dict[str, Any]]:
+        """What both verbs need: model, tokenizer, adapter context, prompt tensors, generate kwargs."""
+        model, tokenizer, ctx = self._load(base, adapter)
+        inputs = self._inputs(tokenizer, messages, model.device)
+        return model, tokenizer, ctx, inputs, self._gen_kwargs(tokenizer, max_tokens, temperature, seed)
+
     def complete(
         self,
         base: str,
@@ -119,10 +133,9 @@ class Engine:
         import torch
 
         with self._lock:
-            model, tokenizer, ctx = self._load(base, adapter)
-            inputs = self._inputs(tokenizer, messages, model.device)
+            model, tokenizer, ctx, inputs, gen = self._prepare(base, adapter, messages, max_tokens, temperature, seed)
             with torch.inference_mode(), ctx:
-                out = model.generate(**inputs, **self._gen_kwargs(tokenizer, max_tokens, temperature, seed))
+                out = model.generate(**inputs, **gen)
         new = out[0, inputs["input_ids"].shape[1] :]
         stopped = len(new) > 0 and int(new[-1]) == tokenizer.eos_token_id
         text = tokenizer.decode(new, skip_special_tokens=True)
@@ -148,10 +161,9 @@ class Engine:
 
         self._lock.acquire()
         try:
-            model, tokenizer, ctx = self._load(base, adapter)
-            inputs = self._inputs(tokenizer, messages, model.device)
+            model, tokenizer, ctx, inputs, gen = self._prepare(base, adapter, messages, max_tokens, temperature, seed)
             streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-            kwargs = {**inputs, **self._gen_kwargs(tokenizer, max_tokens, temperature, seed), "streamer": streamer}
+            kwargs = {**inputs, **gen, "streamer": streamer}
 
             def run() -> None:
                 with torch.inference_mode(), ctx:

@@ -126,19 +126,21 @@ class JobService:
             job_id,
             f"Validating training file: {train['id']}" + (f" and validation file: {valid['id']}" if valid else ""),
         )
-        error = self._validate(train, "training_file") or (self._validate(valid, "validation_file") if valid else None)
+        error, n_train = self._validate(train, "training_file")
+        if error is None and valid:
+            error, _ = self._validate(valid, "validation_file")
         if error:
             self._finish(job_id, "failed", error=error)
             self.event(job_id, f"Training file validation failed: {error['message']}", level="error")
             return self.retrieve(job_id)
-        n_train = self._count(train)
         self.store.update("jobs", job_id, {"status": "queued", "hyperparameters": resolve_hyperparameters(hp, n_train)})
         self.event(job_id, "Files validated, moving job to queued state")
         if start:
             self.kick()
         return self.retrieve(job_id)
 
-    def _validate(self, file: dict[str, Any], param: str) -> dict[str, Any] | None:
+    def _validate(self, file: dict[str, Any], param: str) -> tuple[dict[str, Any] | None, int]:
+        """(OpenAI-style error or None, number of valid examples)."""
         try:
             report = analyze_file(file["path"], None, count_tokens=False, workers=1)
         except Exception as exc:  # a whole-file problem: not JSONL, empty, unreadable
@@ -146,7 +148,7 @@ class JobService:
                 "code": "invalid_training_file" if param == "training_file" else "invalid_validation_file",
                 "param": param,
                 "message": f"{file['filename']}: {exc}",
-            }
+            }, 0
         errors = report.errors
         if errors and errors[0].code != "invalid_n_examples":
             f = errors[0]
@@ -155,18 +157,14 @@ class JobService:
                 "code": "invalid_training_file" if param == "training_file" else "invalid_validation_file",
                 "param": param,
                 "message": f"{file['filename']} has {report.n_errors} format errors; the first, at {where}: {f.message}",
-            }
+            }, report.n_examples
         if param == "training_file" and report.n_examples < MIN_EXAMPLES:
             return {
                 "code": "invalid_n_examples",
                 "param": param,
                 "message": f"Training file has {report.n_examples} example(s), but must have at least {MIN_EXAMPLES} examples",
-            }
-        return None
-
-    def _count(self, file: dict[str, Any]) -> int:
-        with open(file["path"], "rb") as fh:
-            return sum(1 for line in fh if line.strip())
+            }, report.n_examples
+        return None, report.n_examples
 
     # ---- read ---------------------------------------------------------------------------
     def _row(self, job_id: str) -> dict[str, Any]:
