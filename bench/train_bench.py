@@ -1,13 +1,19 @@
 """Training throughput: this project's trainer against a plain TRL SFTTrainer run, side by side.
 
-    python bench/train_bench.py [--epochs 1] [--model SmolLM2-135M-Instruct]
+    python bench/train_bench.py [--epochs 1] [--max-steps N] [--runs plain,plain-fp32,ours,ours#1]
 
-Both train the same LoRA (r 8, alpha 16, q/k/v/o), learning rate, batch size, epochs and seed on
-the same prepared example data (examples/issues.json). The baseline is TRL with default settings
-otherwise: it tokenises the chat itself and computes the loss over the whole sequence. Each run is
-a fresh process; we time ``trainer.train()`` and sample the process's memory. Throughput counts
-real (non-padding) tokens. Afterwards one evaluator measures both adapters' validation loss on
-assistant tokens only, so quality is compared on the same footing. Prints a Markdown table.
+Every run trains the same LoRA (r 8, alpha 16, q/k/v/o), learning rate, batch size, epochs and
+seed on the same prepared example data (examples/issues.json), each in a fresh process; we time
+``trainer.train()`` and sample the process's peak RSS. Runs (see RUNS): ``plain`` is TRL's
+SFTTrainer with default settings otherwise (the baseline: it tokenises the chat itself and
+computes the loss over the whole sequence); ``plain-fp32`` the same with bf16 off; ``masked`` TRL's
+defaults given our assistant-only labels (the same objective as ours), ``masked-fp32`` with bf16
+off; ``ours`` the project's trainer as jobs run it;
+``ours-gc`` the same with activation checkpointing on; ``#N`` picks seed N. Throughput counts
+real (non-padding) tokens. Afterwards one evaluator measures every adapter's (and the base
+model's) validation loss on assistant tokens only, so quality is compared on the same footing,
+with a paired bootstrap interval (over validation examples) of each run's difference from
+``ours``. Prints a Markdown table; the raw numbers go to bench/out/train_bench.json.
 """
 
 from __future__ import annotations
@@ -48,9 +54,33 @@ def peak_rss_sampler() -> tuple[threading.Event, list[int]]:
     return stop, peak
 
 
-def run(kind: str, model_dir: str, train_file: str, out: str, args: argparse.Namespace) -> dict:
+# Runs: kind -> label. A run may end in "#N" to train with seed N instead of 0 (e.g. "ours#1").
+RUNS = {
+    "plain": "plain TRL SFTTrainer (defaults)",
+    "plain-fp32": "TRL defaults, bf16 off",
+    "masked": "TRL defaults + our assistant-only labels",
+    "masked-fp32": "TRL defaults + our assistant-only labels, bf16 off",
+    "ours": "gpt-finetune trainer",
+    "ours-gc": "gpt-finetune trainer, activation checkpointing on",
+}
+
+
+def split_kind(name: str) -> tuple[str, int]:
+    kind, _, seed = name.partition("#")
+    if kind not in RUNS:
+        raise SystemExit(f"unknown run {name!r}; choose from {', '.join(RUNS)} (optionally with #SEED)")
+    return kind, int(seed or 0)
+
+
+def label(name: str) -> str:
+    kind, seed = split_kind(name)
+    return RUNS[kind] + (f", seed {seed}" if "#" in name else "")
+
+
+def run(name: str, model_dir: str, train_file: str, out: str, args: argparse.Namespace) -> dict:
+    kind, seed = split_kind(name)
     stop, peak = peak_rss_sampler()
-    if kind == "ours":
+    if kind in ("ours", "ours-gc"):
         from gpt_finetune.local.trainer import Hooks, TrainSpec, train
 
         spec = TrainSpec(
@@ -62,9 +92,10 @@ def run(kind: str, model_dir: str, train_file: str, out: str, args: argparse.Nam
             n_epochs=args.epochs,
             batch_size=args.batch_size,
             learning_rate=args.lr,
-            seed=0,
+            seed=seed,
             log_every_steps=10,
             max_steps=args.max_steps,
+            gradient_checkpointing=kind == "ours-gc",
         )
         t = time.perf_counter()
         result = train(spec, Hooks())
@@ -75,7 +106,7 @@ def run(kind: str, model_dir: str, train_file: str, out: str, args: argparse.Nam
         from peft import LoraConfig
         from trl import SFTConfig, SFTTrainer
 
-        if kind == "plain":
+        if kind in ("plain", "plain-fp32"):
             rows = [json.loads(line) for line in open(train_file, encoding="utf-8")]
         else:  # "masked": TRL defaults, but given our assistant-only labels (isolates the loss mask's share)
             from transformers import AutoTokenizer
@@ -88,13 +119,16 @@ def run(kind: str, model_dir: str, train_file: str, out: str, args: argparse.Nam
             num_train_epochs=args.epochs,
             per_device_train_batch_size=args.batch_size,
             learning_rate=args.lr,
-            seed=0,
+            seed=seed,
             report_to="none",
             use_cpu=not _cuda(),
             save_strategy="no",
             logging_steps=10,
             disable_tqdm=True,
             max_steps=args.max_steps or -1,
+            # TRL's SFTConfig turns bf16 on by default; on a CPU without native bf16 (AVX2 only)
+            # autocast emulates it. The "-fp32" runs isolate what that one default costs.
+            **({"bf16": False} if kind.endswith("-fp32") else {}),
         )
         trainer = SFTTrainer(
             model=model_dir, args=config, train_dataset=Dataset.from_list(rows), peft_config=LoraConfig(**LORA)
@@ -123,8 +157,8 @@ def count_tokens(model_dir: str, train_file: str) -> int:
     return sum(len(r["input_ids"]) for r in tokenize_file(tok, train_file))
 
 
-def evaluate(model_dir: str, adapters: dict[str, str], valid_file: str) -> dict[str, float]:
-    """Mean loss per assistant token on the validation file, for each adapter, with one evaluator."""
+def evaluate(model_dir: str, adapters: dict[str, str | None], valid_file: str) -> dict[str, list[tuple[float, int]]]:
+    """Per validation example, (summed loss, count) over assistant tokens, for each adapter: one evaluator."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -135,8 +169,9 @@ def evaluate(model_dir: str, adapters: dict[str, str], valid_file: str) -> dict[
     rows = tokenize_file(tok, valid_file)
     out = {}
     for name, path in adapters.items():
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), path).eval()
-        total = n = 0.0
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        model = (PeftModel.from_pretrained(model, path) if path else model).eval()
+        out[name] = per_example = []
         with torch.no_grad():
             for r in rows:
                 ids = torch.tensor([r["input_ids"]])
@@ -144,10 +179,25 @@ def evaluate(model_dir: str, adapters: dict[str, str], valid_file: str) -> dict[
                 logits = model(input_ids=ids).logits[0, :-1]
                 target = labels[0, 1:]
                 mask = target != -100
-                total += torch.nn.functional.cross_entropy(logits[mask], target[mask], reduction="sum").item()
-                n += mask.sum().item()
-        out[name] = total / n
+                loss = torch.nn.functional.cross_entropy(logits[mask], target[mask], reduction="sum").item()
+                per_example.append((loss, int(mask.sum())))
     return out
+
+
+def mean_loss(per_example: list[tuple[float, int]]) -> float:
+    return sum(s for s, _ in per_example) / sum(n for _, n in per_example)
+
+
+def paired_interval(a: list[tuple[float, int]], b: list[tuple[float, int]], draws: int = 5000) -> tuple[float, float]:
+    """95 % bootstrap interval of mean_loss(a) - mean_loss(b), resampling validation examples (paired)."""
+    import numpy as np
+
+    sa, na = np.array(a).T
+    sb, nb = np.array(b).T
+    idx = np.random.default_rng(0).integers(0, len(a), size=(draws, len(a)))
+    diff = sa[idx].sum(1) / na[idx].sum(1) - sb[idx].sum(1) / nb[idx].sum(1)
+    lo, hi = np.percentile(diff, [2.5, 97.5])
+    return float(lo), float(hi)
 
 
 def main() -> None:
@@ -207,32 +257,34 @@ def main() -> None:
             raise SystemExit(r.stderr[-3000:])
         results[kind] = json.loads(r.stdout.strip().splitlines()[-1])
         print(f"{kind}: {results[kind]}", file=sys.stderr, flush=True)
-    losses = evaluate(model_dir, {k: str(work / k / "adapter") for k in results}, str(work / "train.valid.jsonl"))
+    adapters: dict[str, str | None] = {"base": None} | {k: str(work / k / "adapter") for k in results}
+    losses = evaluate(model_dir, adapters, str(work / "train.valid.jsonl"))
+    (HERE / "out").mkdir(exist_ok=True)
+    (HERE / "out" / "train_bench.json").write_text(json.dumps({"args": vars(args), "runs": results, "eval": losses}))
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     print(
         f"{args.model}, LoRA r8 q/k/v/o, {args.epochs} epoch(s)"
         + (f" capped at {args.max_steps} steps" if args.max_steps else "")
-        + f", batch {args.batch_size}, lr {args.lr}; {tokens:,} real tokens per epoch; {device}\n"
+        + f", batch {args.batch_size}, lr {args.lr}; {tokens:,} real tokens per epoch; {device}; "
+        + f"base model's valid loss {mean_loss(losses['base']):.3f}\n"
     )
     print(
-        "| run | steps | real tokens | train time | real tokens/s | speed-up | peak RSS | valid loss (assistant tokens) |"
+        "| run | steps | real tokens | train time | real tokens/s | speed-up | peak RSS "
+        "| valid loss (assistant tokens) | minus ours, 95 % interval |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     rate = {k: r["tokens"] / r["seconds"] for k, r in results.items()}
-    first = next(iter(results))  # speed-ups are relative to the first run (plain TRL by default)
-    for kind, label in (
-        ("plain", "plain TRL SFTTrainer (defaults)"),
-        ("masked", "TRL defaults + our assistant-only labels"),
-        ("ours", "gpt-finetune trainer"),
-    ):
-        if kind not in results:
-            continue
-        r = results[kind]
+    first = "plain" if "plain" in results else next(iter(results))  # speed-ups: relative to plain TRL
+    for name, r in results.items():
+        vs = ""
+        if "ours" in results and name != "ours":
+            lo, hi = paired_interval(losses[name], losses["ours"])
+            vs = f"{mean_loss(losses[name]) - mean_loss(losses['ours']):+.3f} ({lo:+.3f} to {hi:+.3f})"
         print(
-            f"| {label} | {r['steps']} | {r['tokens']:,} | {r['seconds']:.0f} s | {rate[kind]:,.0f} | "
-            f"{rate[kind] / rate[first]:.2f}x | {r['peak_rss_mb']:,.0f} MB | {losses[kind]:.4f} |"
+            f"| {label(name)} | {r['steps']} | {r['tokens']:,} | {r['seconds']:.0f} s | {rate[name]:,.1f} | "
+            f"{rate[name] / rate[first]:.2f}x | {r['peak_rss_mb']:,.0f} MB | {mean_loss(losses[name]):.3f} | {vs} |"
         )
 
 
