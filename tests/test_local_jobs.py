@@ -235,3 +235,21 @@ def test_seed_scripts_end_to_end_on_the_local_backend(tmp_path, tiny_model_dir, 
     )
     assert p.returncode == 0, p.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_quickstart_runs_on_the_local_backend_whatever_keys_are_set(tmp_path, capsys, monkeypatch, tiny_model_dir):
+    from gpt_finetune.cli.main import main
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-quickstart-must-not-use-this-key")
+    monkeypatch.chdir(tmp_path)
+    assert main(["quickstart", "--model", str(tiny_model_dir), "--n-epochs", "1", "--show", "3"]) == 0
+    out, err = capsys.readouterr()
+    assert "local backend" in err and "sk-quickstart" not in err + out
+    assert "Job ftjob-" in err and "succeeded" in err
+    assert "Exact label-set match on 20 held-out issues: base " in out
+    table = out.split("\n\n")[0].splitlines()
+    assert table[0].split() == ["issue", "title", "true", "labels", "base", "model", "fine-tuned"]
+    assert len(table) == 2 + 3  # header, rule, --show rows
+    work = tmp_path / "quickstart"
+    assert len((work / "issues.valid.jsonl").read_text().splitlines()) == 20
+    assert (work / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
