@@ -118,3 +118,24 @@ def toy_examples(n: int = 24) -> list[dict]:
         }
         for i in range(n)
     ]
+
+
+def train_spec(tmp_path: Path, model_dir, n_examples: int = 24, **kw):
+    """A TrainSpec over toy examples written under tmp_path: 6 epochs of batch 4 unless told."""
+    from gpt_finetune.local.trainer import TrainSpec
+
+    data = write_jsonl(tmp_path / "train.jsonl", toy_examples(n_examples))
+    args = dict(
+        model_dir=str(model_dir),
+        training_file=str(data),
+        validation_file=None,
+        output_dir=str(tmp_path / "ckpt"),
+        final_dir=str(tmp_path / "final"),
+        n_epochs=6,
+        batch_size=4,
+        learning_rate=5e-3,
+        seed=3,
+        log_every_steps=1,
+    )
+    args.update(kw)
+    return TrainSpec(**args)

@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("trl")
 
-from conftest import toy_examples, write_jsonl
+from conftest import train_spec
 
 from gpt_finetune.home import Home
 from gpt_finetune.local.base_models import DEFAULT_BASE_MODEL, gguf_path, model_dir, resolve_base
@@ -43,25 +43,11 @@ def test_answers_greedily(default_dir, tmp_path):
 
 
 def test_trains_a_few_steps(default_dir, tmp_path):
-    from gpt_finetune.local.trainer import Hooks, TrainSpec, train
+    from gpt_finetune.local.trainer import Hooks, train
 
-    data = write_jsonl(tmp_path / "t.jsonl", toy_examples(4))
     metrics = []
-    result = train(
-        TrainSpec(
-            model_dir=default_dir,
-            training_file=str(data),
-            validation_file=None,
-            output_dir=str(tmp_path / "ck"),
-            final_dir=str(tmp_path / "final"),
-            n_epochs=1,
-            batch_size=2,
-            learning_rate=1e-3,
-            seed=0,
-            log_every_steps=1,
-        ),
-        Hooks(on_metrics=metrics.append),
-    )
+    spec = train_spec(tmp_path, default_dir, n_examples=4, n_epochs=1, batch_size=2, learning_rate=1e-3, seed=0)
+    result = train(spec, Hooks(on_metrics=metrics.append))
     assert result.global_step == 2
     assert [m["step"] for m in metrics if "train_loss" in m] == [1, 2]
     assert all(0 < m["train_loss"] < 20 for m in metrics if "train_loss" in m)

@@ -8,10 +8,10 @@ import pytest
 
 pytest.importorskip("trl")
 
-from conftest import TOY_ANSWERS, toy_examples, write_jsonl
+from conftest import TOY_ANSWERS, toy_examples, train_spec, write_jsonl
 
 from gpt_finetune.local.chat_data import IGNORE, tokenize_example
-from gpt_finetune.local.trainer import Hooks, TrainSpec, train
+from gpt_finetune.local.trainer import Hooks, train
 
 
 def test_loss_mask_covers_assistant_answers_and_their_end_token_only(smol_tokenizer_dir):
@@ -53,29 +53,11 @@ class Snapshot:
         self.callback = CB()
 
 
-def spec_for(tmp_path, model_dir, **kw):
-    data = write_jsonl(tmp_path / "train.jsonl", toy_examples(24))
-    args = dict(
-        model_dir=str(model_dir),
-        training_file=str(data),
-        validation_file=None,
-        output_dir=str(tmp_path / "ckpt"),
-        final_dir=str(tmp_path / "final"),
-        n_epochs=6,
-        batch_size=4,
-        learning_rate=5e-3,
-        seed=3,
-        log_every_steps=1,
-    )
-    args.update(kw)
-    return TrainSpec(**args)
-
-
 def test_lora_training_lowers_the_loss_changes_every_lora_weight_and_saves_the_adapter(tmp_path, tiny_model_dir):
     metrics, checkpoints = [], []
     snap = Snapshot()
     hooks = Hooks(on_metrics=metrics.append, on_checkpoint=lambda s, p, m: checkpoints.append(s))
-    result = train(spec_for(tmp_path, tiny_model_dir, learning_rate=5e-2), hooks, [snap.callback])
+    result = train(train_spec(tmp_path, tiny_model_dir, learning_rate=5e-2), hooks, [snap.callback])
     losses = [m["train_loss"] for m in metrics if "train_loss" in m]
     # a random model's loss starts at ln(vocab) ~ 10.8; LoRA on attention moves it slowly, but surely
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.05
@@ -95,8 +77,8 @@ def test_same_seed_same_weights(tmp_path, tiny_model_dir):
 
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
-    train(spec_for(a, tiny_model_dir, n_epochs=1), Hooks())
-    train(spec_for(b, tiny_model_dir, n_epochs=1), Hooks())
+    train(train_spec(a, tiny_model_dir, n_epochs=1), Hooks())
+    train(train_spec(b, tiny_model_dir, n_epochs=1), Hooks())
     wa, wb = load_file(a / "final" / "adapter_model.safetensors"), load_file(b / "final" / "adapter_model.safetensors")
     assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
 
@@ -108,7 +90,7 @@ def test_validation_metrics_and_full_finetune_learns_to_stop(tmp_path, tiny_mode
     valid = write_jsonl(tmp_path / "valid.jsonl", toy_examples(8))
     metrics = []
     result = train(
-        spec_for(
+        train_spec(
             tmp_path,
             tiny_model_dir,
             training_type="full",

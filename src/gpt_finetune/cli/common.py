@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import BackendError, ConfigError
 from ..settings import KEYS, Settings, load_settings, parse_value
 
 
@@ -76,3 +77,14 @@ def require(value: Any, what: str, hint: str) -> Any:
     if value in (None, ""):
         raise ConfigError(f"no {what}", hint=hint)
     return value
+
+
+def plot_job(backend: Any, job_id: str, out: str | Path, title: str) -> Path:
+    """Draw a job's loss and accuracy curves from its metrics events (oldest first) as a PNG."""
+    from ..report import plot_metrics
+
+    events = backend.list_events(job_id, limit=10_000)
+    data = [e.data for e in reversed(events) if e.type == "metrics" and isinstance(e.data, dict)]
+    if not data:
+        raise BackendError(f"job {job_id} has no metrics yet")
+    return plot_metrics(data, out, title=title)

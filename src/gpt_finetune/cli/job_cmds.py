@@ -11,7 +11,16 @@ from typing import Any
 from ..backends.base import Hyperparameters
 from ..data.analysis import analyze_file
 from ..errors import BackendError, DataError
-from .common import add_config_flag, add_connection_flags, get_backend, info, require, settings_from, typed
+from .common import (
+    add_config_flag,
+    add_connection_flags,
+    get_backend,
+    info,
+    plot_job,
+    require,
+    settings_from,
+    typed,
+)
 from .data_cmds import format_finding
 from .watch import watch_job
 
@@ -181,13 +190,7 @@ def cmd_jobs(ns: argparse.Namespace) -> int:
     elif ns.jobs_cmd == "wait":
         return _exit_for(watch_job(backend, ns.job_id))
     elif ns.jobs_cmd == "plot":
-        from ..report import plot_metrics
-
-        events = backend.list_events(ns.job_id, limit=10_000)
-        data = [e.data for e in reversed(events) if e.type == "metrics" and isinstance(e.data, dict)]
-        if not data:
-            raise BackendError(f"job {ns.job_id} has no metrics yet")
-        info(f"Wrote {plot_metrics(data, ns.output or f'{ns.job_id}.png', title=ns.job_id)}")
+        info(f"Wrote {plot_job(backend, ns.job_id, ns.output or f'{ns.job_id}.png', title=ns.job_id)}")
     return 0
 
 

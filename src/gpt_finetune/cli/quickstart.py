@@ -13,7 +13,7 @@ from ..data.convert import ConvertOptions
 from ..data.labels import LabelError, parse_labels
 from ..data.prepare import prepare
 from ..settings import load_settings
-from .common import info
+from .common import info, plot_job
 from .watch import watch_job
 
 REPO = Path(__file__).resolve().parents[3]
@@ -84,15 +84,7 @@ def cmd_quickstart(ns: argparse.Namespace) -> int:
     job = watch_job(backend, job.id, poll=1.0)
     if job.status != "succeeded":
         return 1
-    from ..report import plot_metrics
-
-    events = backend.services.jobs.list_events(job.id, limit=10_000)[0]
-    plot = plot_metrics(
-        [e["data"] for e in reversed(events) if e["type"] == "metrics"],
-        work / "loss.png",
-        title=f"{job.fine_tuned_model}",
-    )
-    info(f"    loss curve: {plot}")
+    info(f"    loss curve: {plot_job(backend, job.id, work / 'loss.png', title=str(job.fine_tuned_model))}")
 
     info(f"3/4 Asking the base and the fine-tuned model about {prepared.n_valid} held-out issues")
     rows = [json.loads(line) for line in open(prepared.validation_output or "", encoding="utf-8")]

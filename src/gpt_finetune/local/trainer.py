@@ -4,14 +4,15 @@
 LM on chat examples, loss on assistant tokens only (see ``chat_data``), batches grouped by
 length so little compute goes to padding, the LM head projecting only the final positions
 that hold labels where TRL's would project them all (``label_window_loss``), a checkpoint with
-optimizer state every epoch and every ``checkpoint_every_steps`` steps (the last 3 kept), validation loss at each epoch end,
-and resumption from a checkpoint. A GPU is used when present (bf16 where supported), the CPU
+optimizer state every epoch and every ``checkpoint_every_steps`` steps (the last 3 kept),
+validation loss at each epoch end, and resumption from a checkpoint. A GPU is used when present (bf16 where supported), the CPU
 otherwise. Launched through accelerate, the same code trains data-parallel (DDP); FSDP is
 accelerate's config (README, "Several GPUs").
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -111,7 +112,8 @@ def label_window_loss(model: Any, inputs: dict[str, Any]) -> tuple[Any, Any, Any
     return loss, mask.sum(), correct
 
 
-def _scores_every_position(device: Any) -> bool:
+@functools.cache
+def _scores_every_position(device_type: str) -> bool:
     """Whether TRL's fused LM head would project every position on this device.
 
     TRL 1.x projects only the labelled positions with its Triton kernels (CUDA, XPU) and every
@@ -121,7 +123,7 @@ def _scores_every_position(device: Any) -> bool:
     """
     import importlib.util
 
-    return not (device.type in ("cuda", "xpu") and importlib.util.find_spec("triton") is not None)
+    return not (device_type in ("cuda", "xpu") and importlib.util.find_spec("triton") is not None)
 
 
 def _trainer_class() -> Any:
@@ -131,7 +133,7 @@ def _trainer_class() -> Any:
         def compute_loss(
             self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
         ) -> Any:
-            if not _scores_every_position(self.args.device):
+            if not _scores_every_position(self.args.device.type):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             from transformers.modeling_outputs import CausalLMOutput
 
