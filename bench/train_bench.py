@@ -62,6 +62,9 @@ RUNS = {
     "masked-fp32": "TRL defaults + our assistant-only labels, bf16 off",
     "ours": "gpt-finetune trainer",
     "ours-gc": "gpt-finetune trainer, activation checkpointing on",
+    # what a TRL user would do on long examples (bf16 off, our labels, TRL's default checkpointing):
+    "trl-ga": "TRL + our labels, bf16 off, micro-batches of 1 x gradient accumulation",
+    "trl-pf": "TRL + our labels, bf16 off, padding_free",
 }
 
 
@@ -80,6 +83,7 @@ def label(name: str) -> str:
 def run(name: str, model_dir: str, train_file: str, out: str, args: argparse.Namespace) -> dict:
     kind, seed = split_kind(name)
     stop, peak = peak_rss_sampler()
+    extra: dict = {}
     if kind in ("ours", "ours-gc"):
         from gpt_finetune.local.trainer import Hooks, TrainSpec, train
 
@@ -95,12 +99,14 @@ def run(name: str, model_dir: str, train_file: str, out: str, args: argparse.Nam
             seed=seed,
             log_every_steps=10,
             max_steps=args.max_steps,
-            gradient_checkpointing=kind == "ours-gc",
+            max_length=args.max_length,
+            gradient_checkpointing=True if kind == "ours-gc" else None,
         )
         t = time.perf_counter()
         result = train(spec, Hooks())
         seconds = time.perf_counter() - t
         steps, seen = result.global_step, result.tokens_seen
+        extra["plan"] = result.plan
     else:
         from datasets import Dataset
         from peft import LoraConfig
@@ -113,11 +119,15 @@ def run(name: str, model_dir: str, train_file: str, out: str, args: argparse.Nam
 
             from gpt_finetune.local.chat_data import tokenize_file
 
-            rows = tokenize_file(AutoTokenizer.from_pretrained(model_dir), train_file)
+            rows = tokenize_file(AutoTokenizer.from_pretrained(model_dir), train_file, args.max_length).rows
+        per_device, accumulate = args.batch_size, 1
+        if kind == "trl-ga":
+            per_device, accumulate = 1, args.batch_size
         config = SFTConfig(
             output_dir=out + "/ckpt",
             num_train_epochs=args.epochs,
-            per_device_train_batch_size=args.batch_size,
+            per_device_train_batch_size=per_device,
+            gradient_accumulation_steps=accumulate,
             learning_rate=args.lr,
             seed=seed,
             report_to="none",
@@ -128,7 +138,9 @@ def run(name: str, model_dir: str, train_file: str, out: str, args: argparse.Nam
             max_steps=args.max_steps or -1,
             # TRL's SFTConfig turns bf16 on by default; on a CPU without native bf16 (AVX2 only)
             # autocast emulates it. The "-fp32" runs isolate what that one default costs.
-            **({"bf16": False} if kind.endswith("-fp32") else {}),
+            **({"bf16": False} if kind.endswith("-fp32") or kind.startswith("trl-") else {}),
+            **({"max_length": args.max_length} if kind.startswith("trl-") else {}),
+            **({"padding_free": True} if kind == "trl-pf" else {}),
         )
         trainer = SFTTrainer(
             model=model_dir, args=config, train_dataset=Dataset.from_list(rows), peft_config=LoraConfig(**LORA)
@@ -139,7 +151,7 @@ def run(name: str, model_dir: str, train_file: str, out: str, args: argparse.Nam
         steps, seen = trainer.state.global_step, int(trainer._total_train_tokens)
         trainer.model.save_pretrained(out + "/adapter")
     stop.set()
-    return {"seconds": seconds, "steps": steps, "tokens": seen, "peak_rss_mb": peak[0] / 1e6}
+    return {"seconds": seconds, "steps": steps, "tokens": seen, "peak_rss_mb": peak[0] / 1e6, **extra}
 
 
 def _cuda() -> bool:
@@ -154,7 +166,7 @@ def count_tokens(model_dir: str, train_file: str) -> int:
     from gpt_finetune.local.chat_data import tokenize_file
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    return sum(len(r["input_ids"]) for r in tokenize_file(tok, train_file))
+    return sum(len(r["input_ids"]) for r in tokenize_file(tok, train_file, 2048).rows)
 
 
 def evaluate(model_dir: str, adapters: dict[str, str | None], valid_file: str) -> dict[str, list[tuple[float, int]]]:
@@ -166,7 +178,7 @@ def evaluate(model_dir: str, adapters: dict[str, str | None], valid_file: str) -
     from gpt_finetune.local.chat_data import tokenize_file
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    rows = tokenize_file(tok, valid_file)
+    rows = tokenize_file(tok, valid_file, 2048).rows
     out = {}
     for name, path in adapters.items():
         model = AutoModelForCausalLM.from_pretrained(model_dir)
@@ -208,6 +220,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--max-steps", type=int, default=0, help="stop every run after this many steps (0: all epochs)")
     ap.add_argument("--runs", default="plain,masked,ours", help="which runs, in order")
+    ap.add_argument("--data", default=str(ROOT / "examples" / "issues.json"), help="raw data (seed JSON)")
+    ap.add_argument("--sys-prompt", default=None, help="default: examples/data_process.cfg's")
+    ap.add_argument("--max-length", type=int, default=2048)
     ap.add_argument("--child", nargs=4, metavar=("KIND", "MODEL_DIR", "TRAIN", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -225,11 +240,11 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="train-bench-"))
     cfg = load_settings({}, config_file=ROOT / "examples" / "data_process.cfg", env={}, default_config=work / "x")
     prepare(
-        ROOT / "examples" / "issues.json",
+        Path(args.data),
         work / "train.jsonl",
-        split=0.1,
+        split=0.1 if args.data.endswith("examples/issues.json") else 0.2,
         seed=0,
-        options=ConvertOptions(sys_prompt=cfg.sys_prompt, task_type="classification"),
+        options=ConvertOptions(sys_prompt=args.sys_prompt or cfg.sys_prompt, task_type="classification"),
     )
     model_dir = base_dir(resolve_base(args.model), Home())
     tokens = count_tokens(model_dir, str(work / "train.jsonl")) * args.epochs
@@ -246,6 +261,8 @@ def main() -> None:
             str(args.lr),
             "--max-steps",
             str(args.max_steps),
+            "--max-length",
+            str(args.max_length),
             "--child",
             kind,
             model_dir,
@@ -257,6 +274,8 @@ def main() -> None:
             raise SystemExit(r.stderr[-3000:])
         results[kind] = json.loads(r.stdout.strip().splitlines()[-1])
         print(f"{kind}: {results[kind]}", file=sys.stderr, flush=True)
+        (HERE / "out").mkdir(exist_ok=True)
+        (HERE / "out" / "train_bench.partial.json").write_text(json.dumps({"args": vars(args), "runs": results}))
     adapters: dict[str, str | None] = {"base": None} | {k: str(work / k / "adapter") for k in results}
     losses = evaluate(model_dir, adapters, str(work / "train.valid.jsonl"))
     (HERE / "out").mkdir(exist_ok=True)
@@ -272,9 +291,9 @@ def main() -> None:
     )
     print(
         "| run | steps | real tokens | train time | real tokens/s | speed-up | peak RSS "
-        "| valid loss (assistant tokens) | minus ours, 95 % interval |"
+        "| valid loss (assistant tokens) | minus ours, 95 % interval | planned peak |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rate = {k: r["tokens"] / r["seconds"] for k, r in results.items()}
     first = "plain" if "plain" in results else next(iter(results))  # speed-ups: relative to plain TRL
     for name, r in results.items():
@@ -284,7 +303,8 @@ def main() -> None:
             vs = f"{mean_loss(losses[name]) - mean_loss(losses['ours']):+.3f} ({lo:+.3f} to {hi:+.3f})"
         print(
             f"| {label(name)} | {r['steps']} | {r['tokens']:,} | {r['seconds']:.0f} s | {rate[name]:,.1f} | "
-            f"{rate[name] / rate[first]:.2f}x | {r['peak_rss_mb']:,.0f} MB | {mean_loss(losses[name]):.3f} | {vs} |"
+            f"{rate[name] / rate[first]:.2f}x | {r['peak_rss_mb']:,.0f} MB | {mean_loss(losses[name]):.3f} | {vs} | "
+            + (f"{r['plan']['estimated_peak_bytes'] / 1e6:,.0f} MB |" if r.get("plan") else "|")
         )
 
 

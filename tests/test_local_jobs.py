@@ -151,6 +151,11 @@ def test_killed_worker_resumes_from_its_last_checkpoint(tmp_path, tiny_model_dir
     os.killpg(runner, signal.SIGKILL)  # the runner and its training child, as a power cut would
     wait_for(lambda: not runner_pids(isolated_home), timeout=20, what="the processes to die")
     assert b.retrieve_job(job.id).status == "running"  # nobody has noticed yet
+    # the plan made at the first start is what the resumed attempt trains with, not a new one
+    plan = b.services.jobs.row(job.id)["plan"]
+    assert plan and plan["checkpointing"] in ("off", "auto")
+    plan["budget_bytes"] = plan["per_token_bytes"] * 777
+    b.services.jobs.set_plan(job.id, plan)
     b2 = backend(isolated_home)  # any later start of the local backend recovers it
     done = wait_for(lambda: (j := b2.retrieve_job(job.id)).status in ("succeeded", "failed") and j, what="job end")
     assert done.status == "succeeded", done.error
@@ -158,6 +163,35 @@ def test_killed_worker_resumes_from_its_last_checkpoint(tmp_path, tiny_model_dir
     assert any("will resume from its last checkpoint" in m for m in messages)
     assert any(m.startswith("Resuming from checkpoint checkpoint-") for m in messages)
     assert b2.services.jobs.row(job.id)["attempts"] == 2
+    plans = [m for m in messages if m.startswith("Memory plan:")]
+    assert len(plans) == 2 and "up to 777 tokens" in plans[0]  # newest first: the resumed attempt's
+
+
+def test_memory_settings_reach_the_job(tmp_path, tiny_model_dir, isolated_home):
+    """gradient_checkpointing and memory_limit_gb go from the settings through the backend to the
+    worker's plan: stated in the events, stored with the job; a job that cannot fit fails at once."""
+    b = backend(isolated_home, gradient_checkpointing=True)
+    job = b.create_job(
+        model=str(tiny_model_dir),
+        training_file=upload(b, tmp_path, toy_examples(12)),
+        hyperparameters=Hyperparameters(n_epochs=1, batch_size=4),
+    )
+    done = wait_for(lambda: (j := b.retrieve_job(job.id)).status in ("succeeded", "failed") and j, what="job end")
+    assert done.status == "succeeded", done.error
+    assert b.services.jobs.row(job.id)["plan"]["checkpointing"] == "on"
+    plan_msg = [e.message for e in b.list_events(job.id, limit=100) if e.message.startswith("Memory plan:")]
+    assert len(plan_msg) == 1 and "activation checkpointing on" in plan_msg[0] and "estimated peak" in plan_msg[0]
+
+    small = backend(isolated_home, memory_limit_gb=0.5)  # less than the runtime alone
+    job = small.create_job(
+        model=str(tiny_model_dir),
+        training_file=upload(small, tmp_path, toy_examples(12)),
+        hyperparameters=Hyperparameters(n_epochs=1, batch_size=4),
+    )
+    done = wait_for(lambda: (j := small.retrieve_job(job.id)).status in ("succeeded", "failed") and j, what="job end")
+    assert done.status == "failed" and done.error.code == "insufficient_memory"
+    assert "not enough memory to train" in done.error.message and "0.50 GB" in done.error.message
+    assert not b.list_checkpoints(job.id)  # failed before the first step
 
 
 def test_a_job_that_keeps_dying_fails_clearly(tmp_path, tiny_model_dir, isolated_home):

@@ -127,7 +127,7 @@ def test_examples_with_nothing_to_learn_are_skipped(tmp_path, smol_tokenizer_dir
     rows = toy_examples(3)
     rows[1]["messages"][-1]["weight"] = 0
     path = write_jsonl(tmp_path / "t.jsonl", rows)
-    assert len(tokenize_file(tok, str(path))) == 2
+    assert len(tokenize_file(tok, str(path)).rows) == 2
     path.write_text(json.dumps(rows[1]) + "\n")
     with pytest.raises(DataError, match="no example has a trainable"):
         tokenize_file(tok, str(path))
@@ -153,44 +153,3 @@ def test_engine_switches_adapters_off_for_the_base_model(tmp_path, tiny_model_di
     assert tuned != base
     assert ask(None) == base
     assert ask(str(tmp_path / "adapter")) == tuned
-
-
-def test_label_window_loss_equals_the_loss_over_every_position(smol_tokenizer_dir, tiny_model_dir):
-    """On CPU the trainer projects only the final positions that hold labels: same loss, fewer logits."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-    from gpt_finetune.local.trainer import label_window, label_window_loss
-
-    tok = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
-    multi_turn = [
-        {"role": "user", "content": "first question, answered early"},
-        {"role": "assistant", "content": "early answer"},
-        {"role": "user", "content": "and a much longer second question " * 3},
-        {"role": "assistant", "content": "late answer"},
-    ]
-    toys = [e["messages"] for e in toy_examples(3)]
-    toys[1][1]["content"] = "thing 1, asked at some length"  # lengths differ: the batch is padded
-    rows = [tokenize_example(tok, m) for m in toys] + [tokenize_example(tok, multi_turn)]
-    collate = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    for batch_rows in (rows[:3], rows):  # short answers at the end only; then an early answer too
-        batch = collate(batch_rows)
-        labels = batch["labels"]
-        assert labels.shape[0] == len(batch_rows) and (batch["attention_mask"] == 0).any()  # really padded
-        keep = label_window(labels)
-        assert 1 < keep <= labels.shape[1]
-        with torch.no_grad():
-            total, count, correct = label_window_loss(model, dict(batch))
-            full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        target = labels[:, 1:]
-        mask = target != IGNORE
-        expected = torch.nn.functional.cross_entropy(full[mask], target[mask], reduction="sum")
-        assert int(count) == int(mask.sum()) > 0
-        assert torch.allclose(total, expected, rtol=1e-5)
-        assert int(correct) == int((full[mask].argmax(-1) == target[mask]).sum())
-    short = label_window(collate(rows[:3])["labels"])
-    assert short < collate(rows[:3])["labels"].shape[1] // 2  # answers at the end: a short window
-    assert label_window(torch.full((2, 5), IGNORE)) == 1

@@ -139,7 +139,9 @@ class Settings:
     num_processes: int | None = _opt(_positive_int)
     max_length: int | None = _opt(_positive_int)
     torch_compile: bool | None = _opt(_bool)
-    gradient_checkpointing: bool | None = _opt(_bool)
+    gradient_checkpointing: bool | None = _opt(_bool)  # unset: on when the memory plan needs it
+    memory_limit_gb: float | None = _opt(_float_range(0.5, 100_000.0))
+    micro_batch_tokens: int | None = _opt(_positive_int)
     # inference (infer.cfg)
     ft_job_id: str | None = _opt(_str)
     max_tokens: int | None = _opt(_positive_int)

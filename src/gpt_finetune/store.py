@@ -48,9 +48,11 @@ MIGRATIONS: list[str] = [
         base TEXT, path TEXT NOT NULL, job_id TEXT
     );
     """,
+    # the memory plan a local job made at its first start, reused when it resumes
+    "ALTER TABLE jobs ADD COLUMN plan TEXT;",
 ]
 
-JSON_COLUMNS = {"hyperparameters", "method", "error", "result_files", "metadata", "options", "data", "metrics"}
+JSON_COLUMNS = {"hyperparameters", "method", "error", "result_files", "metadata", "options", "data", "metrics", "plan"}
 
 
 def new_id(prefix: str) -> str:

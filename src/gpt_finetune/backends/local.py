@@ -29,6 +29,9 @@ LOCAL_OPTION_KEYS = (
     "max_length",
     "log_every_steps",
     "torch_compile",
+    "gradient_checkpointing",
+    "memory_limit_gb",
+    "micro_batch_tokens",
 )
 
 

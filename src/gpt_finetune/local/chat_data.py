@@ -11,11 +11,13 @@ given to TRL's SFTTrainer as a pre-tokenised dataset.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import DataError
 
 IGNORE = -100
+TRAINING_SHAPE = "gpt_finetune_training.json"  # saved beside a fine-tuned model: its max_length
 
 
 def render_spans(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[str, list[tuple[int, int]]]:
@@ -48,9 +50,68 @@ def render_spans(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[str, l
     return text, spans
 
 
+TRUNCATION_MARK = "\n[...]\n"  # stands where the middle of a long message was cut
+
+
+def _render_length(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool) -> int:
+    clean = [{k: v for k, v in m.items() if k != "weight"} for m in messages]
+    text = tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def fit_messages(
+    tokenizer: Any, messages: list[dict[str, Any]], max_length: int, *, add_generation_prompt: bool = False
+) -> tuple[list[dict[str, Any]], bool] | None:
+    """Shorten the prompt side of a conversation so that it renders to at most ``max_length`` tokens.
+
+    Cuts the middle out of the longest user message (keeping its start and its end, where an
+    issue's title and its last words are), then the next longest, and so on; never touches an
+    assistant message. Returns ``(messages, truncated)``, or None when even the shortest prompt
+    leaves the conversation too long (the answers themselves do not fit). Pure: the same input
+    gives the same output, so training and inference (``add_generation_prompt=True``, the prompt
+    alone) cut a long prompt the same way.
+    """
+    n = _render_length(tokenizer, messages, add_generation_prompt)
+    if n <= max_length:
+        return messages, False
+    out = [dict(m) for m in messages]
+    users = [i for i, m in enumerate(out) if m.get("role") == "user" and isinstance(m.get("content"), str)]
+    pieces = {i: tokenizer(out[i]["content"], add_special_tokens=False)["input_ids"] for i in users}
+    mark = len(tokenizer(TRUNCATION_MARK, add_special_tokens=False)["input_ids"])
+    for i in sorted(users, key=lambda k: (-len(pieces[k]), k)):
+        ids = pieces[i]
+        for _ in range(4):  # re-tokenising at the cut can differ by a token or two: try again
+            keep = len(ids) - (n - max_length) - mark
+            if keep < 2 * mark:
+                out[i]["content"] = tokenizer.decode(ids[:mark], skip_special_tokens=False) + TRUNCATION_MARK
+            else:
+                head = keep // 2
+                tail = keep - head
+                out[i]["content"] = (
+                    tokenizer.decode(ids[:head], skip_special_tokens=False)
+                    + TRUNCATION_MARK
+                    + tokenizer.decode(ids[len(ids) - tail :], skip_special_tokens=False)
+                )
+            n = _render_length(tokenizer, out, add_generation_prompt)
+            if n <= max_length:
+                return out, True
+            ids = tokenizer(out[i]["content"], add_special_tokens=False)["input_ids"]
+            if keep < 2 * mark:
+                break  # this message is as short as it gets; go on to the next
+    return None
+
+
 def tokenize_example(
     tokenizer: Any, messages: list[dict[str, Any]], max_length: int | None = None
-) -> dict[str, list[int]]:
+) -> dict[str, Any] | None:
+    """Token ids and labels; with ``max_length``, a long prompt is shortened first
+    (``fit_messages``): ``truncated`` says so, and None means the answers alone do not fit."""
+    truncated = False
+    if max_length is not None:
+        fitted = fit_messages(tokenizer, messages, max_length)
+        if fitted is None:
+            return None
+        messages, truncated = fitted
     text, spans = render_spans(tokenizer, messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = enc["input_ids"]
@@ -58,24 +119,39 @@ def tokenize_example(
     for k, (a, b) in enumerate(enc["offset_mapping"]):
         if b > a and any(s <= a and b <= e for s, e in spans):
             labels[k] = ids[k]
-    if max_length is not None and len(ids) > max_length:
-        ids, labels = ids[:max_length], labels[:max_length]
-    return {"input_ids": ids, "labels": labels}
+    return {"input_ids": ids, "labels": labels, "truncated": truncated}
 
 
-def tokenize_file(tokenizer: Any, path: str, max_length: int | None = None) -> list[dict[str, list[int]]]:
+@dataclass
+class TokenizedFile:
+    rows: list[dict[str, Any]]
+    n_truncated: int = 0  # prompts shortened to fit max_length
+    n_too_long: int = 0  # dropped: the answers alone are longer than max_length
+    n_no_labels: int = 0  # dropped: nothing to learn (every assistant message has weight 0)
+
+
+def tokenize_file(tokenizer: Any, path: str, max_length: int | None = None) -> TokenizedFile:
     import json
 
-    rows = []
+    out = TokenizedFile([])
     with open(path, encoding="utf-8") as fh:
         for line in fh:
             if not line.strip():
                 continue
             example = json.loads(line)
             row = tokenize_example(tokenizer, example["messages"], max_length)
+            if row is None:
+                out.n_too_long += 1
+                continue
             if all(label == IGNORE for label in row["labels"]):
-                continue  # nothing to learn (all weight 0, or truncated away)
-            rows.append(row)
-    if not rows:
-        raise DataError("no example has a trainable assistant message", path=path)
-    return rows
+                out.n_no_labels += 1
+                continue
+            out.n_truncated += bool(row.pop("truncated"))
+            out.rows.append(row)
+    if not out.rows:
+        raise DataError(
+            "no example has a trainable assistant message"
+            + (f" within max_length {max_length}" if out.n_too_long else ""),
+            path=path,
+        )
+    return out

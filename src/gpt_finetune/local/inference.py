@@ -84,9 +84,29 @@ class Engine:
                 self._bases[key] = [full, AutoTokenizer.from_pretrained(adapter), set()]
             return self._bases[key][0], self._bases[key][1]
 
-    def _inputs(self, tokenizer: Any, messages: list[dict[str, Any]], device: Any) -> Any:
+    def _inputs(self, tokenizer: Any, messages: list[dict[str, Any]], device: Any, limit: int) -> Any:
+        from .chat_data import fit_messages
+
+        fitted = fit_messages(tokenizer, messages, limit, add_generation_prompt=True)
+        if fitted is not None:  # else not even the shortest prompt fits: let the model see it whole
+            messages = fitted[0]
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         return {k: v.to(device) for k, v in ids.items()}
+
+    @staticmethod
+    def _prompt_limit(model: Any, adapter: str | None, max_new_tokens: int) -> int:
+        """How long a prompt may be: a fine-tuned model's training max_length (its long prompts
+        were shortened to fit it, and are shortened the same way here), else the model's context,
+        less the tokens to generate."""
+        import json
+
+        from .chat_data import TRAINING_SHAPE
+
+        context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 2048
+        limit = context
+        if adapter is not None and (Path(adapter) / TRAINING_SHAPE).is_file():
+            limit = min(context, int(json.loads((Path(adapter) / TRAINING_SHAPE).read_text())["max_length"]))
+        return max(limit - max_new_tokens, limit // 2)
 
     def _gen_kwargs(
         self, tokenizer: Any, max_tokens: int | None, temperature: float | None, seed: int | None
@@ -117,8 +137,11 @@ class Engine:
     ) -> tuple[Any, Any, Any, dict[str, Any], dict[str, Any]]:
         """What both verbs need: model, tokenizer, adapter context, prompt tensors, generate kwargs."""
         model, tokenizer, ctx = self._load(base, adapter)
-        inputs = self._inputs(tokenizer, messages, model.device)
-        return model, tokenizer, ctx, inputs, self._gen_kwargs(tokenizer, max_tokens, temperature, seed)
+        gen = self._gen_kwargs(tokenizer, max_tokens, temperature, seed)
+        inputs = self._inputs(
+            tokenizer, messages, model.device, self._prompt_limit(model, adapter, gen["max_new_tokens"])
+        )
+        return model, tokenizer, ctx, inputs, gen
 
     def complete(
         self,

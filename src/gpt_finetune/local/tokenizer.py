@@ -26,10 +26,12 @@ def count_file_tokens(path: str, model: str | None = None) -> dict[str, Any]:
                 row = tokenize_example(tok, messages)
             except Exception:
                 continue  # validate reports bad lines; here they are just not counted
+            if row is None:
+                continue
             n += 1
             total += len(row["input_ids"])
             biggest = max(biggest, len(row["input_ids"]))
-            trained += sum(1 for x in row["labels"] if x != IGNORE)
+            trained += sum(x != IGNORE for x in row["labels"])
     return {
         "model": base.id,
         "total_tokens": total,

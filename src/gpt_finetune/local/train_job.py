@@ -20,6 +20,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from ..errors import GptFinetuneError
 from ..services import Services
 from ..services.jobs import BASE_LEARNING_RATE
 from ..services.models import fine_tuned_id
@@ -74,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     is_main = rank == 0
     try:
         return _run(services, job, is_main)
+    except GptFinetuneError as exc:  # a known reason (not enough memory, no trainable example)
+        if is_main:
+            jobs.fail(job["id"], exc.code, exc.message + (f" ({exc.hint})" if exc.hint else ""))
+        return 1
     except Exception as exc:
         if is_main:
             traceback.print_exc()
@@ -113,7 +118,10 @@ def _run(services: Services, job: dict[str, Any], is_main: bool) -> int:
         log_every_steps=int(opts.get("log_every_steps") or 0),
         resume_from=latest_checkpoint(out_dir),
         torch_compile=bool(opts.get("torch_compile")),
-        gradient_checkpointing=bool(opts.get("gradient_checkpointing")),
+        gradient_checkpointing=opts.get("gradient_checkpointing"),
+        memory_limit_gb=opts.get("memory_limit_gb"),
+        micro_batch_tokens=opts.get("micro_batch_tokens"),
+        plan=job.get("plan"),  # made at the first start; a resumed job keeps it
     )
     model_id = fine_tuned_id(base.id, job["suffix"], job_id)
     runner_pid = int(os.environ.get("GPT_FINETUNE_RUNNER_PID") or 0)
@@ -171,6 +179,7 @@ def _run(services: Services, job: dict[str, Any], is_main: bool) -> int:
         on_checkpoint=on_checkpoint,
         on_message=lambda text: jobs.event(job_id, text),
         should_stop=should_stop,
+        on_plan=lambda plan: jobs.set_plan(job_id, plan),
     )
     if not is_main:
         hooks = Hooks(should_stop=should_stop)

@@ -1,18 +1,22 @@
-"""Supervised fine-tuning with transformers, TRL and PEFT: the only module that imports them.
+"""Supervised fine-tuning with transformers, TRL and PEFT: the only module that imports TRL and PEFT.
 
 ``train(spec, hooks)`` runs one job's training: LoRA (default) or full fine-tuning of a causal
-LM on chat examples, loss on assistant tokens only (see ``chat_data``), batches grouped by
-length so little compute goes to padding, the LM head projecting only the final positions
-that hold labels where TRL's would project them all (``label_window_loss``), a checkpoint with
-optimizer state every epoch and every ``checkpoint_every_steps`` steps (the last 3 kept),
-validation loss at each epoch end, and resumption from a checkpoint. A GPU is used when present (bf16 where supported), the CPU
+LM on chat examples, loss on assistant tokens only (see ``chat_data``; a long prompt is shortened
+in its middle so the answer is never cut), a checkpoint with optimizer state every epoch and every
+``checkpoint_every_steps`` steps (the last 3 kept), validation loss at each epoch end, and
+resumption from a checkpoint. A GPU is used when present (bf16 where supported), the CPU
 otherwise. Launched through accelerate, the same code trains data-parallel (DDP); FSDP is
 accelerate's config (README, "Several GPUs").
+
+Each optimizer step takes ``batch_size`` examples, as OpenAI defines it, and splits them into
+packed, padding-free micro-batches that fit the job's memory plan (``memory``, ``packing``); the
+loss of each micro-batch is its labels' summed cross-entropy divided by the labels of the whole
+step (all processes), so the accumulated gradient is exactly that of the unsplit step.
 """
 
 from __future__ import annotations
 
-import functools
+import json
 import math
 import os
 from collections.abc import Callable
@@ -20,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .chat_data import IGNORE
+from .chat_data import IGNORE, TRAINING_SHAPE
 
 DEFAULT_LORA = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
@@ -38,13 +42,16 @@ class TrainSpec:
     seed: int
     training_type: str = "lora"  # or "full"
     lora: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_LORA))
-    max_length: int = 2048
+    max_length: int = 2048  # a longer example's prompt is shortened to fit (chat_data.fit_messages)
     checkpoint_every_steps: int = 0  # 0: only at each epoch's end
     log_every_steps: int = 0  # 0: about 100 metrics events over the job
     resume_from: str | None = None
     torch_compile: bool = False
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = None  # None: on when the memory plan needs it
     max_steps: int = 0  # 0: train every epoch (benchmarks cap it)
+    memory_limit_gb: float | None = None  # None: memory.DEFAULT_MEMORY_LIMIT_GB, lowered to what is free
+    micro_batch_tokens: int | None = None  # overrides the plan's token budget per micro-batch
+    plan: dict[str, Any] | None = None  # a stored plan (a resumed job): reused, not made anew
 
 
 @dataclass
@@ -55,6 +62,7 @@ class Hooks:
     on_checkpoint: Callable[[int, str, dict[str, Any]], None] = lambda step, path, metrics: None
     on_message: Callable[[str], None] = lambda text: None
     should_stop: Callable[[], bool] = lambda: False
+    on_plan: Callable[[dict[str, Any]], None] = lambda plan: None  # store it with the job
 
 
 @dataclass
@@ -65,6 +73,8 @@ class TrainResult:
     full_valid_loss: float | None
     full_valid_mean_token_accuracy: float | None
     tokens_seen: int = 0  # real (non-padding) tokens trained on, as TRL counts them
+    plan: dict[str, Any] | None = None
+    n_truncated: int = 0
 
 
 def device_kind() -> str:
@@ -77,80 +87,115 @@ def device_kind() -> str:
     return "cpu"
 
 
-def label_window(labels: Any) -> int:
-    """How many final positions of a batch hold every logit that predicts a label.
+class StepCollator:
+    """A step's examples (this process's share) to packed micro-batches within the plan's budget."""
 
-    The logit at position p predicts the token at p + 1, so a batch whose earliest label sits at
-    position f needs the logits from f - 1 on: ``len - f + 1`` positions (at least 1). Answers
-    come last in chat examples and batches are grouped by length, so the window is usually short;
-    it is correct whatever the padding side or the number of turns, only less of a saving.
-    """
-    has = labels != IGNORE
-    if not bool(has.any()):
-        return 1
-    first = int(has.float().argmax(dim=1)[has.any(dim=1)].min())
-    return labels.shape[1] - max(first - 1, 0)
+    def __init__(self, plan: Any) -> None:
+        self.plan = plan
 
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        from .packing import pack
 
-def label_window_loss(model: Any, inputs: dict[str, Any]) -> tuple[Any, Any, Any]:
-    """(summed loss, label count, correct top-1 count) over a batch's labels, projecting through
-    the LM head only the window of final positions that holds them (transformers' ``logits_to_keep``)."""
-    import torch
-
-    labels = inputs["labels"]
-    keep = label_window(labels)
-    forward = {k: v for k, v in inputs.items() if k != "labels"}
-    logits = model(**forward, logits_to_keep=keep, use_cache=False).logits[:, :-1].float()
-    target = labels[:, labels.shape[1] - keep + 1 :].to(logits.device)
-    mask = target != IGNORE
-    if not bool(mask.any()):  # nothing to learn here: a differentiable zero keeps backward() working
-        zero = logits.sum() * 0.0
-        return zero, mask.sum(), mask.sum()
-    picked = logits[mask]
-    loss = torch.nn.functional.cross_entropy(picked, target[mask], reduction="sum")
-    correct = (picked.detach().argmax(dim=-1) == target[mask]).sum()
-    return loss, mask.sum(), correct
+        sizes = [(len(r["input_ids"]), sum(1 for x in r["labels"] if x != IGNORE)) for r in rows]
+        micro = []
+        for group, checkpointed in self.plan.micro_batches(sizes):
+            mb = pack([rows[i] for i in group])
+            mb["checkpointed"] = checkpointed
+            micro.append(mb)
+        return {"micro": micro}
 
 
-@functools.cache
-def _scores_every_position(device_type: str) -> bool:
-    """Whether TRL's fused LM head would project every position on this device.
+def _set_checkpointing(model: Any, on: bool) -> None:
+    """Turn activation checkpointing on or off for the next forward pass (its function is set
+    once by ``gradient_checkpointing_enable``)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
 
-    TRL 1.x projects only the labelled positions with its Triton kernels (CUDA, XPU) and every
-    position elsewhere, so that its tile shapes stay fixed. On a CPU that projection through the
-    49k-token vocabulary is about a third of a training step, for assistant tokens that are a few
-    percent of the positions; there we project only the window that holds the labels instead.
-    """
-    import importlib.util
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module.gradient_checkpointing = on
 
-    return not (device_type in ("cuda", "xpu") and importlib.util.find_spec("triton") is not None)
+
+def _empty_micro() -> dict[str, Any]:
+    """A one-token micro-batch with no labels: what a process with fewer micro-batches than the
+    others runs, so that every process makes the same number of forward passes (FSDP gathers
+    parameters in each)."""
+    from .packing import pack
+
+    return pack([{"input_ids": [0], "labels": [IGNORE]}])
 
 
 def _trainer_class() -> Any:
     from trl import SFTTrainer
 
     class Trainer(SFTTrainer):  # type: ignore[misc]
-        def compute_loss(
-            self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
-        ) -> Any:
-            if not _scores_every_position(self.args.device.type):
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            from transformers.modeling_outputs import CausalLMOutput
+        _checkpoint_per_micro_batch = False
 
-            # The same loss and metrics as TRL's compute_loss (its nll loss_type), from fewer logits.
-            mode = "train" if model.training else "eval"
-            total, count, correct = label_window_loss(model, inputs)
-            loss = total / (count.clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
-            n = self.accelerator.gather_for_metrics(count.detach()).sum()
-            hits = self.accelerator.gather_for_metrics(correct.detach()).sum()
-            self._metrics[mode]["mean_token_accuracy"].append((hits / n).item() if n > 0 else 0.0)
-            if mode == "train":
-                real = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
-                self._total_train_tokens += real // self._tp_size
-            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
-            return (loss, CausalLMOutput(loss=loss)) if return_outputs else loss
+        def _global(self, *values: int) -> list[int]:
+            """(sum of the first, max of the rest) over processes; one small collective a step."""
+            import torch
+
+            if self.accelerator.num_processes == 1:
+                return list(values)
+            t = torch.tensor([values[0], *[-v for v in values[1:]]], device=self.args.device)
+            total = self.accelerator.reduce(t[:1].clone(), reduction="sum")
+            most = -self.accelerator.reduce(t[1:].clone(), reduction="min") if len(values) > 1 else t[1:]
+            return [int(total[0]), *[int(x) for x in most]]
+
+        def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
+            import contextlib
+
+            import torch
+
+            model.train()
+            micro = list(inputs["micro"])
+            n_local = sum(int(m["label_target"].numel()) for m in micro)
+            n_global, n_micro = self._global(n_local, len(micro))
+            micro += [_empty_micro() for _ in range(n_micro - len(micro))]
+            world = self.accelerator.num_processes
+            total = torch.zeros((), device=self.args.device)
+            hits = count = 0
+            for k, mb in enumerate(micro):
+                if self._checkpoint_per_micro_batch:
+                    _set_checkpointing(model, bool(mb.get("checkpointed")))
+                mb = self._prepare_inputs(mb)
+                sync = k == len(micro) - 1
+                ctx = contextlib.nullcontext() if sync else self.accelerator.no_sync(model)
+                with ctx, self.compute_loss_context_manager():
+                    from .packing import packed_loss
+
+                    loss, n, correct = packed_loss(model, mb)
+                    # DDP averages gradients over processes: scale so the step's gradient is the
+                    # mean over every label of the step, whatever the split
+                    scaled = loss * (world / max(n_global, 1))
+                    self.accelerator.backward(scaled)
+                total += scaled.detach()
+                hits += int(correct)
+                count += int(n)
+                del loss, scaled
+            real = self._global(sum(int(m["input_ids"].numel()) for m in inputs["micro"]))[0]
+            self._total_train_tokens += real
+            acc_hits, acc_n = self._global(hits)[0], self._global(count)[0]
+            self._metrics["train"]["mean_token_accuracy"].append(acc_hits / acc_n if acc_n else 0.0)
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            return total
+
+        def prediction_step(
+            self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: Any = None
+        ) -> tuple[Any, None, None]:
+            import torch
+
+            from .packing import packed_loss
+
+            total = torch.zeros((), device=self.args.device)
+            hits = count = 0
+            with torch.no_grad():
+                for mb in inputs["micro"]:
+                    loss, n, correct = packed_loss(model, self._prepare_inputs(mb))
+                    total += loss
+                    hits += int(correct)
+                    count += int(n)
+            self._metrics["eval"]["mean_token_accuracy"].append(hits / count if count else 0.0)
+            return total / max(count, 1), None, None
 
     return Trainer
 
@@ -162,22 +207,36 @@ def train(spec: TrainSpec, hooks: Hooks, extra_callbacks: list[Any] | None = Non
     from trl import SFTConfig
 
     from .chat_data import tokenize_file
+    from .memory import MemoryPlan, limit_heap_growth, make_plan, resident_bytes
+    from .packing import use_packed_attention
 
+    limit_heap_growth()
     tokenizer = AutoTokenizer.from_pretrained(spec.model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    train_rows = tokenize_file(tokenizer, spec.training_file, spec.max_length)
-    valid_rows = tokenize_file(tokenizer, spec.validation_file, spec.max_length) if spec.validation_file else None
+    train_data = tokenize_file(tokenizer, spec.training_file, spec.max_length)
+    valid_data = tokenize_file(tokenizer, spec.validation_file, spec.max_length) if spec.validation_file else None
+    train_rows = train_data.rows
+    valid_rows = valid_data.rows if valid_data else None
     train_ds = Dataset.from_list(train_rows)
     valid_ds = Dataset.from_list(valid_rows) if valid_rows else None
     n_assistant = sum(sum(1 for x in r["labels"] if x != IGNORE) for r in train_rows)
     n_tokens = sum(len(r["input_ids"]) for r in train_rows)
+    for what, data in (("training", train_data), ("validation", valid_data)):
+        if data is not None and (data.n_truncated or data.n_too_long):
+            hooks.on_message(
+                f"{data.n_truncated} {what} example(s) longer than max_length {spec.max_length} had the middle of "
+                "their longest user message shortened (answers are kept whole)"
+                + (f"; {data.n_too_long} dropped: their answers alone exceed it" if data.n_too_long else "")
+            )
 
     kind = device_kind()
     bf16 = kind == "cuda" and torch.cuda.is_bf16_supported()
     dtype = torch.bfloat16 if bf16 else torch.float32
+    before_model = resident_bytes()
     model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=dtype)
     model.config.use_cache = False
+    attention = use_packed_attention(model)
     peft_config = None
     if spec.training_type == "lora":
         from peft import LoraConfig
@@ -193,6 +252,33 @@ def train(spec: TrainSpec, hooks: Hooks, extra_callbacks: list[Any] | None = Non
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_device = max(1, spec.batch_size // world)
+    if spec.plan is not None:
+        plan = MemoryPlan.from_dict(spec.plan)  # a resumed job trains the same micro-batches
+    else:
+        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        trainable = (
+            sum(p.numel() for p in model.parameters()) if spec.training_type == "full" else param_bytes // 400
+        )  # LoRA adapters are well under 1 % of the weights
+        optimizer_bytes = trainable * 12  # gradient and AdamW's two moments, float32
+        free_device = None
+        if kind == "cuda":
+            free_device = int(torch.cuda.mem_get_info()[0])
+            static = param_bytes + optimizer_bytes + 512 * 2**20  # the CUDA context and kernels' workspace
+        else:
+            static = before_model + param_bytes + optimizer_bytes
+        plan = make_plan(
+            config=model.config,
+            dtype_bytes=2 if bf16 else 4,
+            static_bytes=static,
+            examples=[(len(r["input_ids"]), sum(1 for x in r["labels"] if x != IGNORE)) for r in train_rows],
+            batch_size=per_device,
+            checkpointing=spec.gradient_checkpointing,
+            memory_limit_gb=spec.memory_limit_gb,
+            micro_batch_tokens=spec.micro_batch_tokens,
+            device_free_bytes=free_device,
+            seed=spec.seed,
+        )
+        hooks.on_plan(plan.to_dict())
     steps_per_epoch = math.ceil(len(train_rows) / (per_device * world))
     total_steps = steps_per_epoch * spec.n_epochs
     log_every = spec.log_every_steps or max(1, total_steps // 100)
@@ -200,8 +286,9 @@ def train(spec: TrainSpec, hooks: Hooks, extra_callbacks: list[Any] | None = Non
         f"Training {len(train_rows)} examples ({n_tokens:,} tokens, {n_assistant:,} trained) for {spec.n_epochs} "
         f"epochs, batch {spec.batch_size}, {total_steps} steps, on {kind}"
         + (f" x{world}" if world > 1 else "")
-        + f" ({spec.training_type})"
+        + f" ({spec.training_type}, packed sequences, {attention} attention)"
     )
+    hooks.on_message(plan.describe())
     args = SFTConfig(
         output_dir=spec.output_dir,
         num_train_epochs=spec.n_epochs,
@@ -224,16 +311,15 @@ def train(spec: TrainSpec, hooks: Hooks, extra_callbacks: list[Any] | None = Non
         bf16=bf16,
         use_cpu=kind == "cpu",
         ddp_backend="gloo" if kind == "cpu" and world > 1 else None,
-        train_sampling_strategy="group_by_length",  # similar lengths together: little padding
-        max_length=spec.max_length,
+        max_length=None,  # examples are already fitted to max_length, answers kept (chat_data)
         dataloader_num_workers=0,
         disable_tqdm=True,
         torch_compile=spec.torch_compile,
-        remove_unused_columns=True,
-        # TRL turns activation checkpointing on by default. Off, the default model trains 1.32x
-        # faster on CPU and peaks at 4.3 GB instead of 2.1 (bench/README.md); opt in with
-        # gradient_checkpointing where memory is short or the model is big.
-        gradient_checkpointing=spec.gradient_checkpointing,
+        remove_unused_columns=False,  # the collator reads input_ids and labels itself
+        # TRL turns activation checkpointing on by default; it costs about 1.3x the compute, so
+        # the memory plan turns it on only where the longest example needs it (memory.py)
+        gradient_checkpointing=plan.checkpointing == "on",
+        gradient_checkpointing_kwargs={"use_reentrant": False} if plan.checkpointing == "on" else None,
     )
 
     class Bridge(TrainerCallback):
@@ -273,15 +359,20 @@ def train(spec: TrainSpec, hooks: Hooks, extra_callbacks: list[Any] | None = Non
                 control.should_save = False
 
     bridge = Bridge()
+    if plan.checkpointing == "auto":  # set up once; each micro-batch then says whether it is used
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _set_checkpointing(model, False)
     trainer = _trainer_class()(
         model=model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=valid_ds,
         processing_class=tokenizer,
+        data_collator=StepCollator(plan),
         peft_config=peft_config,
         callbacks=[bridge, *(extra_callbacks or [])],
     )
+    trainer._checkpoint_per_micro_batch = plan.checkpointing == "auto"
     if spec.resume_from:
         hooks.on_message(f"Resuming from checkpoint {Path(spec.resume_from).name}")
     trainer.train(resume_from_checkpoint=spec.resume_from)
@@ -295,5 +386,18 @@ def train(spec: TrainSpec, hooks: Hooks, extra_callbacks: list[Any] | None = Non
             trained: Any = trainer.model
             trained.save_pretrained(spec.final_dir)
             tokenizer.save_pretrained(spec.final_dir)
+            # how its prompts were shaped, so inference shortens long prompts the same way
+            from ..atomic import write_text_atomic
+
+            write_text_atomic(Path(spec.final_dir) / TRAINING_SHAPE, json.dumps({"max_length": spec.max_length}))
     seen = int(getattr(trainer, "_total_train_tokens", 0))
-    return TrainResult(bridge.stopped, trainer.state.global_step, n_tokens * spec.n_epochs, full_loss, full_acc, seen)
+    return TrainResult(
+        bridge.stopped,
+        trainer.state.global_step,
+        n_tokens * spec.n_epochs,
+        full_loss,
+        full_acc,
+        seen,
+        plan.to_dict(),
+        train_data.n_truncated,
+    )

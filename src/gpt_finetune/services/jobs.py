@@ -266,6 +266,10 @@ class JobService:
             },
         )
 
+    def set_plan(self, job_id: str, plan: dict[str, Any]) -> None:
+        """Keep the memory plan a job's worker made, so that a resumed job trains the same steps."""
+        self.store.update("jobs", job_id, {"plan": plan})
+
     def cancel(self, job_id: str) -> dict[str, Any]:
         row = self._row(job_id)
         if row["status"] in TERMINAL:
