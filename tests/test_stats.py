@@ -69,3 +69,36 @@ def test_stats_text(chat_file, capsys):
     assert main(["stats", str(chat_file), "--no-local"]) == 0
     out = capsys.readouterr().out
     assert "12 examples" in out and "billed tokens" in out and "Labels (3)" in out
+
+
+def test_local_counts_in_the_parallel_pass_equal_the_tokenizers_own(tmp_path, smol_tokenizer_dir):
+    """stats' fast local counts (template overhead once per shape, batch encoding, in forked
+    workers) against rendering and tokenising every example the trainer's way."""
+    import pytest
+
+    pytest.importorskip("transformers")
+    from transformers import AutoTokenizer
+
+    from gpt_finetune.data.local_tokens import LocalCounter
+    from gpt_finetune.local.chat_data import IGNORE, tokenize_example
+    from gpt_finetune.local.tokenizer import summarize
+
+    rows = [chat_example(i, answer=["'proxy'", "'ovs','cni'", "a longer free answer: yes."][i % 3]) for i in range(40)]
+    rows[3]["messages"].insert(0, {"role": "user", "content": "no system message here"})
+    rows[3]["messages"] = rows[3]["messages"][1:]  # starts with a user turn: the template adds its own
+    rows[5]["messages"][1]["content"] = "  leading and trailing spaces \n"  # the slow, exact path
+    rows[7]["messages"] += [{"role": "user", "content": "again?"}, {"role": "assistant", "content": "yes"}]
+    rows[7]["messages"][2]["weight"] = 0
+    rows[9]["messages"][1]["content"] = "émoji 🎉 and ünïcode, 中文 " * 40
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    counter = LocalCounter(smol_tokenizer_dir, "SmolLM2-135M-Instruct")
+    tok = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
+    expected = [tokenize_example(tok, r["messages"]) for r in rows]
+    for workers in (1, 2):
+        report = analyze_file(path, workers=workers, local=counter)
+        assert list(report.local.tokens) == [len(e["input_ids"]) for e in expected]
+        assert report.local.assistant == sum(sum(x != IGNORE for x in e["labels"]) for e in expected)
+    summary = summarize(counter, report.local, max_length=60)
+    assert summary["total_tokens"] == sum(len(e["input_ids"]) for e in expected)
+    over = sum(len(e["input_ids"]) > 60 for e in expected)
+    assert over > 0 and summary["n_truncated"] + summary["n_too_long"] == over

@@ -12,7 +12,7 @@ from ..data.convert import RECORD_FORMATS, ConvertOptions
 from ..data.labels import LABEL_FORMATS
 from ..data.prepare import prepare
 from ..data.stats import stats_dict
-from ..errors import DataError
+from ..errors import DataError, DependencyError
 from .common import add_config_flag, info, settings_from, typed
 
 
@@ -203,18 +203,27 @@ def add_stats(p: argparse.ArgumentParser) -> None:
         help="also count tokens with this local model's tokenizer (default: the default local model, when installed)",
     )
     p.add_argument("--no-local", action="store_true", help="skip the local tokenizer count")
+    p.add_argument(
+        "--max-length",
+        type=typed("max_length"),
+        default=None,
+        help="the local trainer's max_length, for the count of examples it shortens (default 2048)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--workers", type=int, default=0, help="worker processes (default: one per core)")
     p.set_defaults(func=cmd_stats)
 
 
 def cmd_stats(ns: argparse.Namespace) -> int:
-    report = analyze_file(ns.file, ns.model, workers=ns.workers)
+    counter = None if ns.no_local else _local_counter(ns)
+    report = analyze_file(ns.file, ns.model, workers=ns.workers, local=counter)
     if report.n_examples == 0:
         raise DataError("no valid examples to count", path=ns.file, hint=f"run: gpt-finetune validate {ns.file}")
     out = stats_dict(report, ns.n_epochs)
-    if not ns.no_local:
-        out["local"] = _local_counts(ns)
+    if counter is not None and report.local is not None:
+        from ..local.tokenizer import summarize
+
+        out["local"] = summarize(counter, report.local, ns.max_length)
     if ns.json:
         print(json.dumps(out, indent=1))
         return 0
@@ -222,14 +231,15 @@ def cmd_stats(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _local_counts(ns: argparse.Namespace) -> dict[str, Any] | None:
+def _local_counter(ns: argparse.Namespace) -> Any:
+    """The local model's token counter, or None where the local engine is not installed."""
     try:
-        from ..local.tokenizer import count_file_tokens
+        from ..local.tokenizer import local_counter
     except ImportError:
         return None
     try:
-        return count_file_tokens(ns.file, ns.local_model)
-    except ImportError as exc:
+        return local_counter(ns.local_model)
+    except (ImportError, DependencyError) as exc:
         info(f"(local token count skipped: {exc})")
         return None
 
@@ -258,8 +268,14 @@ def render_stats(s: dict[str, Any]) -> str:
     )
     local = s.get("local")
     if local:
+        d = local["tokens_per_example"]
         lines.append(
             f"Local model {local['model']}: {local['total_tokens']:,} tokens "
-            f"(per example mean {local['mean']}, max {local['max']}; {local['assistant_tokens']:,} trained)"
+            f"(per example mean {d['mean']}, p95 {d['p95']}, max {d['max']}; {local['assistant_tokens']:,} trained)"
         )
+        if local["n_truncated"] or local["n_too_long"]:
+            lines.append(
+                f"  over max_length {local['max_length']}: {local['n_truncated']} will have their prompt shortened"
+                + (f", {local['n_too_long']} dropped (answers alone too long)" if local["n_too_long"] else "")
+            )
     return "\n".join(lines)

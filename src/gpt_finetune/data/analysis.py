@@ -15,8 +15,10 @@ from pathlib import Path
 
 from ..errors import DataError
 from ..openai_models import ModelInfo, model_info
-from .checks import Finding, check_block
+from . import local_tokens
+from .checks import ChunkResult, Finding, check_block
 from .labels import LabelError, parse_labels
+from .local_tokens import LocalCounter, LocalCounts
 from .parallel import PARALLEL_MIN_BYTES, parallel_map
 from .readers import iter_blocks, sniff
 from .tokens import get_encoding
@@ -39,6 +41,7 @@ class FileReport:
     messages: array = field(default_factory=lambda: array("I"))
     answers: Counter[str] | None = field(default_factory=Counter)
     label_counts: Counter[str] | None = None
+    local: LocalCounts | None = None  # counts with a local model's tokenizer, when asked
 
     @property
     def errors(self) -> list[Finding]:
@@ -57,10 +60,16 @@ class FileReport:
 
 
 def analyze_file(
-    path: str | Path, model: str | None = None, *, count_tokens: bool = True, workers: int = 0
+    path: str | Path,
+    model: str | None = None,
+    *,
+    count_tokens: bool = True,
+    workers: int = 0,
+    local: LocalCounter | None = None,
 ) -> FileReport:
     """Check every line of a chat JSONL file. Raises DataError only when the file as a whole is
-    unusable (missing, empty, a JSON array); per-line problems become findings."""
+    unusable (missing, empty, a JSON array); per-line problems become findings. With ``local``,
+    the same pass also counts tokens with that local tokenizer."""
     p = Path(path)
     container = sniff(p)
     if container != "jsonl":
@@ -82,37 +91,15 @@ def analyze_file(
     encoding = info.encoding if count_tokens else None
     if encoding is not None and workers != 1:
         get_encoding(encoding)  # load once here; forked workers share it
-    limit = info.example_token_limit
-    for chunk in parallel_map(check_block, iter_blocks(p), encoding, str(p), workers=workers):
-        report.n_lines += chunk.n_lines
-        report.n_examples += len(chunk.lines)
-        for f in chunk.findings:
-            report.add(f)
-        if encoding is not None:
-            report.tokens.extend(chunk.tokens)
-            report.assistant_tokens += chunk.assistant_tokens
-            if max(chunk.tokens, default=0) > limit:
-                for line, n in zip(chunk.lines, chunk.tokens):
-                    if n > limit:
-                        report.add(
-                            Finding(
-                                "warning",
-                                "too_many_tokens",
-                                line,
-                                "messages",
-                                f"{n} tokens, over {info.name}'s limit of {limit}: OpenAI truncates it to the limit",
-                            )
-                        )
-        report.messages.extend(chunk.messages)
-        fingerprints.extend(chunk.fingerprints)
-        fp_lines.extend(chunk.lines)
-        if report.answers is not None:
-            if chunk.unanswered:
-                report.answers = None
-            else:
-                report.answers.update(chunk.answers)
-                if len(report.answers) > MAX_DISTINCT_ANSWERS:
-                    report.answers = None
+    local_tokens.ACTIVE = local  # forked workers inherit it
+    if local is not None:
+        report.local = LocalCounts()
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one worker per core already
+    try:
+        for chunk in parallel_map(check_block, iter_blocks(p), encoding, str(p), local is not None, workers=workers):
+            _merge(report, chunk, encoding is not None, fingerprints, fp_lines)
+    finally:
+        local_tokens.ACTIVE = None
     _find_duplicates(report, fingerprints, fp_lines)
     if report.n_examples < MIN_EXAMPLES and not report.n_errors:
         report.add(
@@ -126,6 +113,44 @@ def analyze_file(
         )
     report.label_counts = _label_counts(p, report)
     return report
+
+
+def _merge(report: FileReport, chunk: ChunkResult, counted: bool, fingerprints: array, fp_lines: array) -> None:
+    info = report.model
+    limit = info.example_token_limit
+    report.n_lines += chunk.n_lines
+    report.n_examples += len(chunk.lines)
+    for f in chunk.findings:
+        report.add(f)
+    if counted:
+        report.tokens.extend(chunk.tokens)
+        report.assistant_tokens += chunk.assistant_tokens
+        if max(chunk.tokens, default=0) > limit:
+            for line, n in zip(chunk.lines, chunk.tokens):
+                if n > limit:
+                    report.add(
+                        Finding(
+                            "warning",
+                            "too_many_tokens",
+                            line,
+                            "messages",
+                            f"{n} tokens, over {info.name}'s limit of {limit}: OpenAI truncates it to the limit",
+                        )
+                    )
+    report.messages.extend(chunk.messages)
+    fingerprints.extend(chunk.fingerprints)
+    fp_lines.extend(chunk.lines)
+    if report.answers is not None:
+        if chunk.unanswered:
+            report.answers = None
+        else:
+            report.answers.update(chunk.answers)
+            if len(report.answers) > MAX_DISTINCT_ANSWERS:
+                report.answers = None
+    if report.local is not None and chunk.local is not None:
+        report.local.tokens.extend(chunk.local.tokens)
+        report.local.fixed.extend(chunk.local.fixed)
+        report.local.assistant += chunk.local.assistant
 
 
 def _find_duplicates(report: FileReport, fingerprints: array, lines: array) -> None:

@@ -45,6 +45,7 @@ class LineResult:
     n_messages: int = 0
     answer: str | None = None  # last assistant content, when short: candidate labels
     fingerprint: int = 0
+    messages: list[Any] | None = None  # the parsed messages of a usable example
 
     @property
     def ok(self) -> bool:
@@ -217,6 +218,7 @@ def check_line(lineno: int, raw: bytes, encoding: str | None, first: bool = Fals
     result.fingerprint = int.from_bytes(hashlib.blake2b(raw.strip(), digest_size=8).digest(), "little")
     if encoding is not None:
         result.tokens, result.assistant_tokens = count_message_tokens(messages, get_encoding(encoding))
+    result.messages = messages
     return result
 
 
@@ -233,13 +235,17 @@ class ChunkResult:
     findings: list[Finding] = field(default_factory=list)
     answers: Counter[str] = field(default_factory=Counter)
     unanswered: int = 0  # usable examples whose answer is not short text
+    local: Any = None  # local_tokens.LocalCounts, when a local tokenizer counts too
 
 
-def check_block(block: tuple[int, bytes], encoding: str | None, path: str) -> ChunkResult:
-    """Check the lines of one block from :func:`readers.iter_blocks`."""
+def check_block(block: tuple[int, bytes], encoding: str | None, path: str, local: bool = False) -> ChunkResult:
+    """Check the lines of one block from :func:`readers.iter_blocks`; with ``local``, also count
+    the usable examples with the local tokenizer (``local_tokens.ACTIVE``) in one batch."""
+    from . import local_tokens
     from .readers import split_block
 
     out = ChunkResult()
+    usable: list[list[Any]] = []
     for n, raw in split_block(path, *block):
         out.n_lines += 1
         r = check_line(n, raw, encoding, n == 1)
@@ -251,8 +257,12 @@ def check_block(block: tuple[int, bytes], encoding: str | None, path: str) -> Ch
         out.messages.append(r.n_messages)
         out.fingerprints.append(r.fingerprint)
         out.assistant_tokens += r.assistant_tokens
+        if local and r.messages is not None:
+            usable.append(r.messages)
         if r.answer is None:
             out.unanswered += 1
         else:
             out.answers[r.answer] += 1
+    if local and local_tokens.ACTIVE is not None:
+        out.local = local_tokens.ACTIVE.count_block(usable)
     return out

@@ -1,41 +1,38 @@
-"""Token counts with a local model's own tokenizer and chat template (for ``stats``)."""
+"""The local model's tokenizer for ``stats``: which files count, and what the counts mean.
+
+The counting itself runs in the data layer's block-parallel pass (``data.local_tokens``); this
+module only finds the model's tokenizer files (extracting them from the default model's GGUF
+once) and summarises the counts against the trainer's ``max_length``.
+"""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from ..data.local_tokens import LocalCounter, LocalCounts
+from ..data.stats import distribution
 from ..home import Home
 from .base_models import DEFAULT_BASE_MODEL, resolve_base, tokenizer_dir
-from .chat_data import IGNORE, tokenize_example
+
+DEFAULT_MAX_LENGTH = 2048  # the trainer's default (TrainSpec.max_length)
 
 
-def count_file_tokens(path: str, model: str | None = None) -> dict[str, Any]:
-    """Tokens per example as the local trainer sees them, and how many carry the loss."""
-    from transformers import AutoTokenizer
-
+def local_counter(model: str | None = None) -> LocalCounter:
     base = resolve_base(model or DEFAULT_BASE_MODEL)
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir(base, Home()))
-    total = trained = n = biggest = 0
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if not line.strip():
-                continue
-            try:
-                messages = json.loads(line)["messages"]
-                row = tokenize_example(tok, messages)
-            except Exception:
-                continue  # validate reports bad lines; here they are just not counted
-            if row is None:
-                continue
-            n += 1
-            total += len(row["input_ids"])
-            biggest = max(biggest, len(row["input_ids"]))
-            trained += sum(x != IGNORE for x in row["labels"])
+    return LocalCounter(tokenizer_dir(base, Home()), base.id)
+
+
+def summarize(counter: LocalCounter, counts: LocalCounts, max_length: int | None = None) -> dict[str, Any]:
+    """Totals as the trainer sees them, and how many examples it would shorten or drop."""
+    limit = max_length or DEFAULT_MAX_LENGTH
+    too_long = sum(1 for f in counts.fixed if f > limit)  # even with every user message cut
+    over = sum(1 for t in counts.tokens if t > limit)
     return {
-        "model": base.id,
-        "total_tokens": total,
-        "assistant_tokens": trained,
-        "mean": round(total / n, 1) if n else 0,
-        "max": biggest,
+        "model": counter.model,
+        "total_tokens": int(sum(counts.tokens)),
+        "assistant_tokens": counts.assistant,
+        "tokens_per_example": distribution(counts.tokens),
+        "max_length": limit,
+        "n_truncated": over - too_long,
+        "n_too_long": too_long,
     }
