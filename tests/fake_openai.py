@@ -15,6 +15,8 @@ class FakeOpenAI:
         self.jobs: dict[str, dict[str, Any]] = {}
         self.files = 0
         self.answer = "'proxy'"
+        # (method, path) -> a scripted failure: (status, error code, headers), or "drop"
+        self.failures: dict[tuple[str, str], Any] = {}
 
     def client(self) -> httpx2.Client:
         return httpx2.Client(transport=httpx2.MockTransport(self.handle))
@@ -30,6 +32,16 @@ class FakeOpenAI:
         request.read()
         self.requests.append(request)
         path = request.url.path
+        failure = self.failures.get((request.method, path))
+        if failure == "drop":
+            raise httpx2.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+        if failure is not None:
+            status, code, headers = failure
+            return httpx2.Response(
+                status,
+                headers=headers,
+                json={"error": {"message": f"scripted {status}", "type": "x", "param": None, "code": code}},
+            )
         if request.headers.get("authorization") != "Bearer sk-test-1234567890":
             return httpx2.Response(
                 401,

@@ -45,3 +45,12 @@ def test_every_format_parses_back(style):
 
 def test_seed_format_is_what_the_seed_tool_wrote():
     assert format_labels(["proxy", "transit"], "seed") == "'proxy','transit'"
+
+
+@pytest.mark.parametrize(("label", "style"), [("it's", "seed"), ("a,b", "comma"), ("x, y", "comma"), ("x, y", "seed")])
+def test_a_label_a_format_cannot_carry_is_refused_naming_it(label, style):
+    with pytest.raises(LabelError, match=rf"label {label!r} cannot be written in the {style} label format") as err:
+        format_labels(["ok", label], style)
+    if style != "json":
+        assert "json" in str(err.value)
+    assert parse_labels(format_labels(["ok", label], "json")) == ["ok", label]

@@ -195,3 +195,32 @@ def test_help(script):
     }[script]
     for flag in flags:
         assert flag in r.stdout
+
+
+@pytest.mark.parametrize(
+    ("failure", "error", "hint"),
+    [
+        ((403, "training_not_available", {}), "scripted 403", "no longer accepts new fine-tuning jobs"),
+        ((429, "rate_limit_exceeded", {"retry-after": "7"}), "rate limited (HTTP 429)", "wait 7 s"),
+        ((500, None, {}), "the server failed (HTTP 500)", "try again later"),
+        ("drop", "dropped the connection", "check the network"),
+    ],
+)
+def test_openai_failures_give_one_clear_error(fake, data, capsys, monkeypatch, failure, error, hint):
+    monkeypatch.setattr(openai_backend, "MAX_RETRIES", 0)  # the SDK would retry 429, 500 and drops first
+    fake.failures[("POST", "/v1/fine_tuning/jobs")] = failure
+    assert run_seed("finetune", ["-k", KEY, "-d", str(data)]) == 1
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert lines[-2].startswith("Error: create fine-tuning job") and error in lines[-2], err
+    assert lines[-1].startswith("Hint: ") and hint in lines[-1]
+    assert "Traceback" not in err and out == ""
+
+
+def test_empty_ids_on_the_openai_backend_are_an_error_not_a_traceback(fake, capsys, monkeypatch):
+    from gpt_finetune.cli.main import main
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    assert main(["jobs", "get", "", "--backend", "openai"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Error: job : Expected a non-empty value") and err.count("\n") == 1

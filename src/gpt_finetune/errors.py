@@ -9,7 +9,8 @@ exits 1; the server (later) maps the same classes to OpenAI's error JSON.
     ├── DataError            bad input data; names file, line and field
     ├── BackendError         the fine-tuning backend refused or failed a request
     │   └── NotFoundError    no such file, job or model
-    └── DependencyError      an optional dependency is not installed
+    ├── DependencyError      an optional dependency is not installed
+    └── StoreError           the data directory or its database cannot be used
 """
 
 from __future__ import annotations
@@ -69,6 +70,10 @@ class NotFoundError(BackendError):
 
 class DependencyError(GptFinetuneError):
     code = "missing_dependency"
+
+
+class StoreError(GptFinetuneError):
+    code = "store_error"
 
 
 def format_place(path: str | None, line: int | None, field: str | None) -> str:

@@ -15,7 +15,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import NotFoundError
+from .errors import NotFoundError, StoreError
 from .settings import default_home
 
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -31,7 +31,15 @@ def safe_name(identifier: str, what: str = "id") -> str:
 class Home:
     def __init__(self, root: str | Path | None = None) -> None:
         self.root = Path(root).expanduser() if root else default_home()
-        self.root.mkdir(parents=True, exist_ok=True)
+        hint = "set GPT_FINETUNE_HOME (or --home) to a directory you can write"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise StoreError(f"the data directory {self.root} is not a directory", hint=hint) from None
+        except OSError as exc:
+            raise StoreError(f"cannot create the data directory {self.root}: {exc.strerror}", hint=hint) from None
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise StoreError(f"the data directory {self.root} cannot be written", hint=hint)
 
     @property
     def db(self) -> Path:

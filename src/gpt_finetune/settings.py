@@ -8,7 +8,9 @@ Every value remembers where it came from, so an error can name the flag, file li
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -18,6 +20,28 @@ from .cfgfile import read_cfg
 from .errors import ConfigError
 
 AUTO = "auto"
+SEED_MAX = 2**31 - 1
+_ASCII_INT = re.compile(r"[0-9]+")
+_ASCII_FLOAT = re.compile(r"([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")
+
+
+def _whole(text: str) -> int:
+    """A whole number as people write one: ASCII digits only (no sign, no ``1_000``, no ``٣``)."""
+    t = text.strip()
+    if not _ASCII_INT.fullmatch(t):
+        raise ValueError("expected a whole number written with the digits 0-9")
+    return int(t)
+
+
+def _number(text: str) -> float:
+    """A finite decimal number, ASCII, unsigned (no ``inf``, ``nan``, ``1_0`` or ``+2``)."""
+    t = text.strip()
+    if not _ASCII_FLOAT.fullmatch(t):
+        raise ValueError("expected a number written with the digits 0-9 (and . or e)")
+    value = float(t)
+    if not math.isfinite(value):
+        raise ValueError("expected a finite number")
+    return value
 
 
 def _int_or_auto(lo: int, hi: int) -> Callable[[str], int | str]:
@@ -25,7 +49,7 @@ def _int_or_auto(lo: int, hi: int) -> Callable[[str], int | str]:
         if text.strip().lower() == AUTO:
             return AUTO
         try:
-            value = int(text)
+            value = _whole(text)
         except ValueError:
             raise ValueError(f"expected a whole number from {lo} to {hi} or 'auto'") from None
         if not lo <= value <= hi:
@@ -39,7 +63,7 @@ def _positive_float_or_auto(text: str) -> float | str:
     if text.strip().lower() == AUTO:
         return AUTO
     try:
-        value = float(text)
+        value = _number(text)
     except ValueError:
         raise ValueError("expected a positive number or 'auto'") from None
     if not value > 0:
@@ -50,7 +74,7 @@ def _positive_float_or_auto(text: str) -> float | str:
 def _float_range(lo: float, hi: float) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
-            value = float(text)
+            value = _number(text)
         except ValueError:
             raise ValueError(f"expected a number from {lo} to {hi}") from None
         if not lo <= value <= hi:
@@ -62,7 +86,7 @@ def _float_range(lo: float, hi: float) -> Callable[[str], float]:
 
 def _positive_int(text: str) -> int:
     try:
-        value = int(text)
+        value = _whole(text)
     except ValueError:
         raise ValueError("expected a positive whole number") from None
     if value < 1:
@@ -70,11 +94,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _int(text: str) -> int:
+def _seed(text: str) -> int:
     try:
-        return int(text)
+        value = _whole(text)
     except ValueError:
-        raise ValueError("expected a whole number") from None
+        raise ValueError(f"expected a whole number from 0 to {SEED_MAX}") from None
+    if value > SEED_MAX:
+        raise ValueError(f"must be from 0 to {SEED_MAX}")
+    return value
 
 
 def _choice(*options: str) -> Callable[[str], str]:
@@ -125,7 +152,7 @@ class Settings:
     batch_size: int | str | None = _opt(_int_or_auto(1, 256))
     learning_rate_multiplier: float | str | None = _opt(_positive_float_or_auto)
     suffix: str | None = _opt(_str)
-    seed: int | None = _opt(_int)
+    seed: int | None = _opt(_seed)
     validate_first: bool | None = _opt(_bool)
     # local engine (ignored by the openai backend)
     local_base_model: str | None = _opt(_str)
@@ -147,6 +174,8 @@ class Settings:
     max_tokens: int | None = _opt(_positive_int)
     temperature: float | None = _opt(_float_range(0.0, 2.0))
     user_input: str | None = _opt(_str)
+    # listing (jobs list, events)
+    limit: int | None = _opt(_positive_int)
     # where each value came from: key -> "flag --x", "file.cfg:3", "env VAR", "default"
     origins: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 

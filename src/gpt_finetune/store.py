@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .errors import StoreError
+
 MIGRATIONS: list[str] = [
     """
     CREATE TABLE files (
@@ -68,7 +70,18 @@ class Store:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._migrate()
+        hint = (
+            f"move it aside (mv {self.path} {self.path}.broken) to start with an empty store; uploaded files and "
+            f"models under {self.path.parent} stay, but the store no longer lists them"
+        )
+        if self.path.is_file() and self.path.stat().st_size == 0:
+            # sqlite would take an empty file as a new database and silently start with no jobs
+            raise StoreError(f"the store {self.path} is empty (0 bytes), not a database", hint=hint)
+        try:
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            self.close()
+            raise StoreError(f"the store {self.path} cannot be read: {exc}", hint=hint) from None
 
     def _connect(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -102,6 +115,7 @@ class Store:
 
     def _migrate(self) -> None:
         conn = self._connect()
+        conn.execute("PRAGMA quick_check(1)")  # a corrupt file fails here, not in the middle of a command
         with self.tx():
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             for i, script in enumerate(MIGRATIONS[version:], start=version):

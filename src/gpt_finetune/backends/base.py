@@ -36,6 +36,10 @@ class Backend(Protocol):
     def delete_file(self, file_id: str) -> bool: ...
 
     # fine-tuning jobs
+    def check_job(self, *, model: str, suffix: str | None = None, seed: int | None = None) -> None:
+        """Refuse what can be refused before anything is uploaded."""
+        ...
+
     def create_job(
         self,
         *,

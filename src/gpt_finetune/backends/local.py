@@ -67,6 +67,9 @@ class LocalBackend:
         return self.services.files.delete(file_id)
 
     # jobs
+    def check_job(self, *, model: str, suffix: str | None = None, seed: int | None = None) -> None:
+        self.services.jobs.check_request(model=model, suffix=suffix, seed=seed)
+
     def create_job(
         self,
         *,

@@ -18,6 +18,7 @@ T = TypeVar("T")
 
 # Tests replace this with a factory of clients on a mock transport (httpx's transport seam).
 http_client_factory: Callable[[], Any] | None = None
+MAX_RETRIES = 2  # the SDK's own retries (with back-off, honouring Retry-After) of 408, 409, 429, 5xx and drops
 
 
 class OpenAIBackend:
@@ -37,7 +38,7 @@ class OpenAIBackend:
             client = openai.OpenAI(
                 api_key=api_key,
                 base_url=base_url or None,
-                max_retries=2,
+                max_retries=MAX_RETRIES,
                 http_client=http_client_factory() if http_client_factory else None,
             )
         self.client = client
@@ -64,18 +65,35 @@ class OpenAIBackend:
             if code == "training_not_available":
                 hint = "OpenAI no longer accepts new fine-tuning jobs; train locally with --backend local"
             raise BackendError(f"{what}: {_message(exc)}", hint=hint, code=code or "permission_denied") from None
+        except openai.RateLimitError as exc:
+            retry = exc.response.headers.get("retry-after")
+            raise BackendError(
+                f"{what}: rate limited (HTTP 429): {_message(exc)}",
+                hint=f"wait {retry} s and try again" if retry else "wait a little and try again",
+                code=_code(exc) or "rate_limit_exceeded",
+            ) from None
+        except openai.InternalServerError as exc:
+            raise BackendError(
+                f"{what}: the server failed (HTTP {exc.status_code}): {_message(exc)}",
+                hint="a fault on the server's side, retried already; try again later",
+                code=_code(exc) or "server_error",
+            ) from None
         except openai.APIStatusError as exc:
             raise BackendError(f"{what}: HTTP {exc.status_code}: {_message(exc)}", code=_code(exc)) from None
         except openai.APIConnectionError:
             raise BackendError(
-                f"{what}: cannot reach {self.base_url}",
+                f"{what}: cannot reach {self.base_url} (or it dropped the connection)",
                 hint="check the network, or the base URL (--base-url, base_url in the config, OPENAI_BASE_URL)",
                 code="connection_error",
             ) from None
+        except ValueError as exc:  # the SDK refuses a request before sending it (an empty id)
+            raise BackendError(f"{what}: {exc}", code="invalid_request") from None
 
     # files
     def upload_file(self, path: Path, purpose: str = "fine-tune") -> FileObject:
-        with open(path, "rb") as fh:
+        from ..data.readers import open_input
+
+        with open_input(path) as fh:
             return self._call(lambda: self.client.files.create(file=(path.name, fh), purpose=purpose), f"upload {path}")  # type: ignore[arg-type]
 
     def list_files(self) -> list[FileObject]:
@@ -88,6 +106,15 @@ class OpenAIBackend:
         return self._call(lambda: self.client.files.delete(file_id).deleted, f"delete file {file_id}")
 
     # jobs
+    def check_job(self, *, model: str, suffix: str | None = None, seed: int | None = None) -> None:
+        """OpenAI checks the model itself; what its documented limits refuse is refused here first."""
+        if not model:
+            raise BackendError("no model name", code="invalid_model")
+        if suffix is not None and len(suffix) > 64:
+            raise BackendError("suffix is longer than 64 characters", code="invalid_suffix")
+        if seed is not None and not 0 <= seed <= 2**31 - 1:
+            raise BackendError(f"seed must be from 0 to {2**31 - 1}, got {seed}", code="invalid_seed")
+
     def create_job(
         self,
         *,

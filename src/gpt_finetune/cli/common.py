@@ -19,14 +19,18 @@ def info(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def typed(key: str) -> Any:
-    """An argparse ``type=`` that parses a flag as the config file would, naming the flag."""
+def typed(key: str, flag: str | None = None) -> Any:
+    """An argparse ``type=`` that parses a flag as the config file would, naming the flag.
+
+    A bad value raises ConfigError, which argparse does not catch: it reaches the CLI's one
+    error handler and gives the same ``Error:`` line and exit code 1 as a bad config value
+    (argparse's usage message and exit 2 stay for usage mistakes: unknown or missing flags)."""
 
     def parse(text: str) -> Any:
         try:
             return parse_value(key, text)
         except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
+            raise ConfigError(f"{flag or '--' + key.replace('_', '-')} {text!r}: {exc}") from None
 
     parse.__name__ = key
     return parse
@@ -60,6 +64,16 @@ def get_backend(settings: Settings, *, announce: bool = True) -> Any:
     choice = settings.backend or "auto"
     if choice == "auto":
         choice = "openai" if (settings.openai_api_key or settings.base_url) else "local"
+        if choice == "local":
+            from ..local.base_models import missing_engine_packages
+
+            missing = missing_engine_packages()
+            if missing:  # only the core is installed (the seed's pip3 install -r requirements.txt)
+                raise ConfigError(
+                    f"no OpenAI API key is set, and the local engine is not installed (missing: {', '.join(missing)})",
+                    hint="set OPENAI_API_KEY (or -k KEY) to use OpenAI, or install the local engine: "
+                    "pip install 'gpt-finetune[local]' (README, Set-up)",
+                )
     if choice == "openai":
         from ..backends.openai_backend import OpenAIBackend
 

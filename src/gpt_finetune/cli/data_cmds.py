@@ -33,14 +33,16 @@ def add_prepare(p: argparse.ArgumentParser) -> None:
         "--label-format", dest="label_format", choices=LABEL_FORMATS, help="how labels are written (default: seed)"
     )
     p.add_argument("--split", type=float, metavar="FRACTION", help="also write a validation file with this fraction")
-    p.add_argument("--seed", type=int, default=None, help="random seed for --split (default 0)")
+    p.add_argument("--seed", type=typed("seed"), default=None, help="random seed for --split (default 0)")
     p.add_argument(
         "--validation-output", metavar="FILE", help="where --split writes (default: OUTPUT with .valid.jsonl)"
     )
     p.add_argument("--prompt-columns", metavar="A,B", help="CSV/TSV: columns that make the user message")
     p.add_argument("--label-column", metavar="COL", help="CSV/TSV: the answer column")
     p.add_argument("--system-column", metavar="COL", help="CSV/TSV: a per-row system prompt column")
-    p.add_argument("--workers", type=int, default=0, help="worker processes (default: one per core)")
+    p.add_argument(
+        "--workers", type=typed("limit", "--workers"), default=0, help="worker processes (default: one per core)"
+    )
     p.set_defaults(func=cmd_prepare)
 
 
@@ -84,7 +86,9 @@ def add_validate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="target OpenAI model, for token limits (default gpt-3.5-turbo)")
     p.add_argument("--validation-file", metavar="FILE", help="also check this file, and label drift between the two")
     p.add_argument("--json", action="store_true", help="print findings as JSON")
-    p.add_argument("--workers", type=int, default=0, help="worker processes (default: one per core)")
+    p.add_argument(
+        "--workers", type=typed("limit", "--workers"), default=0, help="worker processes (default: one per core)"
+    )
     p.set_defaults(func=cmd_validate)
 
 
@@ -210,7 +214,9 @@ def add_stats(p: argparse.ArgumentParser) -> None:
         help="the local trainer's max_length, for the count of examples it shortens (default 2048)",
     )
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--workers", type=int, default=0, help="worker processes (default: one per core)")
+    p.add_argument(
+        "--workers", type=typed("limit", "--workers"), default=0, help="worker processes (default: one per core)"
+    )
     p.set_defaults(func=cmd_stats)
 
 

@@ -80,6 +80,7 @@ def cmd_finetune(ns: argparse.Namespace) -> int:
         if s.validate_first is not False:
             _check_local(path, model)
     backend = get_backend(s)
+    backend.check_job(model=model, suffix=s.suffix, seed=s.seed)  # before anything is uploaded
     ids = {}
     for kind, path in files:
         uploaded = backend.upload_file(Path(path))
@@ -141,7 +142,7 @@ def add_jobs(p: argparse.ArgumentParser) -> None:
     )
     add_finetune(sub.add_parser("create", help="upload data and create a job (same as finetune)"))
     lst = sub.add_parser("list", help="list jobs, newest first")
-    lst.add_argument("--limit", type=int, default=20)
+    lst.add_argument("--limit", type=typed("limit"), default=20)
     lst.add_argument("--after", help="job id to page after")
     for name, text in (
         ("get", "show a job"),

@@ -64,7 +64,11 @@ def build_seed_parser(command: str, prog: str) -> argparse.ArgumentParser:
 
 
 def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
-    ns = parser.parse_args(argv)
+    try:
+        ns = parser.parse_args(argv)
+    except GptFinetuneError as exc:  # a bad flag value (cli.common.typed)
+        print(f"Error: {exc.message}", file=sys.stderr)
+        return 1
     debug = ns.debug or os.environ.get("GPT_FINETUNE_DEBUG") == "1"
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if ns.home:

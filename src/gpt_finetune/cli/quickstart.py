@@ -13,28 +13,26 @@ from ..data.convert import ConvertOptions
 from ..data.labels import LabelError, parse_labels
 from ..data.prepare import prepare
 from ..settings import load_settings
-from .common import info, plot_job
+from .common import info, plot_job, typed
 from .watch import watch_job
 
-REPO = Path(__file__).resolve().parents[3]
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"  # package data: works from a wheel too
 
 
 def add_quickstart(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--data", default=str(REPO / "examples" / "issues.json"), help="raw data (default: the example issues)"
-    )
-    p.add_argument("--data-config", default=str(REPO / "examples" / "data_process.cfg"), help="data_process.cfg to use")
+    p.add_argument("--data", default=str(EXAMPLES / "issues.json"), help="raw data (default: the example issues)")
+    p.add_argument("--data-config", default=str(EXAMPLES / "data_process.cfg"), help="data_process.cfg to use")
     p.add_argument(
         "--model", default="SmolLM2-135M-Instruct", help="base model (default: the embedded SmolLM2-135M-Instruct)"
     )
     p.add_argument(
         "--n-epochs",
-        type=int,
+        type=typed("n_epochs"),
         default=None,
         help="default: OpenAI's auto rule, 3 for the bundled data (about 8 minutes on 2 CPU cores)",
     )
     p.add_argument("--holdout", type=float, default=0.1, help="fraction held out for the comparison")
-    p.add_argument("--show", type=int, default=6, help="held-out examples to print side by side")
+    p.add_argument("--show", type=typed("limit", "--show"), default=6, help="held-out examples to print side by side")
     p.add_argument("--workdir", default="quickstart", help="where prepared data and the loss plot go")
     p.set_defaults(func=cmd_quickstart)
 

@@ -61,6 +61,11 @@ def check_line(lineno: int, raw: bytes, encoding: str | None, first: bool = Fals
 
     try:
         example = json.loads(raw)
+    except RecursionError:
+        from .readers import TOO_DEEP
+
+        findings.append(Finding("error", "invalid_json", lineno, None, TOO_DEEP))
+        return result
     except UnicodeDecodeError as exc:
         findings.append(
             Finding(

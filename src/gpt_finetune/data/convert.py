@@ -84,6 +84,17 @@ def convert_record(record: Any, fmt: str, opts: ConvertOptions, path: str, line:
             messages = _from_openai(record, path, line)
         else:
             raise ValueError(fmt)
+    for i, m in enumerate(messages):
+        content = m.get("content")
+        if isinstance(content, str) and not content.strip() and not m.get("tool_calls") and not m.get("function_call"):
+            # OpenAI (and validate) reject an empty message: never write one
+            raise DataError(
+                f"the {m.get('role')} message is empty",
+                path=path,
+                line=line,
+                field=f"message {i + 1}",
+                hint="remove the record or fill in the message",
+            )
     if opts.sys_prompt and not any(m.get("role") == "system" for m in messages):
         messages.insert(0, {"role": "system", "content": opts.sys_prompt})
     example: dict[str, Any] = {"messages": messages}
@@ -113,7 +124,10 @@ def _apply_labels(messages: list[dict[str, Any]], style: str, path: str, line: i
                 field=f"messages[{i}].content",
                 hint="classification answers are labels: ['a', 'b'], [\"a\"], a, or a, b",
             ) from None
-        message["content"] = format_labels(labels, style)
+        try:
+            message["content"] = format_labels(labels, style)
+        except LabelError as exc:
+            raise DataError(str(exc), path=path, line=line, field=f"messages[{i}].content") from None
         answered = True
         seen.extend(label for label in labels if label not in seen)
     if not answered:

@@ -33,7 +33,7 @@ def parse_labels(text: str) -> list[str]:
     if s.startswith("[") or s.startswith("("):
         try:
             value = json.loads(s)
-        except ValueError:
+        except (ValueError, RecursionError):
             try:
                 value = ast.literal_eval(s)
             except (ValueError, SyntaxError, MemoryError, RecursionError):
@@ -62,6 +62,32 @@ def parse_labels(text: str) -> list[str]:
 
 
 def format_labels(labels: list[str], style: str = "seed") -> str:
+    """Labels as the model is trained to write them. Every format must read back as the same
+    labels (``parse_labels``); a label a format cannot carry (a comma in ``comma``, a quote in
+    ``seed``) is refused with a LabelError naming it, never written to read back differently."""
+    text = _format(labels, style)
+    try:
+        same = parse_labels(text) == labels
+    except LabelError:
+        same = False
+    if not same:
+        bad = next((x for x in labels if not _round_trips(x, style)), labels[0])
+        better = next((f for f in LABEL_FORMATS if f != style and _round_trips(bad, f)), None)
+        raise LabelError(
+            f"label {bad!r} cannot be written in the {style} label format: it would read back differently"
+            + (f"; the {better} format can carry it (--label-format {better})" if better else "")
+        )
+    return text
+
+
+def _round_trips(label: str, style: str) -> bool:
+    try:
+        return parse_labels(_format([label], style)) == [label]
+    except LabelError:
+        return False
+
+
+def _format(labels: list[str], style: str) -> str:
     if style == "seed":
         return ",".join("'" + label.replace("'", "\\'") + "'" for label in labels)
     if style == "json":

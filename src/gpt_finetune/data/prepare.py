@@ -82,8 +82,6 @@ def prepare(
 ) -> PrepareResult:
     opts = options or ConvertOptions()
     src, out = str(input_path), str(output_path)
-    if os.path.abspath(src) == os.path.abspath(out):
-        raise DataError("output would overwrite the input", path=out, hint="choose another -o/--output")
     if split is not None and not 0 < split < 1:
         raise DataError(f"--split must be between 0 and 1 (exclusive), got {split}", hint="for example --split 0.1")
     container = sniff(src)
@@ -92,7 +90,9 @@ def prepare(
     label_counts: Counter[str] = Counter()
     valid_out = str(validation_output) if validation_output else validation_path_for(out) if split else None
     result = PrepareResult(out, 0, record_format, valid_out)
-    with atomic_outputs() as group:
+    with atomic_outputs(inputs=[src]) as group:
+        # every output is checked before anything is read or written
+        group.reserve(out, valid_out, labels_sidecar_path(out) if opts.task_type == "classification" else None)
         if split is None:
             with group.open(out) as fh:
                 for line, labels in _converted(src, container, record_format, opts, workers):

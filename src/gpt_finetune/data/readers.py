@@ -122,6 +122,19 @@ def split_block(path: str | Path, first: int, block: bytes) -> Iterator[tuple[in
             yield first + i, line
 
 
+def open_input(path: str | Path) -> BinaryIO:
+    """Open a file the user named for reading, or raise DataError saying why not."""
+    p = Path(path)
+    if p.is_dir():
+        raise DataError("is a directory, not a file", path=path, hint="name a file")
+    try:
+        return open(p, "rb")
+    except FileNotFoundError:
+        raise DataError("no such file", path=path) from None
+    except OSError as exc:
+        raise DataError(f"cannot read it: {exc.strerror}", path=path) from None
+
+
 def decode_line(path: str | Path, lineno: int, line: bytes) -> Any:
     """Decode one JSONL line, raising DataError naming the line."""
     try:
@@ -137,6 +150,11 @@ def decode_line(path: str | Path, lineno: int, line: bytes) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(json_error_message(exc, text, lineno == 1), path=path, line=lineno) from None
+    except RecursionError:
+        raise DataError(TOO_DEEP, path=path, line=lineno) from None
+
+
+TOO_DEEP = "invalid JSON: nested too deeply (thousands of levels) to be an example"
 
 
 def json_error_message(exc: json.JSONDecodeError, text: str, first: bool) -> str:
@@ -257,6 +275,8 @@ class _TextWindow:
         while True:
             try:
                 obj, end = decoder.raw_decode(self.buf, self.pos)
+            except RecursionError:
+                raise DataError(TOO_DEEP, path=self.path, line=start_line) from None
             except json.JSONDecodeError as exc:
                 incomplete = exc.pos >= len(self.buf) - 1 or exc.msg.startswith("Unterminated string")
                 if incomplete and not self.eof:
@@ -297,6 +317,14 @@ def iter_csv(path: str | Path, delimiter: str) -> Iterator[tuple[int, dict[str, 
                         f"has {len(reader.fieldnames) + len(row[None])} fields, the header has {len(reader.fieldnames)}",  # type: ignore[call-overload]
                         path=path,
                         line=line_before + 1,
+                    )
+                missing = [k for k, v in row.items() if v is None]
+                if missing:  # DictReader fills a short row with None: never let that reach a prompt
+                    raise DataError(
+                        f"has {len(reader.fieldnames) - len(missing)} fields, the header has {len(reader.fieldnames)}",  # type: ignore[arg-type]
+                        path=path,
+                        line=line_before + 1,
+                        field=missing[0],
                     )
                 yield line_before + 1, row
                 line_before = reader.line_num

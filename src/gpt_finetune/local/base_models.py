@@ -103,6 +103,29 @@ def tokenizer_dir(base: BaseModel, home: Home) -> str:
     return str(target)
 
 
+ENGINE_PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "safetensors")
+
+
+def missing_engine_packages() -> list[str]:
+    """The local engine's packages that are not installed (found without importing them)."""
+    import importlib.util
+
+    return [name for name in ENGINE_PACKAGES if importlib.util.find_spec(name) is None]
+
+
+def check_trainable(base: BaseModel) -> None:
+    """Refuse, before anything is uploaded or queued, a local job that could not train here."""
+    missing = missing_engine_packages()
+    if missing:
+        raise DependencyError(
+            f"the local engine is not installed (missing: {', '.join(missing)})",
+            hint="pip install 'gpt-finetune[local]' (after the torch build for this machine), or use OpenAI "
+            "with an API key (OPENAI_API_KEY) and --backend openai",
+        )
+    if base.source == "gguf":
+        _require_gguf()
+
+
 def _require_gguf() -> Path:
     gguf = gguf_path()
     if gguf is None:

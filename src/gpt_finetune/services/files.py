@@ -30,7 +30,9 @@ class FileService:
         return self.register(path, os.path.basename(filename) or "upload", purpose, file_id=file_id)
 
     def create_from_path(self, path: str | Path, purpose: str = "fine-tune") -> dict[str, Any]:
-        with open(path, "rb") as fh:
+        from ..data.readers import open_input
+
+        with open_input(path) as fh:
             return self.create(fh, Path(path).name, purpose)
 
     def register(self, path: Path, filename: str, purpose: str, *, file_id: str | None = None) -> dict[str, Any]:

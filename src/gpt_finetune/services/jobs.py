@@ -23,8 +23,9 @@ from typing import Any
 from ..data.analysis import MIN_EXAMPLES, analyze_file
 from ..errors import BackendError, NotFoundError
 from ..home import Home, safe_name
-from ..local.base_models import resolve_base
+from ..local.base_models import check_trainable, resolve_base
 from ..openai_models import default_epochs
+from ..settings import SEED_MAX
 from ..store import Store, new_id, now
 from .files import FileService
 from .models import ModelService
@@ -95,10 +96,8 @@ class JobService:
         start: bool = True,
     ) -> dict[str, Any]:
         """Create a job. ``options`` are local-only settings (LoRA, checkpointing, processes)."""
-        base = resolve_base(model, self.models.local_base_model)
+        base = self.check_request(model=model, suffix=suffix, seed=seed)
         hp = check_hyperparameters(hyperparameters or {})
-        if suffix is not None and len(suffix) > 64:
-            raise BackendError("suffix is longer than 64 characters", code="invalid_suffix")
         train = self.files.retrieve(training_file)
         valid = self.files.retrieve(validation_file) if validation_file else None
         job_id = new_id("ftjob")
@@ -138,6 +137,17 @@ class JobService:
         if start:
             self.kick()
         return self.retrieve(job_id)
+
+    def check_request(self, *, model: str, suffix: str | None = None, seed: int | None = None) -> Any:
+        """What can be refused before a file is uploaded: the model (and whether this machine can
+        train it), the suffix and the seed. Returns the base model."""
+        if suffix is not None and len(suffix) > 64:
+            raise BackendError("suffix is longer than 64 characters", code="invalid_suffix")
+        if seed is not None and (isinstance(seed, bool) or not 0 <= seed <= SEED_MAX):
+            raise BackendError(f"seed must be from 0 to {SEED_MAX}, got {seed}", code="invalid_seed")
+        base = resolve_base(model, self.models.local_base_model)
+        check_trainable(base)
+        return base
 
     def _validate(self, file: dict[str, Any], param: str) -> tuple[dict[str, Any] | None, int]:
         """(OpenAI-style error or None, number of valid examples)."""

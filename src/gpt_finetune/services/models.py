@@ -79,13 +79,18 @@ class ModelService:
         return model_id, None
 
     def delete(self, model_id: str) -> bool:
-        """Delete a fine-tuned model (and its checkpoints), freeing their disk. Deleting the
-        default base model removes its converted copy; it is converted again on next use."""
+        """Delete a fine-tuned model (and its checkpoints), freeing their disk. Base models
+        cannot be deleted (as on OpenAI)."""
         row = self.store.get("models", model_id)
         if row is None:
-            if model_id == DEFAULT_BASE_MODEL:
-                shutil.rmtree(self.home.base_models / DEFAULT_BASE_MODEL, ignore_errors=True)
-                return True
+            if model_id in self.base_ids() or is_openai_name(model_id):
+                # as OpenAI does: only your own fine-tuned models can be deleted
+                raise BackendError(
+                    f"{model_id} is a base model; only fine-tuned models can be deleted",
+                    code="model_not_deletable",
+                    hint="to free the default model's converted copy, remove "
+                    f"{self.home.base_models / DEFAULT_BASE_MODEL} (it is converted again on next use)",
+                )
             raise NotFoundError(f"The model '{model_id}' does not exist", code="model_not_found")
         if row["kind"] != "fine-tuned":
             raise BackendError("only fine-tuned models can be deleted; checkpoints go with their model")

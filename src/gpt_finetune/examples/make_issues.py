@@ -230,7 +230,8 @@ def main() -> None:
     for pair in PAIRS:
         plan += [list(pair)] * 5
     rng.shuffle(plan)
-    records, seen = [], set()
+    records: list[dict] = []
+    seen: set = set()
     for labels in plan:
         while True:
             title, body = body_for(rng, labels)
