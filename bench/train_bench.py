@@ -139,7 +139,8 @@ def run(name: str, model_dir: str, train_file: str, out: str, args: argparse.Nam
             # TRL's SFTConfig turns bf16 on by default; on a CPU without native bf16 (AVX2 only)
             # autocast emulates it. The "-fp32" runs isolate what that one default costs.
             **({"bf16": False} if kind.endswith("-fp32") or kind.startswith("trl-") else {}),
-            **({"max_length": args.max_length} if kind.startswith("trl-") else {}),
+            # padding-free TRL refuses a max_length it cannot enforce; the rows are already fitted to it
+            **({"max_length": None if kind == "trl-pf" else args.max_length} if kind.startswith("trl-") else {}),
             **({"padding_free": True} if kind == "trl-pf" else {}),
         )
         trainer = SFTTrainer(

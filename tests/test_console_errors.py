@@ -232,6 +232,8 @@ def test_bad_input_gives_one_error_line_and_changes_nothing(name, tmp_path):
     assert all(line.startswith("Hint: ") for line in after_error) and len(after_error) <= 1, run.stderr
     assert "Traceback" not in run.stderr and run.stdout == ""
     assert _snapshot(work) == before  # inputs and existing outputs untouched, nothing new
+    uploads = work / "gf-home" / "files"
+    assert not uploads.is_dir() or not any(uploads.iterdir())  # refused before anything was uploaded
 
 
 def test_output_through_a_symlink_replaces_its_target_and_keeps_the_link(tmp_path):
@@ -285,3 +287,37 @@ def test_a_failed_commit_puts_every_replaced_output_back(tmp_path, monkeypatch):
                 fh.write("new b\n")
     assert a.read_text() == "old a\n" and b.read_text() == "old b\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "b.jsonl"]
+
+
+def test_auto_backend_without_the_local_engine_fails_before_uploading(tmp_path, monkeypatch, capsys):
+    """The seed's install (core only, no torch) and no API key: not a local job that cannot train."""
+    from gpt_finetune.cli.main import main
+    from gpt_finetune.local import base_models
+
+    monkeypatch.setattr(base_models, "missing_engine_packages", lambda: ["torch", "trl"])
+    (tmp_path / "in.jsonl").write_text(GOOD)
+    assert main(["finetune", "-d", str(tmp_path / "in.jsonl")]) == 1
+    err = capsys.readouterr().err
+    assert "Error: no OpenAI API key is set, and the local engine is not installed (missing: torch, trl)" in err
+    assert "OPENAI_API_KEY" in err and "gpt-finetune[local]" in err
+    home = Path(os.environ["GPT_FINETUNE_HOME"])
+    assert not (home / "files").exists() or not any((home / "files").iterdir())  # nothing uploaded
+
+
+def test_a_local_job_whose_engine_is_missing_is_refused_at_creation(tmp_path, monkeypatch):
+    from gpt_finetune.errors import DependencyError
+    from gpt_finetune.local import base_models
+    from gpt_finetune.services import Services
+
+    services = Services.open(tmp_path / "home")
+    file_id = services.files.create_from_path(Path(_write_good(tmp_path)))["id"]
+    monkeypatch.setattr(base_models, "missing_engine_packages", lambda: ["peft"])
+    with pytest.raises(DependencyError, match=r"missing: peft"):
+        services.jobs.create(model="gpt-4o-mini", training_file=file_id, start=False)
+    assert services.store.query("SELECT count(*) AS n FROM jobs")[0]["n"] == 0
+
+
+def _write_good(tmp_path: Path) -> str:
+    path = tmp_path / "good.jsonl"
+    path.write_text(GOOD)
+    return str(path)

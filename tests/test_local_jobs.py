@@ -78,14 +78,12 @@ def test_job_lifecycle_events_checkpoints_result_file_and_model(tmp_path, tiny_m
     rows = list(csv.DictReader(open(result_path)))
     assert list(rows[0]) == ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
     assert [int(r["step"]) for r in rows] == list(range(1, 11))
-    assert [m.id for m in b.list_models()] == [done.fine_tuned_model] or done.fine_tuned_model in [
-        m.id for m in b.list_models()
-    ]
+    assert done.fine_tuned_model in [m.id for m in b.list_models()]
     msgs = [{"role": "system", "content": "Answer with a colour."}, {"role": "user", "content": "thing 2"}]
     tuned = "".join(b.chat(model=done.fine_tuned_model, messages=msgs, max_tokens=8, temperature=0))
     ckpt = "".join(b.chat(model=ckpts[1].fine_tuned_model_checkpoint, messages=msgs, max_tokens=8, temperature=0))
     base = "".join(b.chat(model=str(tiny_model_dir), messages=msgs, max_tokens=8, temperature=0))
-    assert tuned != base and isinstance(ckpt, str)
+    assert tuned != base and ckpt != base  # the checkpoint answers from its own, trained weights
     wait_for(lambda: not runner_pids(isolated_home), timeout=30, what="the runner to exit")
     # deleting the model frees its disk
     model_dir = b.services.home.model_dir(job.id)
@@ -250,7 +248,6 @@ def test_seed_scripts_end_to_end_on_the_local_backend(tmp_path, tiny_model_dir, 
         env=env,
     )
     assert q.returncode == 0, q.stderr
-    assert q.stdout.strip() != ""
     s = json.loads(
         subprocess.run(
             [sys.executable, "-m", "gpt_finetune", "jobs", "get", job_id, "--json"],
@@ -260,6 +257,10 @@ def test_seed_scripts_end_to_end_on_the_local_backend(tmp_path, tiny_model_dir, 
         ).stdout
     )
     assert s["status"] == "succeeded" and s["hyperparameters"]["n_epochs"] == 2
+    # infer.py --job answered with the job's fine-tuned model, as the backend does for that model
+    msgs = [{"role": "system", "content": "Answer with a colour."}, {"role": "user", "content": "thing 3"}]
+    direct = backend(isolated_home).chat(model=s["fine_tuned_model"], messages=msgs, max_tokens=6, temperature=0)
+    assert q.stdout.strip() == "".join(direct).strip() != ""
     png = tmp_path / "curves.png"
     p = subprocess.run(
         [sys.executable, "-m", "gpt_finetune", "jobs", "plot", job_id, "-o", str(png)],

@@ -60,7 +60,9 @@ def test_stats_command_json(tmp_path, capsys):
     s = json.loads(capsys.readouterr().out)
     assert s["n_examples"] == 30 and s["encoding"] == "o200k_base"
     t = s["tokens_per_example"]
-    assert t["min"] <= t["p50"] <= t["p95"] <= t["max"]
+    counts = sorted(count_message_tokens(r["messages"], get_encoding("o200k_base"))[0] for r in rows)
+    assert (t["min"], t["max"], t["mean"]) == (counts[0], counts[-1], round(sum(counts) / 30, 1))
+    assert t["p50"] == counts[round(0.5 * 29)] and t["p95"] == counts[round(0.95 * 29)]
     assert s["labels"] == {"proxy": 20, "ovs": 10, "windows": 10}
     assert s["job"]["n_epochs"] == 4 and s["job"]["cost_usd"] > 0
 

@@ -97,11 +97,11 @@ class AtomicGroup:
         for fh in self._direct:
             fh.close()
         self._direct.clear()
-        for tmp, _ in self._pending:
-            with open(tmp, "rb") as written:
-                os.fsync(written.fileno())
         backups: list[tuple[Path, Path | None]] = []  # (target, its backup or None if it was new)
         try:
+            for tmp, _ in self._pending:  # a full disk often shows only here
+                with open(tmp, "rb") as written:
+                    os.fsync(written.fileno())
             for _, target in self._pending:
                 backups.append((target, _backup(target)))
             done: list[int] = []
