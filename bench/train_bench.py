@@ -224,6 +224,10 @@ def main() -> None:
     ap.add_argument("--data", default=str(ROOT / "examples" / "issues.json"), help="raw data (seed JSON)")
     ap.add_argument("--sys-prompt", default=None, help="default: examples/data_process.cfg's")
     ap.add_argument("--max-length", type=int, default=2048)
+    ap.add_argument("--workdir", help="work directory (default: a new temporary one); its prepared data is reused")
+    ap.add_argument(
+        "--reuse", help="a JSON of finished runs (bench/out/train_bench.partial.json) whose adapters are in --workdir"
+    )
     ap.add_argument("--child", nargs=4, metavar=("KIND", "MODEL_DIR", "TRAIN", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -238,19 +242,24 @@ def main() -> None:
     from gpt_finetune.local.base_models import resolve_base
     from gpt_finetune.settings import load_settings
 
-    work = Path(tempfile.mkdtemp(prefix="train-bench-"))
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="train-bench-"))
     cfg = load_settings({}, config_file=ROOT / "examples" / "data_process.cfg", env={}, default_config=work / "x")
-    prepare(
-        Path(args.data),
-        work / "train.jsonl",
-        split=0.1 if args.data.endswith("examples/issues.json") else 0.2,
-        seed=0,
-        options=ConvertOptions(sys_prompt=args.sys_prompt or cfg.sys_prompt, task_type="classification"),
-    )
+    if not (work / "train.jsonl").is_file():
+        prepare(
+            Path(args.data),
+            work / "train.jsonl",
+            split=0.1 if args.data.endswith("examples/issues.json") else 0.2,
+            seed=0,
+            options=ConvertOptions(sys_prompt=args.sys_prompt or cfg.sys_prompt, task_type="classification"),
+        )
     model_dir = base_dir(resolve_base(args.model), Home())
     tokens = count_tokens(model_dir, str(work / "train.jsonl")) * args.epochs
     results = {}
+    reused = json.loads(Path(args.reuse).read_text())["runs"] if args.reuse else {}
     for kind in args.runs.split(","):
+        if kind in reused and (work / kind / "adapter").is_dir():
+            results[kind] = reused[kind]  # trained earlier in this work directory: evaluated below
+            continue
         cmd = [
             sys.executable,
             __file__,

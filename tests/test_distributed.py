@@ -1,5 +1,7 @@
 """Two processes train one job together (accelerate, DDP on CPU with gloo) and produce the same
-artifacts as one process: the same steps, metrics and adapter weights within tolerance."""
+artifacts as one process: the same steps, metrics and adapter weights within tolerance. Examples
+of unequal lengths and a small micro-batch budget give the two processes different numbers of
+micro-batches in a step: each pads with empty ones, so neither waits for the other forever."""
 
 from __future__ import annotations
 
@@ -17,8 +19,13 @@ from gpt_finetune.services import Services
 
 
 def run_job(home, tmp_path, model, processes):
-    b = LocalBackend(Services.open(home), {"num_processes": processes, "lora_dropout": 0.0, "log_every_steps": 1})
-    fid = b.upload_file(write_jsonl(tmp_path / f"train{processes}.jsonl", toy_examples(16))).id
+    options = {"num_processes": processes, "lora_dropout": 0.0, "log_every_steps": 1, "micro_batch_tokens": 55}
+    b = LocalBackend(Services.open(home), options)
+    rows = toy_examples(16)
+    for i, row in enumerate(rows):
+        if i % 3 == 0:  # longer: trains alone; two short ones share a micro-batch
+            row["messages"][1]["content"] += " and then some more words about it"
+    fid = b.upload_file(write_jsonl(tmp_path / f"train{processes}.jsonl", rows)).id
     job = b.create_job(
         model=str(model),
         training_file=fid,

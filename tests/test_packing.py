@@ -222,3 +222,34 @@ def test_tokenize_file_counts_truncated_and_dropped_examples(tmp_path, smol_toke
     data = tokenize_file(tok, str(write_jsonl(tmp_path / "t.jsonl", rows)), 200)
     assert (len(data.rows), data.n_truncated, data.n_too_long) == (2, 1, 1)
     assert all(len(r["input_ids"]) <= 200 for r in data.rows)
+
+
+def test_inference_shortens_a_long_prompt_as_training_did(tmp_path, smol_tokenizer_dir):
+    """The engine cuts a long prompt to the fine-tuned model's max_length (less the tokens to
+    generate) with the trainer's own function, keeping the prompt's start and end."""
+    import json
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from gpt_finetune.home import Home
+    from gpt_finetune.local.chat_data import TRAINING_SHAPE
+    from gpt_finetune.local.inference import Engine
+
+    tok = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / TRAINING_SHAPE).write_text(json.dumps({"max_length": 300}))
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=8192))
+    assert Engine._prompt_limit(model, str(adapter), 20) == 280
+    assert Engine._prompt_limit(model, None, 256) == 8192 - 256  # a base model: its context
+    engine = Engine(Home(tmp_path / "home"))
+    body = " ".join(f"w{i}" for i in range(800))
+    msgs = [{"role": "system", "content": "Label it."}, {"role": "user", "content": f"title: FIRST body: {body} LAST"}]
+    ids = engine._inputs(tok, msgs, "cpu", 280)["input_ids"][0].tolist()
+    assert len(ids) <= 280
+    text = tok.decode(ids)
+    assert "title: FIRST" in text and "LAST" in text and TRUNCATION_MARK.strip() in text
+    assert text.endswith("<|im_start|>assistant\n")  # still a prompt for the answer
+    short = engine._inputs(tok, [*msgs[:1], {"role": "user", "content": "short"}], "cpu", 280)["input_ids"]
+    assert tok.decode(short[0]).count("short") == 1

@@ -16,6 +16,7 @@ several outputs together (training file, validation file, label sidecar) so that
 from __future__ import annotations
 
 import os
+import secrets
 import stat
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -153,7 +154,7 @@ def _backup(target: Path) -> Path | None:
     """A hard link to the target's current content (a copy where links are not possible)."""
     if not target.exists():
         return None
-    backup = Path(tempfile.mktemp(prefix=f".{target.name}.", suffix=".bak", dir=target.parent))
+    backup = target.parent / f".{target.name}.{secrets.token_hex(6)}.bak"
     try:
         os.link(target, backup)
     except OSError:

@@ -57,6 +57,7 @@ class MemoryPlan:
     largest_example_tokens: int
     max_micro_batches: int  # per optimizer step and process, for the longest batch_size examples
     estimated_peak_bytes: int
+    tokens_only: bool = False  # micro_batch_tokens was given: micro-batches hold at most that many tokens
 
     @property
     def micro_batch_tokens(self) -> int:
@@ -69,7 +70,7 @@ class MemoryPlan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MemoryPlan:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
     def describe(self) -> str:
         gc = {
@@ -95,7 +96,7 @@ class MemoryPlan:
         from .packing import split_by_budget
 
         gc_all = self.checkpointing == "on"
-        costs = [self.cost(t, n, gc_all) for t, n in examples]
+        costs = [self.cost(t, 0 if self.tokens_only else n, gc_all) for t, n in examples]
         if self.checkpointing != "auto":
             return [(g, gc_all) for g in split_by_budget(costs, self.budget_bytes)]
         small = [i for i, c in enumerate(costs) if c <= self.budget_bytes]
@@ -228,6 +229,7 @@ def make_plan(
         )
         if micro_batch_tokens:
             plan.budget_bytes = micro_batch_tokens * (per_token_gc if mode == "on" else per_token)
+            plan.tokens_only = True
         # the peak comes from the fullest micro-batch: simulate an epoch of steps to find it
         order = list(range(len(examples)))
         random.Random(seed).shuffle(order)

@@ -130,26 +130,28 @@ def _trainer_class() -> Any:
     class Trainer(SFTTrainer):  # type: ignore[misc]
         _checkpoint_per_micro_batch = False
 
-        def _global(self, *values: int) -> list[int]:
-            """(sum of the first, max of the rest) over processes; one small collective a step."""
+        def _reduce(self, values: list[int], reduction: str) -> list[int]:
+            """Element-wise sum or max over processes: one small collective."""
             import torch
 
             if self.accelerator.num_processes == 1:
-                return list(values)
-            t = torch.tensor([values[0], *[-v for v in values[1:]]], device=self.args.device)
-            total = self.accelerator.reduce(t[:1].clone(), reduction="sum")
-            most = -self.accelerator.reduce(t[1:].clone(), reduction="min") if len(values) > 1 else t[1:]
-            return [int(total[0]), *[int(x) for x in most]]
+                return values
+            t = torch.tensor(values, device=self.args.device)
+            if reduction == "max":
+                return [-int(x) for x in self.accelerator.reduce(-t, reduction="min")]  # no "max" in accelerate
+            return [int(x) for x in self.accelerator.reduce(t, reduction="sum")]
 
         def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
             import contextlib
 
             import torch
 
+            from .packing import packed_loss
+
             model.train()
             micro = list(inputs["micro"])
-            n_local = sum(int(m["label_target"].numel()) for m in micro)
-            n_global, n_micro = self._global(n_local, len(micro))
+            (n_global,) = self._reduce([sum(int(m["label_target"].numel()) for m in micro)], "sum")
+            (n_micro,) = self._reduce([len(micro)], "max")
             micro += [_empty_micro() for _ in range(n_micro - len(micro))]
             world = self.accelerator.num_processes
             total = torch.zeros((), device=self.args.device)
@@ -161,8 +163,6 @@ def _trainer_class() -> Any:
                 sync = k == len(micro) - 1
                 ctx = contextlib.nullcontext() if sync else self.accelerator.no_sync(model)
                 with ctx, self.compute_loss_context_manager():
-                    from .packing import packed_loss
-
                     loss, n, correct = packed_loss(model, mb)
                     # DDP averages gradients over processes: scale so the step's gradient is the
                     # mean over every label of the step, whatever the split
@@ -172,10 +172,10 @@ def _trainer_class() -> Any:
                 hits += int(correct)
                 count += int(n)
                 del loss, scaled
-            real = self._global(sum(int(m["input_ids"].numel()) for m in inputs["micro"]))[0]
+            real = sum(int(m["input_ids"].numel()) for m in inputs["micro"])
+            real, hits, count = self._reduce([real, hits, count], "sum")
             self._total_train_tokens += real
-            acc_hits, acc_n = self._global(hits)[0], self._global(count)[0]
-            self._metrics["train"]["mean_token_accuracy"].append(acc_hits / acc_n if acc_n else 0.0)
+            self._metrics["train"]["mean_token_accuracy"].append(hits / count if count else 0.0)
             self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
             return total
 
