@@ -1,16 +1,18 @@
 """The exception tree.
 
 Every error a user can cause is a :class:`GptFinetuneError` carrying a one-line message and an
-optional hint saying how to fix it. The CLI prints ``Error: <message>`` and ``Hint: <hint>`` and
-exits 1; the server (later) maps the same classes to OpenAI's error JSON.
+optional hint saying how to fix it, and what an HTTP adapter needs to answer it as OpenAI does:
+an HTTP ``status``, OpenAI's error ``type``, the ``param`` at fault and a ``code``. The CLI prints
+``Error: <message>`` and ``Hint: <hint>`` and exits 1; an HTTP adapter answers ``to_openai()``
+with ``status`` from one handler.
 
-    GptFinetuneError
-    ├── ConfigError          bad flag, config file line or environment value
-    ├── DataError            bad input data; names file, line and field
-    ├── BackendError         the fine-tuning backend refused or failed a request
-    │   └── NotFoundError    no such file, job or model
-    ├── DependencyError      an optional dependency is not installed
-    └── StoreError           the data directory or its database cannot be used
+    GptFinetuneError         400 invalid_request_error
+    ├── ConfigError          400  bad flag, config file line or environment value
+    ├── DataError            400  bad input data; names file, line and field (param: the field)
+    ├── BackendError         400  the fine-tuning backend refused or failed a request (or as given)
+    │   └── NotFoundError    404  no such file, job or model
+    ├── DependencyError      500 server_error  an optional dependency is not installed
+    └── StoreError           500 server_error  the data directory or its database cannot be used
 """
 
 from __future__ import annotations
@@ -22,16 +24,33 @@ class GptFinetuneError(Exception):
     """Base class: a message for the user and an optional hint."""
 
     code: str = "error"
+    status: int = 400
+    type: str = "invalid_request_error"
 
-    def __init__(self, message: str, *, hint: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        hint: str | None = None,
+        code: str | None = None,
+        status: int | None = None,
+        param: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
+        self.param = param
         if code is not None:
             self.code = code
+        if status is not None:
+            self.status = status
 
     def __str__(self) -> str:
         return self.message
+
+    def to_openai(self) -> dict[str, dict[str, str | None]]:
+        """OpenAI's error body: ``{"error": {message, type, param, code}}``."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 class ConfigError(GptFinetuneError):
@@ -57,7 +76,7 @@ class DataError(GptFinetuneError):
         self.line = line
         self.field = field
         self.detail = message
-        super().__init__(format_place(self.path, line, field) + message, hint=hint, code=code)
+        super().__init__(format_place(self.path, line, field) + message, hint=hint, code=code, param=field)
 
 
 class BackendError(GptFinetuneError):
@@ -66,14 +85,19 @@ class BackendError(GptFinetuneError):
 
 class NotFoundError(BackendError):
     code = "not_found"
+    status = 404
 
 
 class DependencyError(GptFinetuneError):
     code = "missing_dependency"
+    status = 500
+    type = "server_error"
 
 
 class StoreError(GptFinetuneError):
     code = "store_error"
+    status = 500
+    type = "server_error"
 
 
 def format_place(path: str | None, line: int | None, field: str | None) -> str:

@@ -14,6 +14,7 @@ it fails with ``worker_died``.
 from __future__ import annotations
 
 import fcntl
+import math
 import os
 import random
 import subprocess
@@ -59,13 +60,17 @@ def check_hyperparameters(hp: dict[str, Any]) -> dict[str, Any]:
         value = hp.get(key, "auto")
         if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi):
             raise BackendError(
-                f"{key} must be an integer from {lo} to {hi} or 'auto', got {value!r}", code="invalid_hyperparameters"
+                f"{key} must be an integer from {lo} to {hi} or 'auto', got {value!r}",
+                code="invalid_hyperparameters",
+                param=f"hyperparameters.{key}",
             )
         out[key] = value
     lr = hp.get("learning_rate_multiplier", "auto")
-    if lr != "auto" and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
+    if lr != "auto" and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf):
         raise BackendError(
-            f"learning_rate_multiplier must be a number > 0 or 'auto', got {lr!r}", code="invalid_hyperparameters"
+            f"learning_rate_multiplier must be a finite number > 0 or 'auto', got {lr!r}",
+            code="invalid_hyperparameters",
+            param="hyperparameters.learning_rate_multiplier",
         )
     out["learning_rate_multiplier"] = lr
     unknown = set(hp) - set(out)
@@ -142,9 +147,9 @@ class JobService:
         """What can be refused before a file is uploaded: the model (and whether this machine can
         train it), the suffix and the seed. Returns the base model."""
         if suffix is not None and len(suffix) > 64:
-            raise BackendError("suffix is longer than 64 characters", code="invalid_suffix")
+            raise BackendError("suffix is longer than 64 characters", code="invalid_suffix", param="suffix")
         if seed is not None and (isinstance(seed, bool) or not 0 <= seed <= SEED_MAX):
-            raise BackendError(f"seed must be from 0 to {SEED_MAX}, got {seed}", code="invalid_seed")
+            raise BackendError(f"seed must be from 0 to {SEED_MAX}, got {seed}", code="invalid_seed", param="seed")
         base = resolve_base(model, self.models.local_base_model)
         check_trainable(base)
         return base
@@ -287,6 +292,7 @@ class JobService:
                 f"Job {job_id} has already {'been ' if row['status'] == 'cancelled' else ''}"
                 f"{row['status']}; it cannot be cancelled",
                 code="job_not_cancellable",
+                status=409,
             )
         # the worker polls the status and stops; the runner kills it if it does not stop in time
         if self.store.update(
