@@ -210,9 +210,9 @@ def add_models(p: argparse.ArgumentParser) -> None:
 def cmd_models(ns: argparse.Namespace) -> int:
     backend = get_backend(settings_from(ns), announce=False)
     if ns.models_cmd == "list":
-        _show_list(backend.list_models(), ns.json, "id owned_by created")
+        _show_list(backend.list_models(), ns.json, "id owned_by parent created")
     elif ns.models_cmd == "get":
-        _show(backend.retrieve_model(ns.model_id), ns.json, "id owned_by created")
+        _show(backend.retrieve_model(ns.model_id), ns.json, "id owned_by parent root created")
     else:
         if not backend.delete_model(ns.model_id):
             raise BackendError(f"model {ns.model_id} was not deleted")

@@ -41,24 +41,37 @@ class ModelService:
         )
 
     def base_ids(self) -> list[str]:
+        """The default model (when installed), the configured local base model (a directory),
+        and every base a job has trained."""
         ids = [DEFAULT_BASE_MODEL] if gguf_path() is not None else []
+        if self.local_base_model != DEFAULT_BASE_MODEL:
+            try:
+                ids.append(resolve_base(self.local_base_model).id)
+            except NotFoundError:
+                pass  # a job naming it fails with the reason; listing does not
         for row in self.store.query("SELECT DISTINCT base_model FROM jobs"):
             if row["base_model"] not in ids:
                 ids.append(row["base_model"])
         return ids
 
     def list(self) -> list[dict[str, Any]]:
-        out = [{"id": b, "object": "model", "created": 0, "owned_by": "system"} for b in self.base_ids()]
-        for row in self.store.query("SELECT * FROM models WHERE kind = 'fine-tuned' ORDER BY created DESC, id"):
+        """Base models, then fine-tuned models and their checkpoints (newest first), as OpenAI
+        lists them; each names its base as vLLM does (``parent``, ``root``)."""
+        out = [self._base(b) for b in self.base_ids()]
+        for row in self.store.query("SELECT * FROM models ORDER BY created DESC, kind DESC, id"):
             out.append(self.to_openai(row))
         return out
+
+    @staticmethod
+    def _base(model_id: str) -> dict[str, Any]:
+        return {"id": model_id, "object": "model", "created": 0, "owned_by": "system", "parent": None, "root": model_id}
 
     def retrieve(self, model_id: str) -> dict[str, Any]:
         row = self.store.get("models", model_id)
         if row is not None:
             return self.to_openai(row)
         if model_id in self.base_ids():
-            return {"id": model_id, "object": "model", "created": 0, "owned_by": "system"}
+            return self._base(model_id)
         raise NotFoundError(f"The model '{model_id}' does not exist", code="model_not_found")
 
     def locate(self, model_id: str) -> tuple[str, str | None]:
@@ -106,4 +119,16 @@ class ModelService:
 
     @staticmethod
     def to_openai(row: dict[str, Any]) -> dict[str, Any]:
-        return {"id": row["id"], "object": "model", "created": row["created"], "owned_by": row["owned_by"]}
+        """A fine-tuned model's parent and root are its base model; a checkpoint's parent is its
+        fine-tuned model (``ft:<base>:<suffix>:<job>[:ckpt-step-N]``)."""
+        parts = row["id"].split(":")
+        base = parts[1] if len(parts) >= 4 and parts[0] == "ft" else row["base"]
+        parent = ":".join(parts[:4]) if row["kind"] == "checkpoint" else base
+        return {
+            "id": row["id"],
+            "object": "model",
+            "created": row["created"],
+            "owned_by": row["owned_by"],
+            "parent": parent,
+            "root": base,
+        }
