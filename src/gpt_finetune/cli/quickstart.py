@@ -54,7 +54,8 @@ def cmd_quickstart(ns: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     cfg = load_settings({}, config_file=ns.data_config, env={}, default_config=work / "none.cfg")
     out = work / "issues.jsonl"
-    info(f"1/4 Preparing {ns.data} -> {out} (holding out {ns.holdout:.0%} for the comparison)")
+    shown = "the bundled examples/issues.json" if Path(ns.data) == EXAMPLES / "issues.json" else ns.data
+    info(f"1/4 Preparing {shown} -> {out} (holding out {ns.holdout:.0%} for the comparison)")
     prepared = prepare(
         ns.data,
         out,
