@@ -321,3 +321,11 @@ def _write_good(tmp_path: Path) -> str:
     path = tmp_path / "good.jsonl"
     path.write_text(GOOD)
     return str(path)
+
+
+def test_validate_reports_a_deeply_nested_record_as_a_finding(tmp_path):
+    (tmp_path / "deep.jsonl").write_text(GOOD + DEEP_LINE)
+    run = subprocess.run([CLI, "validate", "deep.jsonl"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1 and "Traceback" not in run.stderr + run.stdout
+    out = run.stdout + run.stderr
+    assert "deep.jsonl:13: error [invalid_json]: invalid JSON: nested too deeply" in out

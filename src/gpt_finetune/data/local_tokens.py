@@ -60,6 +60,15 @@ class LocalCounter:
         self.eos_tokens = len(self._encode(self.special.get("eos_token") or ""))
         self._shapes: dict[tuple[str, ...], int | None] = {}
 
+    def _lengths(self, texts: list[str]) -> list[int]:
+        """Token counts of many texts: batch encoding without offsets where the library has it,
+        in slices, so that a block never holds thousands of Encoding objects at once."""
+        encode = getattr(self.tokenizer, "encode_batch_fast", None) or self.tokenizer.encode_batch
+        out: list[int] = []
+        for k in range(0, len(texts), 256):
+            out.extend(len(e.ids) for e in encode(texts[k : k + 256], add_special_tokens=False))
+        return out
+
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
@@ -91,7 +100,7 @@ class LocalCounter:
             slots = list(range(len(contents), len(contents) + len(texts)))
             contents.extend(t or "" for t in texts)  # type: ignore[misc]
             plans.append((overhead, slots))
-        lengths = [len(e.ids) for e in self.tokenizer.encode_batch(contents, add_special_tokens=False)]
+        lengths = self._lengths(contents)
         for messages, (overhead, slots) in zip(examples, plans):
             if overhead is None:
                 total, trained, user = self._slow(messages)
