@@ -11,7 +11,7 @@ from openai.types import FileObject, Model
 from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
 
 from ..errors import BackendError, ConfigError, NotFoundError
-from ..settings import redact
+from ..settings import SEED_MAX, redact
 from .base import Hyperparameters
 
 T = TypeVar("T")
@@ -112,8 +112,8 @@ class OpenAIBackend:
             raise BackendError("no model name", code="invalid_model")
         if suffix is not None and len(suffix) > 64:
             raise BackendError("suffix is longer than 64 characters", code="invalid_suffix")
-        if seed is not None and not 0 <= seed <= 2**31 - 1:
-            raise BackendError(f"seed must be from 0 to {2**31 - 1}, got {seed}", code="invalid_seed")
+        if seed is not None and not 0 <= seed <= SEED_MAX:
+            raise BackendError(f"seed must be from 0 to {SEED_MAX}, got {seed}", code="invalid_seed", param="seed")
 
     def create_job(
         self,

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from ..errors import GptFinetuneError
@@ -153,8 +154,8 @@ def available_bytes() -> int | None:
         ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
     ):
         try:
-            limit = open(path).read().strip()
-            used = int(open(used_path).read().strip())
+            limit = Path(path).read_text().strip()
+            used = int(Path(used_path).read_text().strip())
             if limit != "max" and int(limit) < 1 << 60:
                 found.append(int(limit) - used)
         except (OSError, ValueError):

@@ -106,7 +106,7 @@ class JobService:
         train = self.files.retrieve(training_file)
         valid = self.files.retrieve(validation_file) if validation_file else None
         job_id = new_id("ftjob")
-        seed = seed if seed is not None else random.randint(0, 2**31 - 1)
+        seed = seed if seed is not None else random.randint(0, SEED_MAX)
         meta = dict(metadata or {})
         row = {
             "id": job_id,
