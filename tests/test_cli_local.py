@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -19,8 +20,13 @@ def test_local_is_the_default_without_keys_and_is_announced(tmp_path, capsys, ti
     out, err = capsys.readouterr()
     assert "Using the local backend" in err
     job_id = out.strip()
-    assert main(["jobs", "get", job_id, "--json"]) == 0
-    job = json.loads(capsys.readouterr().out)
+    deadline = time.time() + 60
+    while True:  # the runner checks the files after the job is created, as OpenAI does
+        assert main(["jobs", "get", job_id, "--json"]) == 0
+        job = json.loads(capsys.readouterr().out)
+        if job["status"] != "validating_files" or time.time() > deadline:
+            break
+        time.sleep(0.3)
     assert job["status"] == "failed" and job["error"]["code"] == "invalid_n_examples"  # 3 < 10
     assert main(["jobs", "list"]) == 0
     assert job_id in capsys.readouterr().out

@@ -291,10 +291,10 @@ def test_a_failed_commit_puts_every_replaced_output_back(tmp_path, monkeypatch):
 
 def test_auto_backend_without_the_local_engine_fails_before_uploading(tmp_path, monkeypatch, capsys):
     """The seed's install (core only, no torch) and no API key: not a local job that cannot train."""
+    from gpt_finetune import catalog
     from gpt_finetune.cli.main import main
-    from gpt_finetune.local import base_models
 
-    monkeypatch.setattr(base_models, "missing_engine_packages", lambda: ["torch", "trl"])
+    monkeypatch.setattr(catalog, "missing_engine_packages", lambda: ["torch", "trl"])
     (tmp_path / "in.jsonl").write_text(GOOD)
     assert main(["finetune", "-d", str(tmp_path / "in.jsonl")]) == 1
     err = capsys.readouterr().err
@@ -305,13 +305,13 @@ def test_auto_backend_without_the_local_engine_fails_before_uploading(tmp_path, 
 
 
 def test_a_local_job_whose_engine_is_missing_is_refused_at_creation(tmp_path, monkeypatch):
+    from gpt_finetune import catalog
     from gpt_finetune.errors import DependencyError
-    from gpt_finetune.local import base_models
     from gpt_finetune.services import Services
 
     services = Services.open(tmp_path / "home")
     file_id = services.files.create_from_path(Path(_write_good(tmp_path)))["id"]
-    monkeypatch.setattr(base_models, "missing_engine_packages", lambda: ["peft"])
+    monkeypatch.setattr(catalog, "missing_engine_packages", lambda: ["peft"])
     with pytest.raises(DependencyError, match=r"missing: peft"):
         services.jobs.create(model="gpt-4o-mini", training_file=file_id, start=False)
     assert services.store.query("SELECT count(*) AS n FROM jobs")[0]["n"] == 0

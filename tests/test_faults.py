@@ -71,7 +71,8 @@ def test_concurrent_job_creation_and_claims_lose_nothing_and_train_nothing_twice
     every = set(created[0]) | set(created[1])
     assert len(every) == 30
     services = Services.open(home)
-    assert {r["id"] for r in services.store.query("SELECT id FROM jobs WHERE status = 'queued'")} == every
+    # files are checked asynchronously, by whoever claims jobs next
+    assert {r["id"] for r in services.store.query("SELECT id FROM jobs WHERE status = 'validating_files'")} == every
     claimed = both("claim")
     assert sorted(claimed[0] + claimed[1]) == sorted(every)  # each claimed once, none lost
     assert not services.store.query("SELECT id FROM jobs WHERE attempts != 1")

@@ -42,7 +42,7 @@ def upload(b, tmp_path, rows, name="train.jsonl"):
 
 def runner_pids(home):
     out = subprocess.run(
-        ["pgrep", "-f", f"gpt_finetune.local.(runner|train_job) --home {home}"], capture_output=True, text=True
+        ["pgrep", "-f", f"gpt_finetune.worker.(runner|train_job) --home {home}"], capture_output=True, text=True
     ).stdout
     return [int(p) for p in out.split()]
 
@@ -59,7 +59,7 @@ def test_job_lifecycle_events_checkpoints_result_file_and_model(tmp_path, tiny_m
         suffix="toy",
         seed=7,
     )
-    assert job.status == "queued" and job.hyperparameters.n_epochs == 2
+    assert job.status == "validating_files" and job.hyperparameters.n_epochs == 2  # checked by the runner
     done = wait_for(lambda: (j := b.retrieve_job(job.id)).status in ("succeeded", "failed") and j, what="job end")
     assert done.status == "succeeded", done.error
     assert done.fine_tuned_model == f"ft:tiny-llama:toy:{job.id}"
@@ -80,9 +80,13 @@ def test_job_lifecycle_events_checkpoints_result_file_and_model(tmp_path, tiny_m
     assert [int(r["step"]) for r in rows] == list(range(1, 11))
     assert done.fine_tuned_model in [m.id for m in b.list_models()]
     msgs = [{"role": "system", "content": "Answer with a colour."}, {"role": "user", "content": "thing 2"}]
-    tuned = "".join(b.chat(model=done.fine_tuned_model, messages=msgs, max_tokens=8, temperature=0))
-    ckpt = "".join(b.chat(model=ckpts[1].fine_tuned_model_checkpoint, messages=msgs, max_tokens=8, temperature=0))
-    base = "".join(b.chat(model=str(tiny_model_dir), messages=msgs, max_tokens=8, temperature=0))
+    tuned = b.chat(model=done.fine_tuned_model, messages=msgs, max_tokens=8, temperature=0).choices[0].message.content
+    ckpt = (
+        b.chat(model=ckpts[1].fine_tuned_model_checkpoint, messages=msgs, max_tokens=8, temperature=0)
+        .choices[0]
+        .message.content
+    )
+    base = b.chat(model=str(tiny_model_dir), messages=msgs, max_tokens=8, temperature=0).choices[0].message.content
     assert tuned != base and ckpt != base  # the checkpoint answers from its own, trained weights
     wait_for(lambda: not runner_pids(isolated_home), timeout=30, what="the runner to exit")
     # deleting the model frees its disk
@@ -97,11 +101,15 @@ def test_bad_training_file_fails_with_openai_codes(tmp_path, tiny_model_dir, iso
     rows = [chat_example(i) for i in range(12)]
     rows[6] = {"messages": [{"role": "user", "content": "no answer"}]}
     job = b.create_job(model=str(tiny_model_dir), training_file=upload(b, tmp_path, rows))
+    assert job.status == "validating_files"  # as OpenAI: files are checked after the job is created
+    few = b.create_job(model=str(tiny_model_dir), training_file=upload(b, tmp_path, rows[:5], "few.jsonl"))
+    ended = lambda j: (r := b.retrieve_job(j.id)).status != "validating_files" and r  # noqa: E731
+    job, few = wait_for(lambda: ended(job), what="check"), wait_for(lambda: ended(few), what="check")
     assert job.status == "failed" and job.error.code == "invalid_training_file"
     assert "line 7" in job.error.message and "assistant" in job.error.message
-    few = b.create_job(model=str(tiny_model_dir), training_file=upload(b, tmp_path, rows[:5], "few.jsonl"))
     assert few.status == "failed" and few.error.code == "invalid_n_examples"
-    assert runner_pids(isolated_home) == []
+    assert any("validation failed" in e.message for e in b.list_events(job.id))
+    wait_for(lambda: runner_pids(isolated_home) == [], timeout=30, what="the runner to exit")
 
 
 def test_jobs_list_pages_and_hyperparameter_ranges(tmp_path, tiny_model_dir, isolated_home):
@@ -260,7 +268,7 @@ def test_seed_scripts_end_to_end_on_the_local_backend(tmp_path, tiny_model_dir, 
     # infer.py --job answered with the job's fine-tuned model, as the backend does for that model
     msgs = [{"role": "system", "content": "Answer with a colour."}, {"role": "user", "content": "thing 3"}]
     direct = backend(isolated_home).chat(model=s["fine_tuned_model"], messages=msgs, max_tokens=6, temperature=0)
-    assert q.stdout.strip() == "".join(direct).strip() != ""
+    assert q.stdout.strip() == (direct.choices[0].message.content or "").strip() != ""
     png = tmp_path / "curves.png"
     p = subprocess.run(
         [sys.executable, "-m", "gpt_finetune", "jobs", "plot", job_id, "-o", str(png)],

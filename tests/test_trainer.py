@@ -111,7 +111,7 @@ def test_validation_metrics_and_full_finetune_learns_to_stop(tmp_path, tiny_mode
     assert base.finish_reason == "length"  # the random model rambles on
     again = engine.complete(str(tiny_model_dir), None, msgs, max_tokens=12, temperature=0)
     assert again.text == base.text  # the adapter loaded meanwhile is off for the base model
-    assert tuned.finish_reason == "stop" and tuned.completion_tokens < 12  # EOS learnt
+    assert tuned.finish_reason == "stop" and len(tuned.token_ids) < 12  # EOS learnt
     assert tuned.text.strip() == TOY_ANSWERS[1]
     streamed = "".join(engine.stream(str(tiny_model_dir), str(tmp_path / "final"), msgs, max_tokens=12, temperature=0))
     assert streamed.strip() == tuned.text.strip()

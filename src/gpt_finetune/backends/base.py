@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # the openai SDK takes ~0.7 s to import; data commands never need it
     from openai.types import FileObject, Model
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
     from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
 
 
@@ -53,6 +54,8 @@ class Backend(Protocol):
     def retrieve_job(self, job_id: str) -> FineTuningJob: ...
     def list_jobs(self, *, limit: int = 20, after: str | None = None) -> list[FineTuningJob]: ...
     def cancel_job(self, job_id: str) -> FineTuningJob: ...
+    def pause_job(self, job_id: str) -> FineTuningJob: ...
+    def resume_job(self, job_id: str) -> FineTuningJob: ...
     def list_events(self, job_id: str, *, limit: int = 100, after: str | None = None) -> list[FineTuningJobEvent]: ...
     def list_checkpoints(self, job_id: str) -> list[Any]: ...
 
@@ -63,11 +66,19 @@ class Backend(Protocol):
 
     # inference
     def chat(
-        self,
-        *,
-        model: str,
-        messages: list[dict[str, Any]],
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        stream: bool = False,
-    ) -> Iterator[str]: ...
+        self, *, model: str, messages: list[dict[str, Any]], stream: bool = False, **params: Any
+    ) -> ChatCompletion | Iterator[ChatCompletionChunk]:
+        """``chat.completions.create``: ``params`` are its other fields (max_tokens, temperature,
+        stop, seed, n, logprobs, ...). A ``ChatCompletion``, or its chunks when ``stream``."""
+        ...
+
+
+def chat_text(response: Any, *, stream: bool) -> Iterator[str]:
+    """The first choice's text from what ``Backend.chat`` returned: whole, or as it streams."""
+    if not stream:
+        yield response.choices[0].message.content or ""
+        return
+    for chunk in response:
+        for choice in chunk.choices:
+            if choice.index == 0 and choice.delta and choice.delta.content:
+                yield choice.delta.content

@@ -6,7 +6,6 @@ recover and resume jobs whose worker died.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,6 @@ class LocalBackend:
     def __init__(self, services: Services, options: dict[str, Any] | None = None) -> None:
         self.services = services
         self.options = options or {}
-        self._engine: Any = None
         services.jobs.kick()  # resume what a dead worker left
 
     @classmethod
@@ -100,6 +98,13 @@ class LocalBackend:
     def cancel_job(self, job_id: str) -> FineTuningJob:
         return FineTuningJob(**self.services.jobs.cancel(job_id))
 
+    def pause_job(self, job_id: str) -> FineTuningJob:
+        # the SDK's typed status has no "paused" (the spec's pause example returns it)
+        return FineTuningJob.model_construct(**self.services.jobs.pause(job_id))
+
+    def resume_job(self, job_id: str) -> FineTuningJob:
+        return FineTuningJob(**self.services.jobs.resume(job_id))
+
     def list_events(self, job_id: str, *, limit: int = 100, after: str | None = None) -> list[FineTuningJobEvent]:
         return [FineTuningJobEvent(**e) for e in self.services.jobs.list_events(job_id, limit=limit, after=after)[0]]
 
@@ -117,26 +122,11 @@ class LocalBackend:
         return self.services.models.delete(model_id)
 
     # inference
-    @property
-    def engine(self) -> Any:
-        if self._engine is None:
-            from ..local.inference import Engine
+    def chat(self, *, model: str, messages: list[dict[str, Any]], stream: bool = False, **params: Any) -> Any:
+        from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-            self._engine = Engine(self.services.home, self.services.models.local_base_model)
-        return self._engine
-
-    def chat(
-        self,
-        *,
-        model: str,
-        messages: list[dict[str, Any]],
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        stream: bool = False,
-    ) -> Iterator[str]:
-        base, adapter = self.services.models.locate(model)
+        request = {"model": model, "messages": messages, **{k: v for k, v in params.items() if v is not None}}
         if stream:
-            return self.engine.stream(base, adapter, messages, max_tokens=max_tokens, temperature=temperature)
-        return iter(
-            [self.engine.complete(base, adapter, messages, max_tokens=max_tokens, temperature=temperature).text]
-        )
+            request["stream"] = True
+            return (ChatCompletionChunk(**c) for c in self.services.chat.start(request).chunks())
+        return ChatCompletion(**self.services.chat.start(request).completion())

@@ -149,6 +149,12 @@ class OpenAIBackend:
     def cancel_job(self, job_id: str) -> FineTuningJob:
         return self._call(lambda: self.client.fine_tuning.jobs.cancel(job_id), f"cancel job {job_id}")
 
+    def pause_job(self, job_id: str) -> FineTuningJob:
+        return self._call(lambda: self.client.fine_tuning.jobs.pause(job_id), f"pause job {job_id}")
+
+    def resume_job(self, job_id: str) -> FineTuningJob:
+        return self._call(lambda: self.client.fine_tuning.jobs.resume(job_id), f"resume job {job_id}")
+
     def list_events(self, job_id: str, *, limit: int = 100, after: str | None = None) -> list[FineTuningJobEvent]:
         kwargs: dict[str, Any] = {"limit": limit}
         if after:
@@ -173,41 +179,27 @@ class OpenAIBackend:
         return self._call(lambda: self.client.models.delete(model_id).deleted, f"delete model {model_id}")
 
     # inference
-    def chat(
-        self,
-        *,
-        model: str,
-        messages: list[dict[str, Any]],
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        stream: bool = False,
-    ) -> Iterator[str]:
-        kwargs: dict[str, Any] = {"model": model, "messages": messages}
+    def chat(self, *, model: str, messages: list[dict[str, Any]], stream: bool = False, **params: Any) -> Any:
+        kwargs: dict[str, Any] = {
+            "model": model,
+            "messages": messages,
+            **{k: v for k, v in params.items() if v is not None},
+        }
         if stream:
             kwargs["stream"] = True
-        if max_tokens is not None:
-            kwargs["max_tokens"] = max_tokens
-        if temperature is not None:
-            kwargs["temperature"] = temperature
         response = self._call(lambda: self.client.chat.completions.create(**kwargs), f"chat with {model}")
         if not stream:
-            return iter([response.choices[0].message.content or ""])
-        return self._stream_text(response, model)
+            return response
+        return self._stream_chunks(response, model)
 
-    def _stream_text(self, stream: Any, model: str) -> Iterator[str]:
-        def pieces() -> Iterator[str]:
-            for chunk in stream:
-                for choice in chunk.choices:
-                    if choice.delta and choice.delta.content:
-                        yield choice.delta.content
-
-        it = pieces()
-        while True:
+    def _stream_chunks(self, stream: Any, model: str) -> Iterator[Any]:
+        it = iter(stream)
+        while True:  # errors in the middle of a stream are reported like any other
             try:
-                piece = self._call(lambda: next(it), f"chat with {model}")
+                chunk = self._call(lambda: next(it), f"chat with {model}")
             except StopIteration:
                 return
-            yield piece
+            yield chunk
 
 
 def _message(exc: openai.APIStatusError) -> str:

@@ -65,7 +65,7 @@ def get_backend(settings: Settings, *, announce: bool = True) -> Any:
     if choice == "auto":
         choice = "openai" if (settings.openai_api_key or settings.base_url) else "local"
         if choice == "local":
-            from ..local.base_models import missing_engine_packages
+            from ..catalog import missing_engine_packages
 
             missing = missing_engine_packages()
             if missing:  # only the core is installed (the seed's pip3 install -r requirements.txt)

@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+from ..backends.base import chat_text
 from ..errors import BackendError, ConfigError
 from .common import add_config_flag, add_connection_flags, get_backend, settings_from, typed
 
@@ -60,10 +61,10 @@ def cmd_infer(ns: argparse.Namespace) -> int:
     messages = ([{"role": "system", "content": s.sys_prompt}] if s.sys_prompt else []) + [
         {"role": "user", "content": question}
     ]
-    pieces = backend.chat(
+    response = backend.chat(
         model=model, messages=messages, max_tokens=s.max_tokens, temperature=s.temperature, stream=ns.stream
     )
-    for piece in pieces:
+    for piece in chat_text(response, stream=ns.stream):
         sys.stdout.write(piece)
         if ns.stream:
             sys.stdout.flush()
@@ -103,9 +104,10 @@ def cmd_chat(ns: argparse.Namespace) -> int:
             continue
         history.append({"role": "user", "content": text})
         answer = []
-        for piece in backend.chat(
+        response = backend.chat(
             model=model, messages=history, max_tokens=s.max_tokens, temperature=s.temperature, stream=True
-        ):
+        )
+        for piece in chat_text(response, stream=True):
             answer.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()

@@ -138,7 +138,7 @@ def cmd_files(ns: argparse.Namespace) -> int:
 
 def add_jobs(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(
-        dest="jobs_cmd", required=True, metavar="{create,list,get,events,checkpoints,cancel,wait,plot}"
+        dest="jobs_cmd", required=True, metavar="{create,list,get,events,checkpoints,cancel,pause,resume,wait,plot}"
     )
     add_finetune(sub.add_parser("create", help="upload data and create a job (same as finetune)"))
     lst = sub.add_parser("list", help="list jobs, newest first")
@@ -149,6 +149,8 @@ def add_jobs(p: argparse.ArgumentParser) -> None:
         ("events", "a job's events, oldest first"),
         ("checkpoints", "a job's checkpoints"),
         ("cancel", "cancel a job"),
+        ("pause", "pause a job: it saves a checkpoint and frees the trainer"),
+        ("resume", "resume a paused job from its checkpoint"),
         ("wait", "follow a job with a progress bar until it ends"),
         ("plot", "draw a job's loss and accuracy curves as a PNG"),
     ):
@@ -185,8 +187,8 @@ def cmd_jobs(ns: argparse.Namespace) -> int:
             print(f"{_ts(e.created_at)}  {e.level:<5} {e.message}")
     elif ns.jobs_cmd == "checkpoints":
         _show_list(backend.list_checkpoints(ns.job_id), ns.json, "id step_number fine_tuned_model_checkpoint")
-    elif ns.jobs_cmd == "cancel":
-        job = backend.cancel_job(ns.job_id)
+    elif ns.jobs_cmd in ("cancel", "pause", "resume"):
+        job = getattr(backend, f"{ns.jobs_cmd}_job")(ns.job_id)
         info(f"Job {job.id}: {job.status}")
     elif ns.jobs_cmd == "wait":
         return _exit_for(watch_job(backend, ns.job_id))

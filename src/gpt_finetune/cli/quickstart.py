@@ -94,7 +94,10 @@ def cmd_quickstart(ns: argparse.Namespace) -> int:
         truth = ex["messages"][-1]["content"]
         answers = {}
         for name, model in (("base", ns.model), ("tuned", job.fine_tuned_model)):
-            answers[name] = "".join(backend.chat(model=model, messages=prompt, max_tokens=24, temperature=0)).strip()
+            answers[name] = (
+                backend.chat(model=model, messages=prompt, max_tokens=24, temperature=0).choices[0].message.content
+                or ""
+            ).strip()
             score[name] += _labels(answers[name]) == _labels(truth)
         title = prompt[-1]["content"].split(" body:")[0].removeprefix("title: ")
         results.append((title, truth, answers["base"], answers["tuned"]))

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+STOPPED = (*TERMINAL, "paused")  # a paused job waits for `jobs resume`: following it would wait forever
 
 
 def watch_job(backend: Any, job_id: str, *, poll: float = 2.0, out: Any = None) -> Any:
@@ -50,7 +51,7 @@ def watch_job(backend: Any, job_id: str, *, poll: float = 2.0, out: Any = None) 
                     else:
                         print(line, file=out)
             job = backend.retrieve_job(job_id)
-            if job.status in TERMINAL:
+            if job.status in STOPPED:
                 break
             time.sleep(poll)
     finally:

@@ -62,6 +62,7 @@ class Hooks:
     on_checkpoint: Callable[[int, str, dict[str, Any]], None] = lambda step, path, metrics: None
     on_message: Callable[[str], None] = lambda text: None
     should_stop: Callable[[], bool] = lambda: False
+    save_on_stop: Callable[[], bool] = lambda: False  # a paused job keeps a checkpoint of where it stopped
     on_plan: Callable[[dict[str, Any]], None] = lambda plan: None  # store it with the job
 
 
@@ -356,7 +357,7 @@ def train(spec: TrainSpec, hooks: Hooks, extra_callbacks: list[Any] | None = Non
             if hooks.should_stop():
                 self.stopped = True
                 control.should_training_stop = True
-                control.should_save = False
+                control.should_save = hooks.save_on_stop()
 
     bridge = Bridge()
     if plan.checkpointing == "auto":  # set up once; each micro-batch then says whether it is used

@@ -1,12 +1,15 @@
-"""Services own the job lifecycle. The CLI's local backend and the server both call them."""
+"""Services own the job lifecycle and every write to the store. The CLI's local backend, the
+server and the training worker all call them; the engine (``local/``) never does."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..home import Home
 from ..store import Store
+from .chat import ChatService
 from .files import FileService
 from .jobs import JobService
 from .models import ModelService
@@ -19,15 +22,28 @@ class Services:
     files: FileService
     jobs: JobService
     models: ModelService
+    chat: ChatService
 
     @classmethod
-    def open(cls, root: str | Path | None = None, *, local_base_model: str | None = None) -> Services:
+    def open(
+        cls,
+        root: str | Path | None = None,
+        *,
+        local_base_model: str | None = None,
+        max_queue: int | None = None,
+    ) -> Services:
         home = Home(root)
         store = Store(home.db)
         files = FileService(store, home)
         models = ModelService(store, home, local_base_model=local_base_model)
         jobs = JobService(store, home, files, models)
-        return cls(home, store, files, jobs, models)
+
+        def engine() -> Any:  # loaded at the first chat request: torch is not needed before
+            from ..local.inference import DEFAULT_QUEUE, Engine
+
+            return Engine(home, models.local_base_model, max_queue=max_queue or DEFAULT_QUEUE)
+
+        return cls(home, store, files, jobs, models, ChatService(models, engine))
 
 
-__all__ = ["FileService", "JobService", "ModelService", "Services"]
+__all__ = ["ChatService", "FileService", "JobService", "ModelService", "Services"]

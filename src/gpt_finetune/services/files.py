@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -20,13 +19,27 @@ class FileService:
         self.store = store
         self.home = home
 
-    def create(self, fileobj: BinaryIO, filename: str, purpose: str = "fine-tune") -> dict[str, Any]:
+    def create(
+        self, fileobj: BinaryIO, filename: str, purpose: str = "fine-tune", *, max_bytes: int | None = None
+    ) -> dict[str, Any]:
+        """Keep an upload. Past ``max_bytes`` it is refused (413) and nothing is kept."""
         if purpose not in PURPOSES:
-            raise BackendError(f"purpose must be one of {', '.join(PURPOSES)}", code="invalid_purpose")
+            raise BackendError(f"purpose must be one of {', '.join(PURPOSES)}", code="invalid_purpose", param="purpose")
         file_id = new_id("file")
-        path = self.home.files / f"{file_id}{Path(filename).suffix[:10] or '.dat'}"
+        suffix = "".join(c for c in Path(filename).suffix[:10] if c.isalnum() or c == ".")
+        path = self.home.files / f"{file_id}{suffix or '.dat'}"  # the name never comes from the client
         with atomic_outputs() as group, group.open(path, "wb") as out:
-            shutil.copyfileobj(fileobj, out)  # type: ignore[misc]
+            written = 0
+            while chunk := fileobj.read(1 << 20):
+                written += len(chunk)
+                if max_bytes is not None and written > max_bytes:
+                    raise BackendError(
+                        f"the file is larger than this server's upload limit ({max_bytes:,} bytes)",
+                        code="file_too_large",
+                        param="file",
+                        status=413,
+                    )
+                out.write(chunk)  # type: ignore[arg-type]
         return self.register(path, os.path.basename(filename) or "upload", purpose, file_id=file_id)
 
     def create_from_path(self, path: str | Path, purpose: str = "fine-tune") -> dict[str, Any]:
@@ -57,10 +70,33 @@ class FileService:
     def path(self, file_id: str) -> Path:
         return Path(self.retrieve(file_id)["path"])
 
+    def page(
+        self, *, purpose: str | None = None, limit: int = 10_000, after: str | None = None, order: str = "desc"
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """One page of files, newest first (``order="asc"``: oldest first), after the file ``after``."""
+        desc = order == "desc"
+        where, params = [], []
+        if purpose:
+            where.append("purpose = ?")
+            params.append(purpose)
+        if after:
+            cur = self.store.query("SELECT rowid AS r, created_at FROM files WHERE id = ?", (after,))
+            if not cur:
+                raise NotFoundError(f"No such File object: {after}", code="file_not_found", param="after")
+            op = "<" if desc else ">"
+            where.append(f"(created_at {op} ? OR (created_at = ? AND rowid {op} ?))")
+            params += [cur[0]["created_at"], cur[0]["created_at"], cur[0]["r"]]
+        sql = "SELECT * FROM files" + (" WHERE " + " AND ".join(where) if where else "")
+        direction = "DESC" if desc else "ASC"
+        rows = self.store.query(
+            f"{sql} ORDER BY created_at {direction}, rowid {direction} LIMIT ?", [*params, limit + 1]
+        )
+        return rows[:limit], len(rows) > limit
+
     def list(self, purpose: str | None = None) -> list[dict[str, Any]]:
         if purpose:
-            return self.store.query("SELECT * FROM files WHERE purpose = ? ORDER BY created_at DESC, id", (purpose,))
-        return self.store.query("SELECT * FROM files ORDER BY created_at DESC, id")
+            return self.page(purpose=purpose)[0]
+        return self.page()[0]
 
     def delete(self, file_id: str) -> bool:
         row = self.retrieve(file_id)

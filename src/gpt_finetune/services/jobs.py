@@ -2,7 +2,7 @@
 
 Lifecycle: ``validating_files`` -> ``queued`` -> ``running`` -> ``succeeded`` | ``failed`` |
 ``cancelled``. Creating a job validates its files right away (a bad file fails the job with
-OpenAI's codes) and makes sure a runner is alive: a detached process (``local.runner``) that
+OpenAI's codes) and makes sure a runner is alive: a detached process (``worker.runner``) that
 holds ``runner.lock``, trains queued jobs one at a time, and exits when none are left. Nothing
 needs starting by hand: every start of the CLI's local backend or the server calls ``kick``.
 
@@ -21,17 +21,17 @@ import subprocess
 import sys
 from typing import Any
 
+from ..catalog import check_trainable, resolve_base
 from ..data.analysis import MIN_EXAMPLES, analyze_file
 from ..errors import BackendError, NotFoundError
 from ..home import Home, safe_name
-from ..local.base_models import check_trainable, resolve_base
 from ..openai_models import default_epochs
 from ..settings import SEED_MAX
 from ..store import Store, new_id, now
 from .files import FileService
 from .models import ModelService
 
-ACTIVE = ("validating_files", "queued", "running")
+ACTIVE = ("validating_files", "queued", "running", "paused")
 TERMINAL = ("succeeded", "failed", "cancelled")
 MAX_ATTEMPTS = 3
 BASE_LEARNING_RATE = {"lora": 1e-3, "full": 5e-5}
@@ -130,18 +130,59 @@ class JobService:
             job_id,
             f"Validating training file: {train['id']}" + (f" and validation file: {valid['id']}" if valid else ""),
         )
-        error, n_train = self._validate(train, "training_file")
-        if error is None and valid:
-            error, _ = self._validate(valid, "validation_file")
-        if error:
-            self._finish(job_id, "failed", error=error)
-            self.event(job_id, f"Training file validation failed: {error['message']}", level="error")
-            return self.retrieve(job_id)
-        self.store.update("jobs", job_id, {"status": "queued", "hyperparameters": resolve_hyperparameters(hp, n_train)})
-        self.event(job_id, "Files validated, moving job to queued state")
+        # the files are checked by the runner (``validate_pending``), as OpenAI does it
+        # asynchronously: creating a job over HTTP never waits on a large file
         if start:
             self.kick()
         return self.retrieve(job_id)
+
+    def validate_pending(self, pid: int) -> list[str]:
+        """Check the files of every job in ``validating_files`` (each claimed atomically, so two
+        processes never check the same job) and move it to ``queued`` or ``failed``. Returns the
+        ids it checked."""
+        done: list[str] = []
+        while True:
+            rows = self.store.query(
+                "SELECT id FROM jobs WHERE status = 'validating_files' AND worker_pid IS NULL "
+                "ORDER BY created_at, rowid LIMIT 1"
+            )
+            if not rows:
+                return done
+            job_id = rows[0]["id"]
+            if not self.store.update(
+                "jobs", job_id, {"worker_pid": pid}, where="status = 'validating_files' AND worker_pid IS NULL"
+            ):
+                continue  # another process took it
+            self._check_files(self._row(job_id))
+            done.append(job_id)
+
+    def _check_files(self, row: dict[str, Any]) -> None:
+        job_id = row["id"]
+        error: dict[str, Any] | None
+        try:
+            train = self.files.retrieve(row["training_file"])
+            valid = self.files.retrieve(row["validation_file"]) if row["validation_file"] else None
+        except NotFoundError as exc:  # deleted between create and validation
+            error, n_train = {"code": "invalid_training_file", "param": "training_file", "message": exc.message}, 0
+        else:
+            error, n_train = self._validate(train, "training_file")
+            if error is None and valid:
+                error, _ = self._validate(valid, "validation_file")
+        if error:
+            if self._finish(job_id, "failed", error=error, worker_pid=None):
+                self.event(job_id, f"Training file validation failed: {error['message']}", level="error")
+            return
+        if self.store.update(
+            "jobs",
+            job_id,
+            {
+                "status": "queued",
+                "worker_pid": None,
+                "hyperparameters": resolve_hyperparameters(row["hyperparameters"], n_train),
+            },
+            where="status = 'validating_files'",
+        ):
+            self.event(job_id, "Files validated, moving job to queued state")
 
     def check_request(self, *, model: str, suffix: str | None = None, seed: int | None = None) -> Any:
         """What can be refused before a file is uploaded: the model (and whether this machine can
@@ -194,18 +235,24 @@ class JobService:
     def row(self, job_id: str) -> dict[str, Any]:
         return self._row(job_id)
 
-    def list_jobs(self, *, limit: int = 20, after: str | None = None) -> tuple[list[dict[str, Any]], bool]:
+    def list_jobs(
+        self, *, limit: int = 20, after: str | None = None, metadata: dict[str, str] | None = None
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """Newest first, after the job ``after``; ``metadata`` keeps jobs whose metadata has
+        every one of these key-value pairs."""
         params: list[Any] = []
-        where = ""
+        where = []
         if after:
             cursor = self.store.query("SELECT rowid AS r, created_at FROM jobs WHERE id = ?", (after,))
             if not cursor:
-                raise NotFoundError(f"Job with id '{after}' not found.", code="job_not_found")
-            where = "WHERE (created_at < ? OR (created_at = ? AND rowid < ?))"
-            params = [cursor[0]["created_at"], cursor[0]["created_at"], cursor[0]["r"]]
-        rows = self.store.query(
-            f"SELECT * FROM jobs {where} ORDER BY created_at DESC, rowid DESC LIMIT ?", [*params, limit + 1]
-        )
+                raise NotFoundError(f"Job with id '{after}' not found.", code="job_not_found", param="after")
+            where.append("(created_at < ? OR (created_at = ? AND rowid < ?))")
+            params += [cursor[0]["created_at"], cursor[0]["created_at"], cursor[0]["r"]]
+        for key, value in (metadata or {}).items():
+            where.append("json_extract(metadata, ?) = ?")
+            params += ['$."' + key.replace('"', '""') + '"', value]
+        sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
+        rows = self.store.query(f"{sql} ORDER BY created_at DESC, rowid DESC LIMIT ?", [*params, limit + 1])
         return [self.to_openai(r) for r in rows[:limit]], len(rows) > limit
 
     def list_events(
@@ -299,9 +346,35 @@ class JobService:
             "jobs",
             job_id,
             {"status": "cancelled", "finished_at": now()},
-            where="status IN ('validating_files', 'queued', 'running')",
+            where="status IN ('validating_files', 'queued', 'running', 'paused')",
         ):
             self.event(job_id, "Job was cancelled")
+        return self.retrieve(job_id)
+
+    def pause(self, job_id: str) -> dict[str, Any]:
+        """Pause a queued or running job. A running job's worker saves a checkpoint and stops,
+        which frees the runner for other jobs; ``resume`` continues from that checkpoint."""
+        row = self._row(job_id)
+        if not self.store.update("jobs", job_id, {"status": "paused"}, where="status IN ('queued', 'running')"):
+            raise BackendError(
+                f"Job {job_id} is {row['status']}; only a queued or running job can be paused",
+                code="job_not_pausable",
+                status=409,
+            )
+        self.event(job_id, "Job paused" + (": saving a checkpoint" if row["status"] == "running" else ""))
+        return self.retrieve(job_id)
+
+    def resume(self, job_id: str) -> dict[str, Any]:
+        """Queue a paused job again; it continues from its last checkpoint."""
+        row = self._row(job_id)
+        if not self.store.update("jobs", job_id, {"status": "queued"}, where="status = 'paused'"):
+            raise BackendError(
+                f"Job {job_id} is {row['status']}; only a paused job can be resumed",
+                code="job_not_resumable",
+                status=409,
+            )
+        self.event(job_id, "Job resumed")
+        self.kick()
         return self.retrieve(job_id)
 
     def _finish(self, job_id: str, status: str, *, error: dict[str, Any] | None = None, **changes: Any) -> bool:
@@ -322,8 +395,69 @@ class JobService:
             self.event(job_id, f"Job failed: {message}", level="error")
         return ok
 
+    def add_checkpoint(
+        self, job_id: str, *, step: int, path: str, metrics: dict[str, Any], model_id: str, base: str
+    ) -> None:
+        """Record a checkpoint the trainer saved (and its model id), and forget the older ones
+        whose directories the trainer removed (it keeps the last 3)."""
+        from pathlib import Path
+
+        ckpt_id = f"{model_id}:ckpt-step-{step}"
+        with self.store.tx() as conn:
+            conn.execute("DELETE FROM checkpoints WHERE fine_tuned_model_checkpoint = ?", (ckpt_id,))
+        self.store.insert(
+            "checkpoints",
+            {
+                "id": f"ftckpt-{job_id.split('-', 1)[1]}-{step}",
+                "job_id": job_id,
+                "created_at": now(),
+                "step_number": step,
+                "fine_tuned_model_checkpoint": ckpt_id,
+                "path": path,
+                "metrics": {k: v for k, v in metrics.items() if k != "total_steps"},
+            },
+        )
+        self.models.register(ckpt_id, kind="checkpoint", base=base, path=Path(path), job_id=job_id)
+        for row in self.store.query(
+            "SELECT id, path, fine_tuned_model_checkpoint FROM checkpoints WHERE job_id = ?", (job_id,)
+        ):
+            if row["path"] != path and not Path(row["path"]).exists():
+                self.store.delete("checkpoints", row["id"])
+                self.store.delete("models", row["fine_tuned_model_checkpoint"])
+        self.event(job_id, f"Checkpoint created at step {step}")
+
+    def metrics_rows(self, job_id: str) -> list[dict[str, Any]]:
+        """The data of a job's metrics events, oldest first (the result CSV and loss plots)."""
+        return [
+            e["data"]
+            for e in self.store.query(
+                "SELECT data FROM events WHERE job_id = ? AND type = 'metrics' ORDER BY seq", (job_id,)
+            )
+        ]
+
+    def complete(
+        self, job_id: str, *, model_id: str, base: str, model_path: str, trained_tokens: int, result_path: str
+    ) -> bool:
+        """A job's worker finished: keep its result file and model, and mark it succeeded. A job
+        cancelled at the last moment keeps nothing (False)."""
+        from pathlib import Path
+
+        result_file = self.files.register(Path(result_path), "step_metrics.csv", "fine-tune-results")
+        self.models.register(model_id, kind="fine-tuned", base=base, path=Path(model_path), job_id=job_id)
+        self.event(job_id, f"New fine-tuned model created: {model_id}")
+        if self.succeed(
+            job_id, fine_tuned_model=model_id, trained_tokens=trained_tokens, result_files=[result_file["id"]]
+        ):
+            self.event(job_id, "The job has successfully completed")
+            return True
+        self.store.delete("models", model_id)
+        return False
+
     # ---- the worker ---------------------------------------------------------------------
     def claim_next(self, pid: int) -> dict[str, Any] | None:
+        """The oldest queued job, now ``running`` for process ``pid`` (files of new jobs are
+        checked first)."""
+        self.validate_pending(pid)
         with self.store.tx() as conn:
             row = conn.execute(
                 "SELECT id FROM jobs WHERE status = 'queued' ORDER BY created_at, rowid LIMIT 1"
@@ -352,7 +486,9 @@ class JobService:
         return False
 
     def recover_orphans(self) -> list[str]:
-        """Called by a runner that holds the lock: every ``running`` job lost its worker."""
+        """Called by a runner that holds the lock: every ``running`` job lost its worker, and a
+        job whose file check was cut short is checked again."""
+        self.store.execute("UPDATE jobs SET worker_pid = NULL WHERE status = 'validating_files'")
         return [
             row["id"]
             for row in self.store.query("SELECT * FROM jobs WHERE status = 'running'")
@@ -360,7 +496,9 @@ class JobService:
         ]
 
     def has_active(self) -> bool:
-        return bool(self.store.query("SELECT 1 FROM jobs WHERE status IN ('queued', 'running') LIMIT 1"))
+        return bool(
+            self.store.query("SELECT 1 FROM jobs WHERE status IN ('validating_files', 'queued', 'running') LIMIT 1")
+        )
 
     def runner_alive(self) -> bool:
         with open(self.home.runner_lock, "a+") as fh:
@@ -380,7 +518,7 @@ class JobService:
         src = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         subprocess.Popen(
-            [sys.executable, "-m", "gpt_finetune.local.runner", "--home", str(self.home.root)],
+            [sys.executable, "-m", "gpt_finetune.worker.runner", "--home", str(self.home.root)],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,

@@ -9,9 +9,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ..catalog import DEFAULT_BASE_MODEL, gguf_path, is_openai_name, resolve_base
 from ..errors import BackendError, NotFoundError
 from ..home import Home
-from ..local.base_models import DEFAULT_BASE_MODEL, gguf_path, is_openai_name, resolve_base
 from ..store import Store, now
 
 
@@ -83,6 +83,9 @@ class ModelService:
             return row["base"], row["path"]
         if is_openai_name(model_id):
             return self.local_base_model, None
+        location = self._base_location(model_id)
+        if location is not None:
+            return location, None
         try:
             resolve_base(model_id, self.local_base_model)
         except NotFoundError:
@@ -90,6 +93,18 @@ class ModelService:
                 f"The model '{model_id}' does not exist", code="model_not_found", hint="see: gpt-finetune models list"
             ) from None
         return model_id, None
+
+    def _base_location(self, model_id: str) -> str | None:
+        """Where a base model listed by its short name (a directory's name) lives."""
+        if self.local_base_model != DEFAULT_BASE_MODEL:
+            try:
+                if resolve_base(self.local_base_model).id == model_id:
+                    return self.local_base_model
+            except NotFoundError:
+                pass
+        for row in self.store.query("SELECT options FROM jobs WHERE base_model = ? LIMIT 1", (model_id,)):
+            return str(row["options"].get("base") or model_id)
+        return None
 
     def delete(self, model_id: str) -> bool:
         """Delete a fine-tuned model (and its checkpoints), freeing their disk. Base models

@@ -3,7 +3,8 @@
 Started by ``JobService.kick`` whenever jobs wait and no runner holds ``runner.lock``; exits when
 the queue is empty. Each job trains in a child process of its own (``local.train_job``, through
 ``accelerate launch`` when ``num_processes`` > 1), so a job's memory is freed when it ends, and a
-cancelled job that does not stop within ``CANCEL_GRACE`` seconds is killed. The child dies with
+cancelled job that does not stop within ``CANCEL_GRACE`` seconds is killed (a paused one
+within ``PAUSE_GRACE``: it saves a checkpoint first). The child dies with
 the runner (PR_SET_PDEATHSIG on Linux; it also polls the runner's pid), so a job never trains
 twice at once.
 """
@@ -24,6 +25,7 @@ from typing import IO, Any
 from ..services import Services
 
 CANCEL_GRACE = 10.0
+PAUSE_GRACE = 120.0  # a paused job saves a checkpoint before it stops
 log = logging.getLogger("gpt_finetune.runner")
 
 
@@ -50,10 +52,10 @@ def child_command(services: Services, job: dict[str, Any]) -> list[str]:
             "--num_machines",
             "1",
             "-m",
-            "gpt_finetune.local.train_job",
+            "gpt_finetune.worker.train_job",
             *args,
         ]
-    return [sys.executable, "-m", "gpt_finetune.local.train_job", *args]
+    return [sys.executable, "-m", "gpt_finetune.worker.train_job", *args]
 
 
 def run_job(services: Services, job: dict[str, Any]) -> None:
@@ -71,13 +73,13 @@ def run_job(services: Services, job: dict[str, Any]) -> None:
             preexec_fn=_die_with_parent,
             start_new_session=False,
         )
-        cancelled_at: float | None = None
+        stop_by: float | None = None  # when a cancelled or paused job's process is killed
         while child.poll() is None:
             time.sleep(0.5)
             status = jobs.row(job["id"])["status"]
-            if status == "cancelled" and cancelled_at is None:
-                cancelled_at = time.time()
-            if cancelled_at is not None and time.time() - cancelled_at > CANCEL_GRACE:
+            if status in ("cancelled", "paused") and stop_by is None:
+                stop_by = time.time() + (CANCEL_GRACE if status == "cancelled" else PAUSE_GRACE)
+            if stop_by is not None and time.time() > stop_by:
                 child.kill()
                 child.wait()
     row = jobs.row(job["id"])
@@ -98,7 +100,7 @@ def _try_lock(fh: IO[str]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="gpt_finetune.local.runner")
+    ap = argparse.ArgumentParser(prog="gpt_finetune.worker.runner")
     ap.add_argument("--home", required=True)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s runner[%(process)d] %(message)s")

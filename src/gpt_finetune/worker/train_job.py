@@ -20,12 +20,12 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from ..catalog import resolve_base
 from ..errors import GptFinetuneError
+from ..local.base_models import model_dir as base_model_dir
 from ..services import Services
 from ..services.jobs import BASE_LEARNING_RATE
 from ..services.models import fine_tuned_id
-from .base_models import model_dir as base_model_dir
-from .base_models import resolve_base
 
 RESULT_COLUMNS = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
 
@@ -42,10 +42,7 @@ def latest_checkpoint(output_dir: Path) -> str | None:
 def result_csv(services: Services, job_id: str) -> str:
     """OpenAI's result file, from the job's metrics events (so it survives a resume)."""
     rows: dict[int, dict[str, Any]] = {}
-    for e in services.store.query(
-        "SELECT data FROM events WHERE job_id = ? AND type = 'metrics' ORDER BY seq", (job_id,)
-    ):
-        d = e["data"]
+    for d in services.jobs.metrics_rows(job_id):
         row = rows.setdefault(int(d["step"]), {"step": int(d["step"])})
         row.update(
             {
@@ -64,7 +61,7 @@ def result_csv(services: Services, job_id: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="gpt_finetune.local.train_job")
+    ap = argparse.ArgumentParser(prog="gpt_finetune.worker.train_job")
     ap.add_argument("--home", required=True)
     ap.add_argument("job_id")
     args = ap.parse_args(argv)
@@ -87,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(services: Services, job: dict[str, Any], is_main: bool) -> int:
-    from .trainer import Hooks, TrainSpec, train
+    from ..local.trainer import Hooks, TrainSpec, train
 
     jobs, home = services.jobs, services.home
     job_id = job["id"]
@@ -124,6 +121,7 @@ def _run(services: Services, job: dict[str, Any], is_main: bool) -> int:
         plan=job.get("plan"),  # made at the first start; a resumed job keeps it
     )
     model_id = fine_tuned_id(base.id, job["suffix"], job_id)
+    base_name = opts.get("base") or job["base_model"]
     runner_pid = int(os.environ.get("GPT_FINETUNE_RUNNER_PID") or 0)
     last_poll = [0.0, False]
 
@@ -148,37 +146,14 @@ def _run(services: Services, job: dict[str, Any], is_main: bool) -> int:
         jobs.event(job_id, ": ".join([parts[0], ", ".join(parts[1:])]), type="metrics", data=m)
 
     def on_checkpoint(step: int, path: str, metrics: dict[str, Any]) -> None:
-        ckpt_id = f"{model_id}:ckpt-step-{step}"
-        services.store.execute("DELETE FROM checkpoints WHERE fine_tuned_model_checkpoint = ?", (ckpt_id,))
-        services.store.insert(
-            "checkpoints",
-            {
-                "id": f"ftckpt-{job_id.split('-', 1)[1]}-{step}",
-                "job_id": job_id,
-                "created_at": int(time.time()),
-                "step_number": step,
-                "fine_tuned_model_checkpoint": ckpt_id,
-                "path": path,
-                "metrics": {k: v for k, v in metrics.items() if k not in ("total_steps",)},
-            },
-        )
-        services.models.register(
-            ckpt_id, kind="checkpoint", base=opts.get("base") or job["base_model"], path=Path(path), job_id=job_id
-        )
-        # the trainer keeps the last 3 checkpoint directories; forget the ones it removed
-        for row in services.store.query(
-            "SELECT id, path, fine_tuned_model_checkpoint FROM checkpoints WHERE job_id = ?", (job_id,)
-        ):
-            if row["path"] != path and not Path(row["path"]).exists():
-                services.store.delete("checkpoints", row["id"])
-                services.store.delete("models", row["fine_tuned_model_checkpoint"])
-        jobs.event(job_id, f"Checkpoint created at step {step}")
+        jobs.add_checkpoint(job_id, step=step, path=path, metrics=metrics, model_id=model_id, base=base_name)
 
     hooks = Hooks(
         on_metrics=on_metrics,
         on_checkpoint=on_checkpoint,
         on_message=lambda text: jobs.event(job_id, text),
         should_stop=should_stop,
+        save_on_stop=lambda: jobs.row(job_id)["status"] == "paused",
         on_plan=lambda plan: jobs.set_plan(job_id, plan),
     )
     if not is_main:
@@ -186,8 +161,10 @@ def _run(services: Services, job: dict[str, Any], is_main: bool) -> int:
     result = train(spec, hooks)
     if not is_main:
         return 0
-    if result.stopped:
-        return 0  # cancelled (the status says so already) or the runner went away
+    if result.stopped:  # cancelled or paused (the status says so already), or the runner went away
+        if jobs.row(job_id)["status"] == "paused":
+            jobs.event(job_id, f"Job paused at step {result.global_step}; resume continues from there")
+        return 0
     if result.full_valid_loss is not None:
         m = {"step": result.global_step, "total_steps": result.global_step, "full_valid_loss": result.full_valid_loss}
         if result.full_valid_mean_token_accuracy is not None:
@@ -197,17 +174,14 @@ def _run(services: Services, job: dict[str, Any], is_main: bool) -> int:
     from ..atomic import write_text_atomic
 
     write_text_atomic(result_path, result_csv(services, job_id))
-    result_file = services.files.register(result_path, "step_metrics.csv", "fine-tune-results")
-    services.models.register(
-        model_id, kind="fine-tuned", base=opts.get("base") or job["base_model"], path=final_dir, job_id=job_id
-    )
-    jobs.event(job_id, f"New fine-tuned model created: {model_id}")
-    if jobs.succeed(
-        job_id, fine_tuned_model=model_id, trained_tokens=result.trained_tokens, result_files=[result_file["id"]]
-    ):
-        jobs.event(job_id, "The job has successfully completed")
-    else:  # cancelled at the last moment: the model is not kept
-        services.store.delete("models", model_id)
+    if not jobs.complete(
+        job_id,
+        model_id=model_id,
+        base=base_name,
+        model_path=str(final_dir),
+        trained_tokens=result.trained_tokens,
+        result_path=str(result_path),
+    ):  # cancelled at the last moment: the model is not kept
         shutil.rmtree(final_dir, ignore_errors=True)
     return 0
 

@@ -1,0 +1,54 @@
+"""The dependency direction runs one way: data and core services at the bottom, the engine
+beside them, adapters (cli, server, worker, backends) on top. Checked on the source's imports."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parent.parent / "src" / "gpt_finetune"
+ADAPTERS = {"cli", "server", "worker", "backends"}
+# package -> packages it must never import
+FORBIDDEN = {
+    "data": ADAPTERS | {"services", "local"},
+    "local": ADAPTERS | {"services"},
+    "services": ADAPTERS,
+    "server": {"cli", "worker", "backends"},
+    "cli": {"server", "worker"},  # but `serve` starts the server: cli/serve_cmd.py, below
+    "worker": {"cli", "server", "backends"},
+}
+
+
+def imported_packages(path: Path) -> set[str]:
+    """Top-level subpackages of gpt_finetune that a module imports (relative or absolute)."""
+    here = path.relative_to(PKG).parts[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = list(here[: len(here) - (node.level - 1)]) if node.level > 1 else list(here)
+                parts = base + (node.module.split(".") if node.module else [])
+                names = [[*parts, a.name] for a in node.names] if not node.module else [parts]
+            elif node.module and node.module.startswith("gpt_finetune"):
+                names = [node.module.split(".")[1:]]
+            else:
+                continue
+            found |= {p[0] for p in names if p}
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("gpt_finetune.")}
+    return found
+
+
+def test_no_layer_imports_one_above_it():
+    bad = []
+    for pkg, forbidden in FORBIDDEN.items():
+        for path in (PKG / pkg).rglob("*.py"):
+            allowed = {"server"} if path == PKG / "cli" / "serve_cmd.py" else set()
+            for target in (imported_packages(path) & forbidden) - allowed:
+                bad.append(f"{path.relative_to(PKG)} imports {target}")
+    assert bad == []
+
+
+def test_the_check_sees_imports():
+    assert {"services", "errors"} <= imported_packages(PKG / "worker" / "runner.py") | {"errors"}
+    assert "local" in imported_packages(PKG / "worker" / "train_job.py")
