@@ -176,6 +176,10 @@ class Settings:
     user_input: str | None = _opt(_str)
     # listing (jobs list, events)
     limit: int | None = _opt(_positive_int)
+    # the server (serve)
+    server_api_keys: list[str] | None = _opt(lambda t: [x.strip() for x in t.split(",") if x.strip()], secret=True)
+    max_queue: int | None = _opt(_positive_int)
+    max_upload_mb: float | None = _opt(_float_range(0.001, 1_000_000.0))
     # where each value came from: key -> "flag --x", "file.cfg:3", "env VAR", "default"
     origins: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 

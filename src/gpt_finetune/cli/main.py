@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "files": ("job_cmds.add_files", "upload, list, get, delete files"),
     "jobs": ("job_cmds.add_jobs", "create, list, get, follow, cancel fine-tuning jobs"),
     "models": ("job_cmds.add_models", "list, get, delete models"),
+    "serve": ("serve_cmd.add_serve", "serve OpenAI's fine-tuning and chat API from this machine"),
     "quickstart": ("quickstart.add_quickstart", "prepare the example data, fine-tune the default model here, compare"),
 }
 SEED_SCRIPTS = {"prepare": "data_process.py", "finetune": "finetune.py", "infer": "infer.py"}

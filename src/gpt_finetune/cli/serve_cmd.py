@@ -1,0 +1,85 @@
+"""``serve``: the OpenAI-compatible server over the local backend."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import socket
+
+from ..errors import ConfigError, DependencyError
+from ..settings import redact
+from .common import add_config_flag, info, settings_from, typed, warn
+
+DEFAULT_PORT = 8000
+LOOPBACK_NAMES = ("localhost", "ip6-localhost")
+
+
+def add_serve(p: argparse.ArgumentParser) -> None:
+    add_config_flag(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    p.add_argument(
+        "--api-key",
+        dest="api_keys",
+        action="append",
+        metavar="KEY",
+        help="a key clients must send as 'Authorization: Bearer KEY' (repeatable; or server_api_keys in the "
+        "config, or GPT_FINETUNE_SERVER_API_KEYS=k1,k2); required unless the server binds to loopback",
+    )
+    p.add_argument(
+        "--max-queue", dest="max_queue", type=typed("max_queue"), help="chat requests that may wait (default 64)"
+    )
+    p.add_argument(
+        "--max-upload-mb", dest="max_upload_mb", type=typed("max_upload_mb"), help="largest file upload (default 512)"
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_serve)
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return all(ipaddress.ip_address(a[4][0]).is_loopback for a in socket.getaddrinfo(host, None))
+        except OSError:
+            return False
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from ..backends.local import LOCAL_OPTION_KEYS
+        from ..server import ServerConfig, create_app
+        from ..services import Services
+    except ImportError as exc:
+        raise DependencyError(
+            f"the server is not installed ({exc.name} is missing)", hint="pip install 'gpt-finetune[server,local]'"
+        ) from None
+    if ns.api_keys:
+        warn("API keys given on the command line are visible to other users of this machine; prefer the config file")
+    s = settings_from(ns)
+    keys = list(ns.api_keys or s.server_api_keys or [])
+    if not keys and not is_loopback(ns.host):
+        raise ConfigError(
+            f"refusing to serve on {ns.host} without an API key: anyone who can reach it could train and use models",
+            hint="give --api-key KEY (or server_api_keys in the config), or bind to 127.0.0.1",
+        )
+    if not 0 <= ns.port <= 65535:
+        raise ConfigError(f"--port {ns.port}: must be from 0 to 65535")
+    config = ServerConfig(
+        api_keys=keys,
+        job_options={k: getattr(s, k) for k in LOCAL_OPTION_KEYS if getattr(s, k, None) is not None},
+    )
+    if s.max_upload_mb:
+        config.max_upload_bytes = int(s.max_upload_mb * (1 << 20))
+    services = Services.open(s.home, local_base_model=s.local_base_model, max_queue=s.max_queue)
+    services.jobs.kick()  # resume what a dead worker left
+    app = create_app(services, config)
+    shown = ", ".join(redact(k) for k in keys) if keys else "none (loopback only)"
+    info(f"Serving OpenAI's API at http://{ns.host}:{ns.port}/v1 (data in {services.home.root}; API keys: {shown})")
+    uvicorn.run(app, host=ns.host, port=ns.port, log_level=ns.log_level, timeout_graceful_shutdown=5)
+    return 0

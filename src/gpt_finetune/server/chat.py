@@ -1,0 +1,46 @@
+"""``POST /v1/chat/completions``: whole answers, or server-sent chunks ending in ``[DONE]``.
+
+The chat service checks the request and queues it on the engine thread; this route only waits
+for it on the event loop. A client that disconnects (or whose request is cancelled) cancels its
+handle, which stops its generation at the next token and frees its place in the queue.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from ..errors import GptFinetuneError
+from ..services import Services
+from .protocol import read_json
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def create_chat_completion(request: Request) -> JSONResponse | StreamingResponse:
+    services: Services = request.app.state.services
+    body = await read_json(request)
+    # model lookup reads the store and may load the engine's code: off the event loop
+    run = await run_in_threadpool(services.chat.start, body)
+    if not run.stream:
+        return JSONResponse(await run.acompletion())
+    return StreamingResponse(
+        _sse(run.achunks()),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+    try:
+        async for chunk in chunks:
+            yield f"data: {json.dumps(chunk)}\n\n"
+    except GptFinetuneError as exc:  # after the headers went out: an error event, as OpenAI sends
+        yield f"data: {json.dumps(exc.to_openai())}\n\n"
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,169 @@
+"""Files, fine-tuning jobs, models and health, as OpenAI's spec defines them.
+
+Routes that touch only the store are plain functions (FastAPI runs them on its thread pool), so a
+slow disk never stalls the event loop that streams chat answers.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+
+from ..errors import BackendError, NotFoundError
+from ..services import Services
+from .protocol import job_request, read_json
+
+router = APIRouter()
+MAX_LIMIT = 10_000
+
+
+def _services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def _page(data: list[dict[str, Any]], has_more: bool, *, ids: bool = False) -> dict[str, Any]:
+    page: dict[str, Any] = {"object": "list", "data": data, "has_more": has_more}
+    if ids:
+        page["first_id"] = data[0]["id"] if data else None
+        page["last_id"] = data[-1]["id"] if data else None
+    return page
+
+
+@router.get("/health")
+def health(request: Request) -> dict[str, Any]:
+    """Alive, and how many chat requests wait (no key needed)."""
+    chat = _services(request).chat
+    return {"status": "ok", "queued_requests": chat._engine.pending() if chat._engine is not None else 0}
+
+
+# ---- files ----------------------------------------------------------------------------------
+@router.post("/v1/files")
+async def create_file(
+    request: Request, file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]
+) -> dict[str, Any]:
+    services = _services(request)
+    limit = request.app.state.config.max_upload_bytes
+    row = await run_in_threadpool(
+        services.files.create, file.file, file.filename or "upload.jsonl", purpose, max_bytes=limit
+    )
+    return services.files.to_openai(row)
+
+
+@router.get("/v1/files")
+def list_files(
+    request: Request,
+    purpose: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = MAX_LIMIT,
+    after: str | None = None,
+    order: Annotated[str, Query(pattern="^(asc|desc)$")] = "desc",
+) -> dict[str, Any]:
+    files = _services(request).files
+    rows, more = files.page(purpose=purpose, limit=limit, after=after, order=order)
+    return _page([files.to_openai(r) for r in rows], more, ids=True)
+
+
+@router.get("/v1/files/{file_id}")
+def retrieve_file(request: Request, file_id: str) -> dict[str, Any]:
+    files = _services(request).files
+    return files.to_openai(files.retrieve(file_id))
+
+
+@router.delete("/v1/files/{file_id}")
+def delete_file(request: Request, file_id: str) -> dict[str, Any]:
+    files = _services(request).files
+    row = files.retrieve(file_id)
+    files.delete(file_id)
+    return {"id": row["id"], "object": "file", "deleted": True}
+
+
+@router.get("/v1/files/{file_id}/content")
+def file_content(request: Request, file_id: str) -> FileResponse:
+    files = _services(request).files
+    row = files.retrieve(file_id)
+    path = files.path(file_id)
+    if not path.resolve().is_relative_to(_services(request).home.root.resolve()):
+        raise NotFoundError(f"No such File object: {file_id}", code="file_not_found")  # never outside the home
+    return FileResponse(path, media_type="application/octet-stream", filename=row["filename"])
+
+
+# ---- fine-tuning jobs ---------------------------------------------------------------------------
+@router.post("/v1/fine_tuning/jobs")
+async def create_job(request: Request) -> dict[str, Any]:
+    services = _services(request)
+    kwargs = job_request(await read_json(request))
+    options = request.app.state.config.job_options
+    return await run_in_threadpool(lambda: services.jobs.create(**kwargs, options=options))
+
+
+_METADATA = re.compile(r"metadata\[(.+)\]")
+
+
+@router.get("/v1/fine_tuning/jobs")
+def list_jobs(
+    request: Request, after: str | None = None, limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 20
+) -> dict[str, Any]:
+    metadata = {m.group(1): v for k, v in request.query_params.items() if (m := _METADATA.fullmatch(k))}
+    unknown = set(request.query_params) - {"after", "limit"} - {f"metadata[{k}]" for k in metadata}
+    if unknown:
+        raise BackendError(f"unknown query parameter: {sorted(unknown)[0]}", param=sorted(unknown)[0])
+    data, more = _services(request).jobs.list_jobs(limit=limit, after=after, metadata=metadata or None)
+    return _page(data, more)
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}")
+def retrieve_job(request: Request, job_id: str) -> dict[str, Any]:
+    return _services(request).jobs.retrieve(job_id)
+
+
+@router.post("/v1/fine_tuning/jobs/{job_id}/cancel")
+def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
+    return _services(request).jobs.cancel(job_id)
+
+
+@router.post("/v1/fine_tuning/jobs/{job_id}/pause")
+def pause_job(request: Request, job_id: str) -> dict[str, Any]:
+    return _services(request).jobs.pause(job_id)
+
+
+@router.post("/v1/fine_tuning/jobs/{job_id}/resume")
+def resume_job(request: Request, job_id: str) -> dict[str, Any]:
+    return _services(request).jobs.resume(job_id)
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}/events")
+def list_events(
+    request: Request, job_id: str, after: str | None = None, limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 20
+) -> dict[str, Any]:
+    data, more = _services(request).jobs.list_events(job_id, limit=limit, after=after)
+    return _page(data, more)
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
+def list_checkpoints(
+    request: Request, job_id: str, after: str | None = None, limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 10
+) -> dict[str, Any]:
+    data, more = _services(request).jobs.list_checkpoints(job_id, limit=limit, after=after)
+    return _page(data, more, ids=True)
+
+
+# ---- models ---------------------------------------------------------------------------------
+@router.get("/v1/models")
+def list_models(request: Request) -> dict[str, Any]:
+    return {"object": "list", "data": _services(request).models.list()}
+
+
+# model ids hold ':' and, for a base model given as a directory, '/'
+@router.get("/v1/models/{model:path}")
+def retrieve_model(request: Request, model: str) -> dict[str, Any]:
+    return _services(request).models.retrieve(model)
+
+
+@router.delete("/v1/models/{model:path}")
+def delete_model(request: Request, model: str) -> dict[str, Any]:
+    _services(request).models.delete(model)
+    return {"id": model, "object": "model", "deleted": True}
