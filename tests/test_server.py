@@ -21,6 +21,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("torch")
 
+
 def _nullable(node):
     """The spec mixes OpenAPI 3.0's ``nullable: true`` into 3.1 schemas: make it JSON Schema."""
     if isinstance(node, list):
@@ -228,6 +229,10 @@ def test_pause_and_resume(server, tmp_path):
     while not any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job.id).data):
         assert time.time() < deadline, "no training step"
         time.sleep(0.3)
+    # training runs in the worker process: the server answers meanwhile (latency: bench/README.md)
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "running"
+    for path in ("/health", "/v1/models", f"/v1/fine_tuning/jobs/{job.id}/events"):
+        assert httpx.get(server.url + path, timeout=5).status_code == 200
     paused = client.fine_tuning.jobs.pause(job.id)
     assert paused.status == "paused"
     deadline = time.time() + 120
@@ -289,9 +294,15 @@ def test_refusals_have_openais_shape(server, tmp_path):
 
 
 def test_a_full_queue_answers_429_and_a_dropped_stream_frees_its_place(tmp_path, tiny_model_dir):
-    s = Server(tmp_path / "home", tiny_model_dir, "--max-queue", "1")
+    import shutil
+
+    model = tmp_path / "tiny-long"  # the tiny model with a long context, so that one answer takes a while
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 8192}))
+    s = Server(tmp_path / "home", model, "--max-queue", "1")
     try:
-        long = {"model": "tiny-llama", "messages": MSGS, "max_tokens": 3000, "temperature": 0, "stream": True}
+        long = {"model": "tiny-long", "messages": MSGS, "max_tokens": 8000, "temperature": 0, "stream": True}
         first = httpx.stream("POST", s.url + "/v1/chat/completions", json=long, timeout=120)
         response = first.__enter__()
         lines = response.iter_lines()

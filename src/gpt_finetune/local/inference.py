@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ..catalog import resolve_base
-from ..errors import GptFinetuneError
+from ..errors import BackendError, GptFinetuneError
 from ..home import Home
 from .base_models import model_dir
 
@@ -314,6 +314,13 @@ class Engine:
         req = handle.request
         model, tokenizer, ctx = self._load(req.base, req.adapter)
         max_new = req.max_tokens or DEFAULT_MAX_TOKENS
+        context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 2048
+        if max_new > context:  # as OpenAI: never more new tokens than the model can attend to
+            raise BackendError(
+                f"max_tokens is too large: {max_new}. This model supports at most {context} completion tokens",
+                param="max_tokens",
+                code="invalid_value",
+            )
         inputs = self._inputs(tokenizer, req.messages, model.device, self._prompt_limit(model, req.adapter, max_new))
         prompt = inputs["input_ids"]
         generator = torch.Generator(device=model.device)

@@ -17,12 +17,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..errors import GptFinetuneError
 from ..services import Services
-from .protocol import read_json
+from .protocol import CHAT_SCHEMA, body_doc, read_json
 
 router = APIRouter()
 
 
-@router.post("/v1/chat/completions", response_model=None)
+@router.post("/v1/chat/completions", response_model=None, openapi_extra=body_doc(CHAT_SCHEMA))
 async def create_chat_completion(request: Request) -> JSONResponse | StreamingResponse:
     services: Services = request.app.state.services
     body = await read_json(request)

@@ -117,3 +117,101 @@ def job_request(body: Any) -> dict[str, Any]:
         "seed": seed,
         "metadata": metadata,
     }
+
+
+# The request bodies this server accepts, for its OpenAPI document (``/openapi.json``): clients
+# and the schema-driven fuzz test read them. The checks above and in the chat service are what
+# enforce them; these describe the same fields.
+_HYPER = {
+    "type": "object",
+    "properties": {
+        "n_epochs": {"anyOf": [{"type": "string", "enum": ["auto"]}, {"type": "integer", "minimum": 1, "maximum": 50}]},
+        "batch_size": {
+            "anyOf": [{"type": "string", "enum": ["auto"]}, {"type": "integer", "minimum": 1, "maximum": 256}]
+        },
+        "learning_rate_multiplier": {
+            "anyOf": [{"type": "string", "enum": ["auto"]}, {"type": "number", "exclusiveMinimum": 0}]
+        },
+    },
+    "additionalProperties": False,
+}
+JOB_SCHEMA = {
+    "type": "object",
+    "required": ["model", "training_file"],
+    "properties": {
+        "model": {"type": "string", "minLength": 1},
+        "training_file": {"type": "string", "minLength": 1},
+        "validation_file": {"type": ["string", "null"]},
+        "hyperparameters": _HYPER,
+        "method": {
+            "type": "object",
+            "required": ["type"],
+            "properties": {
+                "type": {"type": "string", "enum": ["supervised"]},
+                "supervised": {"type": "object", "properties": {"hyperparameters": _HYPER}},
+            },
+        },
+        "suffix": {"type": ["string", "null"], "maxLength": 64},
+        "seed": {"type": ["integer", "null"], "minimum": 0, "maximum": 2147483647},
+        "metadata": {
+            "type": ["object", "null"],
+            "maxProperties": MAX_METADATA_KEYS,
+            "additionalProperties": {"type": "string", "maxLength": 512},
+        },
+    },
+    "additionalProperties": False,
+}
+_MESSAGE = {
+    "type": "object",
+    "required": ["role", "content"],
+    "properties": {
+        "role": {"type": "string", "enum": ["system", "developer", "user", "assistant"]},
+        "content": {
+            "anyOf": [
+                {"type": "string"},
+                {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["type", "text"],
+                        "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}},
+                    },
+                },
+            ]
+        },
+        "name": {"type": "string"},
+    },
+}
+CHAT_SCHEMA = {
+    "type": "object",
+    "required": ["model", "messages"],
+    "properties": {
+        "model": {"type": "string", "minLength": 1},
+        "messages": {"type": "array", "minItems": 1, "items": _MESSAGE},
+        "max_tokens": {"type": ["integer", "null"], "minimum": 1},
+        "max_completion_tokens": {"type": ["integer", "null"], "minimum": 1},
+        "temperature": {"type": ["number", "null"], "minimum": 0, "maximum": 2},
+        "top_p": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+        "stop": {
+            "anyOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"type": "string"}, "maxItems": 4},
+                {"type": "null"},
+            ]
+        },
+        "seed": {"type": ["integer", "null"]},
+        "n": {"type": ["integer", "null"], "minimum": 1, "maximum": 8},
+        "logprobs": {"type": ["boolean", "null"]},
+        "top_logprobs": {"type": ["integer", "null"], "minimum": 0, "maximum": 20},
+        "stream": {"type": ["boolean", "null"]},
+        "stream_options": {"type": ["object", "null"], "properties": {"include_usage": {"type": "boolean"}}},
+        "presence_penalty": {"type": ["number", "null"], "enum": [0, None]},
+        "frequency_penalty": {"type": ["number", "null"], "enum": [0, None]},
+        "user": {"type": "string"},
+    },
+}
+
+
+def body_doc(schema: dict[str, Any]) -> dict[str, Any]:
+    """``openapi_extra`` for a route that reads its JSON body itself."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}

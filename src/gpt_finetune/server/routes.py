@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse
 
 from ..errors import BackendError, NotFoundError
 from ..services import Services
-from .protocol import job_request, read_json
+from .protocol import JOB_SCHEMA, body_doc, job_request, read_json
 
 router = APIRouter()
 MAX_LIMIT = 10_000
@@ -92,7 +92,7 @@ def file_content(request: Request, file_id: str) -> FileResponse:
 
 
 # ---- fine-tuning jobs ---------------------------------------------------------------------------
-@router.post("/v1/fine_tuning/jobs")
+@router.post("/v1/fine_tuning/jobs", openapi_extra=body_doc(JOB_SCHEMA))
 async def create_job(request: Request) -> dict[str, Any]:
     services = _services(request)
     kwargs = job_request(await read_json(request))
