@@ -125,7 +125,8 @@ class LocalBackend:
     def chat(self, *, model: str, messages: list[dict[str, Any]], stream: bool = False, **params: Any) -> Any:
         from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
-        request = {"model": model, "messages": messages, **{k: v for k, v in params.items() if v is not None}}
+        extra = params.pop("extra_body", None) or {}  # extension fields, as the openai SDK sends them
+        request = {"model": model, "messages": messages, **{k: v for k, v in params.items() if v is not None}, **extra}
         if stream:
             request["stream"] = True
             return (ChatCompletionChunk(**c) for c in self.services.chat.start(request).chunks())

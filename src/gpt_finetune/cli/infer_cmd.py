@@ -21,7 +21,81 @@ def add_infer(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", dest="max_tokens", type=typed("max_tokens"), help="longest answer in tokens")
     p.add_argument("-t", "--temperature", dest="temperature", type=typed("temperature"), help="0 (greedy) to 2")
     p.add_argument("--stream", action="store_true", help="print tokens as they come")
+    p.add_argument(
+        "--labels",
+        dest="infer_labels",
+        metavar="FILE",
+        help="answer with one of these labels (prepare's .labels.json or a JSON list), scored as the model "
+        "was trained to write them (label-constrained; local models and this project's server)",
+    )
+    b = p.add_argument_group("batch (OpenAI's Batch API line format, or chat JSONL)")
+    b.add_argument("--input", dest="batch_input", metavar="FILE", help="requests, one per line")
+    b.add_argument("--output", dest="batch_output", metavar="FILE", help="results (resumable: rerun to finish)")
+    b.add_argument("--concurrency", type=int, default=None, help="requests at once (default 4; 1 for local)")
     p.set_defaults(func=cmd_infer)
+
+
+def label_choices(path: str) -> list[str]:
+    """Each label of a label file, written in its label format (the sidecar says which)."""
+    import json
+
+    from ..data.labels import format_labels
+
+    try:
+        info = json.loads(open(path, encoding="utf-8").read())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--labels {path}: {exc}") from None
+    labels = info.get("labels") if isinstance(info, dict) else info
+    style = info.get("label_format", "seed") if isinstance(info, dict) else "seed"
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+        raise ConfigError(f"--labels {path}: expected a list of labels (or prepare's .labels.json)")
+    return [format_labels([x], style) for x in labels]
+
+
+def cmd_batch(ns: argparse.Namespace, backend: Any, model: str | None) -> int:
+    from tqdm import tqdm
+
+    from ..batch import run_batch
+
+    if not ns.batch_output:
+        raise ConfigError("--input needs --output FILE")
+    choices = label_choices(ns.infer_labels) if ns.infer_labels else None
+
+    def chat(body: dict[str, Any]) -> dict[str, Any]:
+        if body.get("stream"):
+            raise BackendError("stream is not supported in batch requests", param="body.stream")
+        body = dict(body)
+        if choices:
+            body["extra_body"] = {**(body.get("extra_body") or {}), "guided_choice": choices}
+        response = backend.chat(**body)
+        return response.model_dump(mode="json", exclude_unset=True)  # type: ignore[no-any-return]
+
+    bar = tqdm(unit="req", file=sys.stderr, dynamic_ncols=True, desc="batch")
+    concurrency = ns.concurrency or (1 if backend.name == "local" else 4)
+
+    def start(total: int, skipped: int) -> None:
+        bar.reset(total=total - skipped)
+        if skipped:
+            bar.write(f"Resuming: {skipped} of {total} lines are done already", file=sys.stderr)
+
+    try:
+        result = run_batch(
+            chat,
+            ns.batch_input,
+            ns.batch_output,
+            model=model,
+            concurrency=concurrency,
+            progress=bar.update,
+            on_start=start,
+        )
+    finally:
+        bar.close()
+    print(
+        f"Wrote {ns.batch_output}: {result.succeeded} answered, {result.failed} failed"
+        + (f" ({result.skipped} from an earlier run)" if result.skipped else ""),
+        file=sys.stderr,
+    )
+    return 1 if result.failed else 0
 
 
 def resolve_model(backend: Any, model: str | None, job_id: str | None) -> str:
@@ -48,6 +122,10 @@ def resolve_model(backend: Any, model: str | None, job_id: str | None) -> str:
 
 def cmd_infer(ns: argparse.Namespace) -> int:
     s = settings_from(ns)
+    if ns.batch_input:
+        backend = get_backend(s, announce=False)
+        model = resolve_model(backend, s.model, s.ft_job_id) if (s.model or s.ft_job_id) else None
+        return cmd_batch(ns, backend, model)
     question = s.user_input
     if question is None and not sys.stdin.isatty():
         question = sys.stdin.read().strip() or None
@@ -61,8 +139,14 @@ def cmd_infer(ns: argparse.Namespace) -> int:
     messages = ([{"role": "system", "content": s.sys_prompt}] if s.sys_prompt else []) + [
         {"role": "user", "content": question}
     ]
+    extra = {"extra_body": {"guided_choice": label_choices(ns.infer_labels)}} if ns.infer_labels else {}
     response = backend.chat(
-        model=model, messages=messages, max_tokens=s.max_tokens, temperature=s.temperature, stream=ns.stream
+        model=model,
+        messages=messages,
+        max_tokens=None if extra else s.max_tokens,
+        temperature=s.temperature,
+        stream=ns.stream,
+        **extra,
     )
     for piece in chat_text(response, stream=ns.stream):
         sys.stdout.write(piece)

@@ -64,6 +64,7 @@ class GenRequest:
     n: int = 1
     logprobs: bool = False
     top_logprobs: int = 0
+    choices: list[str] | None = None  # label-constrained: answer with the most likely of these
 
 
 @dataclass
@@ -80,6 +81,7 @@ class ChoiceEnd:
     finish_reason: str  # "stop" or "length"
     text: str  # the whole answer
     token_ids: list[int]
+    scores: list[float] | None = None  # label-constrained: each choice's summed log-probability
 
 
 @dataclass
@@ -321,6 +323,9 @@ class Engine:
                 param="max_tokens",
                 code="invalid_value",
             )
+        if req.choices:
+            self._choose(handle, model, tokenizer, ctx)
+            return
         inputs = self._inputs(tokenizer, req.messages, model.device, self._prompt_limit(model, req.adapter, max_new))
         prompt = inputs["input_ids"]
         generator = torch.Generator(device=model.device)
@@ -337,6 +342,21 @@ class Engine:
                 if handle.cancelled.is_set():
                     break
         handle.emit(Usage(int(prompt.shape[1]), completion_tokens))
+
+    def _choose(self, handle: Handle, model: Any, tokenizer: Any, ctx: Any) -> None:
+        """Label-constrained: the choice the model scores highest, as it was trained to write it."""
+        from .scoring import score_choices
+
+        req = handle.request
+        choices = list(req.choices or [])
+        with ctx:
+            scores = score_choices(model, tokenizer, req.messages, choices, self._prompt_limit(model, req.adapter, 0))
+        best = max(range(len(choices)), key=lambda i: scores[i])
+        ids = tokenizer(choices[best], add_special_tokens=False)["input_ids"]
+        prompt = tokenizer.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=True)
+        handle.emit(Token(0, -1, choices[best], None))
+        handle.emit(ChoiceEnd(0, "stop", choices[best], list(ids), scores))
+        handle.emit(Usage(len(prompt["input_ids"] if isinstance(prompt, dict) else prompt), len(ids)))
 
 
 def _stamp(path: Path) -> str:

@@ -208,6 +208,7 @@ CHAT_SCHEMA = {
         "presence_penalty": {"type": ["number", "null"], "enum": [0, None]},
         "frequency_penalty": {"type": ["number", "null"], "enum": [0, None]},
         "user": {"type": "string"},
+        "guided_choice": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
     },
 }
 

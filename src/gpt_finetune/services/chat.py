@@ -35,7 +35,9 @@ SUPPORTED = {
     "top_logprobs",
     "stream",
     "stream_options",
+    "guided_choice",  # extension (as vLLM's): answer with the most likely of these strings
 }
+MAX_CHOICES = 256
 # fields accepted only with the value that changes nothing
 NEUTRAL: dict[str, Callable[[Any], bool]] = {
     "presence_penalty": lambda v: v in (None, 0),
@@ -167,8 +169,22 @@ def parse_request(req: Any) -> dict[str, Any]:
             raise bad("stream_options supports include_usage only", "stream_options", "unsupported_parameter")
         if options.get("include_obfuscation"):
             raise bad("include_obfuscation is not supported", "stream_options.include_obfuscation", "unsupported_value")
+    choices = req.get("guided_choice")
+    if choices is not None:
+        if (
+            not isinstance(choices, list)
+            or not 1 <= len(choices) <= MAX_CHOICES
+            or not all(isinstance(c, str) and c for c in choices)
+        ):
+            raise bad(f"guided_choice must be 1 to {MAX_CHOICES} non-empty strings", "guided_choice", "invalid_type")
+        for key in ("logprobs", "stop"):
+            if req.get(key):
+                raise bad(f"{key} cannot be combined with guided_choice", key, "unsupported_value")
+        if (req.get("n") or 1) > 1:
+            raise bad("guided_choice gives one answer: n must be 1", "n", "unsupported_value")
     return {
         "model": model,
+        "choices": list(choices) if choices else None,
         "messages": _messages(req.get("messages")),
         "max_tokens": max_completion or max_tokens,
         "temperature": _float(req, "temperature", 0, 2),
@@ -359,6 +375,7 @@ class ChatService:
                 n=parsed["n"],
                 logprobs=parsed["logprobs"],
                 top_logprobs=parsed["top_logprobs"],
+                choices=parsed["choices"],
             )
         )
         return ChatRun(handle, parsed, parsed["model"])

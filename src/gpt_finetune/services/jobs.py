@@ -515,6 +515,8 @@ class JobService:
             return False
         log = open(self.home.logs / "runner.log", "ab")
         env = dict(os.environ)
+        if env.pop("GPT_FINETUNE_SET_OMP_WAIT_POLICY", None):  # ours, for inference: training keeps the default
+            env.pop("OMP_WAIT_POLICY", None)
         src = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         subprocess.Popen(

@@ -1,0 +1,142 @@
+"""``eval``: models side by side on held-out data, against a TF-IDF baseline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from ..errors import ConfigError, DependencyError
+from .common import add_config_flag, add_connection_flags, get_backend, info, settings_from
+
+
+def add_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-m",
+        "--model",
+        dest="models",
+        action="append",
+        required=True,
+        metavar="MODEL",
+        help="a model to evaluate (repeatable): base, fine-tuned or checkpoint id",
+    )
+    p.add_argument(
+        "-d",
+        "--data",
+        required=True,
+        metavar="FILE",
+        help="held-out chat JSONL (the last assistant message is the reference)",
+    )
+    p.add_argument(
+        "--labels",
+        metavar="FILE",
+        help="label set (prepare's .labels.json or a JSON list); default: the sidecar beside --data",
+    )
+    p.add_argument(
+        "--task-type",
+        dest="eval_task",
+        choices=["classification", "answering"],
+        help="default: classification when a label set is found, else answering",
+    )
+    p.add_argument(
+        "--mode",
+        choices=["free", "constrained", "both"],
+        default=None,
+        help="classification: free generation, label-constrained, or both (default: both on the local backend, free otherwise)",
+    )
+    p.add_argument(
+        "--baseline",
+        choices=["tfidf", "none"],
+        default="tfidf",
+        help="classic baseline for classification (default tfidf)",
+    )
+    p.add_argument(
+        "--train", metavar="FILE", help="training chat JSONL: fits the baseline and gives the candidate label sets"
+    )
+    p.add_argument("-j", "--job", dest="eval_job", metavar="JOB_ID", help="a job whose loss curves go in the report")
+    p.add_argument("--max-tokens", dest="eval_max_tokens", type=int, default=64, help="free generation (default 64)")
+    p.add_argument("--limit", dest="eval_limit", type=int, help="only the first N examples")
+    p.add_argument("--report", metavar="DIR", help="write report.md and PNG plots there")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    add_config_flag(p)
+    add_connection_flags(p)
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    try:
+        from ..eval import evaluate as ev
+        from ..eval.metrics import answering_metrics, bootstrap_macro_f1_difference, classification_metrics
+    except ImportError as exc:  # scikit-learn, rouge-score
+        raise DependencyError(f"evaluation needs {exc.name}", hint="pip install 'gpt-finetune[eval]'") from None
+    from tqdm import tqdm
+
+    s = settings_from(ns)
+    ex = ev.read_examples(ns.data, labels_file=ns.labels, task=ns.eval_task)
+    if ns.eval_limit:
+        ex.prompts, ex.references = ex.prompts[: ns.eval_limit], ex.references[: ns.eval_limit]
+    backend = get_backend(s, announce=not ns.json)
+    train = ev.read_examples(ns.train, task=ex.task, labels_file=ns.labels) if ns.train else None
+    results: dict[str, dict[str, Any]] = {}
+    predictions: dict[str, list[Any]] = {}
+    if ex.task == "classification":
+        refs = ex.reference_labels()
+        mode = ns.mode or ("both" if backend.name == "local" else "free")
+        choices = ev.candidates(ex, train) if mode != "free" else None
+        if choices and not ns.json:
+            info(
+                f"Constrained to {len(choices)} label sets: {', '.join(choices[:8])}{' ...' if len(choices) > 8 else ''}"
+            )
+        for model in ns.models:
+            for kind in ["free", "constrained"] if mode == "both" else [mode]:
+                name = f"{model} ({kind})" if mode == "both" else model
+                with tqdm(total=len(ex.prompts), desc=name[:40], file=sys.stderr, disable=ns.json) as bar:
+                    answers = ev.predict(
+                        backend,
+                        model,
+                        ex,
+                        choices=choices if kind == "constrained" else None,
+                        max_tokens=ns.eval_max_tokens,
+                        progress=bar,
+                    )
+                predictions[name] = ev.as_labels(answers)
+                results[name] = classification_metrics(refs, predictions[name], ex.labels)
+        if ns.baseline == "tfidf":
+            if train is None:
+                raise ConfigError(
+                    "the TF-IDF baseline needs training data", hint="give --train FILE, or --baseline none"
+                )
+            from ..eval.baseline import TfidfBaseline
+
+            base = TfidfBaseline().fit(train.prompt_texts(), train.reference_labels(), ex.labels)
+            predictions["tfidf+logreg"] = list(base.predict(ex.prompt_texts()))
+            results["tfidf+logreg"] = classification_metrics(refs, predictions["tfidf+logreg"], ex.labels)
+            for name in list(results)[:-1]:
+                results[name]["vs_baseline"] = bootstrap_macro_f1_difference(
+                    refs, predictions[name], predictions["tfidf+logreg"], ex.labels
+                )
+    else:
+        for model in ns.models:
+            with tqdm(total=len(ex.prompts), desc=model[:40], file=sys.stderr, disable=ns.json) as bar:
+                answers = ev.predict(backend, model, ex, max_tokens=ns.eval_max_tokens, progress=bar)
+            results[model] = answering_metrics(ex.references, answers)
+    curves = None
+    if ns.eval_job:
+        events = backend.list_events(ns.eval_job, limit=10_000)
+        curves = [e.data for e in reversed(events) if e.type == "metrics" and isinstance(e.data, dict)]
+    if ns.json:
+        print(json.dumps({"data": ns.data, "task": ex.task, "results": results}, indent=1))
+    else:
+        from ..eval.report import per_label_table, table
+
+        print(table(results, ex.task))
+        if ex.task == "classification":
+            print("\n" + per_label_table(results))
+    if ns.report:
+        from ..eval.report import write_report
+
+        path = write_report(ns.report, results, ex.task, data=ns.data, curves=curves)
+        if not ns.json:
+            info(f"Wrote {path}")
+    return 0

@@ -1,0 +1,1 @@
+"""Evaluation: metrics (pure), the TF-IDF baseline, running models over examples, reports."""

@@ -1,0 +1,135 @@
+"""Run models over held-out examples and score them side by side.
+
+An example's prompt is its messages before the last assistant message, which is the reference.
+Models are asked through a backend (``local``, or ``openai`` against OpenAI or any compatible
+server, this project's included), greedily (temperature 0). Classification can also be
+label-constrained: the model picks the most likely of the candidate label sets, written as it was
+trained to write them (the chat service's ``guided_choice`` extension, sent in ``extra_body`` so
+that it reaches this project's server through the openai SDK too).
+
+Candidates for constrained prediction: the label sets that occur among the training answers
+(``--train``), else each single label and the label sets of the references. Multi-label data is
+predicted by the same rule: the model chooses among the combinations it has seen.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..data.labels import LABEL_FORMATS, LabelError, format_labels, labels_sidecar_path, parse_labels
+from ..errors import DataError
+
+
+@dataclass
+class Examples:
+    prompts: list[list[dict[str, Any]]]
+    references: list[str]
+    task: str  # "classification" or "answering"
+    labels: list[str] = field(default_factory=list)
+    label_format: str = "seed"
+
+    def prompt_texts(self) -> list[str]:
+        return [" \n".join(m["content"] for m in p if m["role"] in ("system", "user")) for p in self.prompts]
+
+    def reference_labels(self) -> list[list[str]]:
+        return [parse_labels(r) for r in self.references]
+
+
+def read_examples(path: str | Path, *, labels_file: str | None = None, task: str | None = None) -> Examples:
+    """Held-out chat examples, with the label set from ``labels_file``, from prepare's sidecar
+    beside the data, or (classification asked, no label set) from the references."""
+    prompts, refs = [], []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                messages = json.loads(line)["messages"]
+            except (ValueError, KeyError, TypeError):
+                raise DataError("not a chat example with messages", path=path, line=n) from None
+            last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+            if last is None:
+                raise DataError("no assistant message to use as the reference", path=path, line=n, field="messages")
+            prompts.append(messages[:last])
+            refs.append(str(messages[last].get("content") or ""))
+    if not prompts:
+        raise DataError("no examples", path=path)
+    sidecar = Path(labels_file or labels_sidecar_path(str(path)))
+    label_set: list[str] = []
+    style = None
+    if sidecar.is_file():
+        info = json.loads(sidecar.read_text(encoding="utf-8"))
+        label_set = list(info["labels"] if isinstance(info, dict) else info)
+        style = info.get("label_format") if isinstance(info, dict) else None
+        task = task or "classification"
+    elif labels_file:
+        raise DataError("label file not found", path=labels_file)
+    task = task or "answering"
+    ex = Examples(prompts, refs, task)
+    if task == "classification":
+        try:
+            seen = ex.reference_labels()
+        except LabelError as exc:
+            raise DataError(f"a reference is not a label list: {exc}", path=path) from None
+        ex.labels = label_set or sorted({x for labels in seen for x in labels})
+        ex.label_format = style or guess_format(refs)
+    return ex
+
+
+def guess_format(answers: list[str]) -> str:
+    """The label format the answers are written in (each must read back the same)."""
+    for style in LABEL_FORMATS:
+        try:
+            if all(format_labels(parse_labels(a), style) == a.strip() for a in answers[:50]):
+                return style
+        except LabelError:
+            continue
+    return "seed"
+
+
+def candidates(ex: Examples, train: Examples | None = None) -> list[str]:
+    """Label sets to choose among, each written in the training format."""
+    sets: list[tuple[str, ...]] = []
+    source = train.reference_labels() if train is not None else [[x] for x in ex.labels] + ex.reference_labels()
+    for labels in source:
+        key = tuple(labels)
+        if key not in sets:
+            sets.append(key)
+    return [format_labels(list(s), ex.label_format) for s in sets]
+
+
+def predict(
+    backend: Any,
+    model: str,
+    ex: Examples,
+    *,
+    choices: list[str] | None = None,
+    max_tokens: int = 64,
+    progress: Any = None,
+) -> list[str]:
+    """The model's answer to each prompt: greedy, or constrained to ``choices``."""
+    out = []
+    for prompt in ex.prompts:
+        params: dict[str, Any] = {"temperature": 0}
+        if choices:
+            params["extra_body"] = {"guided_choice": choices}
+        else:
+            params["max_tokens"] = max_tokens
+        response = backend.chat(model=model, messages=prompt, **params)
+        out.append((response.choices[0].message.content or "").strip())
+        if progress is not None:
+            progress.update(1)
+    return out
+
+
+def as_labels(answers: list[str]) -> list[list[str] | None]:
+    out: list[list[str] | None] = []
+    for a in answers:
+        try:
+            out.append(parse_labels(a))
+        except LabelError:
+            out.append(None)
+    return out

@@ -1,0 +1,146 @@
+"""Metrics: pure functions of references and predictions.
+
+Classification metrics come from scikit-learn (``[eval]`` extra); the answering metrics that it
+lacks are the usual ones: exact match and SQuAD's token-level F1 (a few lines on
+``collections.Counter``), and ROUGE-L from Google's ``rouge-score``.
+
+A prediction is a list of labels, or None when the answer could not be read as labels at all.
+Labels outside the known set count as wrong everywhere (they are in no reference) and are
+reported as the out-of-set rate; in the confusion matrix they fall in the column ``(other)``.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from typing import Any
+
+OTHER = "(other)"
+
+
+def classification_metrics(
+    references: list[list[str]], predictions: list[list[str] | None], labels: list[str]
+) -> dict[str, Any]:
+    """Accuracy (exact label-set match), per-label precision, recall and F1, macro and micro F1;
+    for multi-label data also samples-averaged Jaccard and Hamming loss; for single-label data a
+    confusion matrix (rows: reference, columns: prediction, plus ``(other)``)."""
+    import numpy as np
+    from sklearn.metrics import (
+        accuracy_score,
+        confusion_matrix,
+        f1_score,
+        hamming_loss,
+        jaccard_score,
+        precision_recall_fscore_support,
+    )
+    from sklearn.preprocessing import MultiLabelBinarizer
+
+    if len(references) != len(predictions):
+        raise ValueError(f"{len(references)} references but {len(predictions)} predictions")
+    known = set(labels)
+    out_of_set = sum(1 for p in predictions if p is None or not p or any(x not in known for x in p))
+    binarizer = MultiLabelBinarizer(classes=labels)
+    y_true = binarizer.fit_transform(references)
+    y_pred = binarizer.transform([[x for x in (p or []) if x in known] for p in predictions])
+    # exact set match: an answer with an unknown label is wrong even if its known labels match
+    exact = np.array(
+        [p is not None and set(p) == set(r) for r, p in zip(references, predictions, strict=True)], dtype=float
+    )
+    p, r, f, support = precision_recall_fscore_support(y_true, y_pred, labels=range(len(labels)), zero_division=0)
+    multi = any(len(x) > 1 for x in references)
+    out: dict[str, Any] = {
+        "n": len(references),
+        "multi_label": multi,
+        "labels": list(labels),
+        "accuracy": float(exact.mean()) if len(exact) else 0.0,
+        "subset_accuracy_known": float(accuracy_score(y_true, y_pred)) if len(exact) else 0.0,
+        "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+        "micro_f1": float(f1_score(y_true, y_pred, average="micro", zero_division=0)),
+        "per_label": {
+            label: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(support[i])}
+            for i, label in enumerate(labels)
+        },
+        "out_of_set_rate": out_of_set / len(references) if references else 0.0,
+    }
+    if multi:
+        out["samples_jaccard"] = float(jaccard_score(y_true, y_pred, average="samples", zero_division=0))
+        out["hamming_loss"] = float(hamming_loss(y_true, y_pred))
+    else:
+        truth = [x[0] for x in references]
+        guess = [q[0] if q and len(q) == 1 and q[0] in known else OTHER for q in predictions]
+        axis = [*labels, OTHER]
+        out["confusion_matrix"] = {
+            "labels": axis,
+            "matrix": confusion_matrix(truth, guess, labels=axis).tolist(),
+        }
+    return out
+
+
+def _normalize(text: str) -> list[str]:
+    """SQuAD's answer normalisation: lower case, no punctuation or articles, single spaces."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return text.split()
+
+
+def token_f1(reference: str, prediction: str) -> float:
+    ref, pred = _normalize(reference), _normalize(prediction)
+    if not ref or not pred:
+        return float(ref == pred)
+    common = sum((Counter(ref) & Counter(pred)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def answering_metrics(references: list[str], predictions: list[str]) -> dict[str, Any]:
+    """Exact match (after SQuAD's normalisation), token-level F1, ROUGE-L F-measure, and the
+    mean answer length in words (predictions and references)."""
+    from rouge_score import rouge_scorer
+
+    if len(references) != len(predictions):
+        raise ValueError(f"{len(references)} references but {len(predictions)} predictions")
+    n = len(references) or 1
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return {
+        "n": len(references),
+        "exact_match": sum(_normalize(r) == _normalize(p) for r, p in zip(references, predictions, strict=True)) / n,
+        "token_f1": sum(token_f1(r, p) for r, p in zip(references, predictions, strict=True)) / n,
+        "rouge_l": sum(scorer.score(r, p)["rougeL"].fmeasure for r, p in zip(references, predictions, strict=True)) / n,
+        "answer_words": sum(len(p.split()) for p in predictions) / n,
+        "reference_words": sum(len(r.split()) for r in references) / n,
+    }
+
+
+def bootstrap_macro_f1_difference(
+    references: list[list[str]],
+    pred_a: list[list[str] | None],
+    pred_b: list[list[str] | None],
+    labels: list[str],
+    *,
+    n: int = 1000,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """(macro-F1 of a - macro-F1 of b, 95 % interval) by a paired bootstrap over examples."""
+    import numpy as np
+    from sklearn.metrics import f1_score
+    from sklearn.preprocessing import MultiLabelBinarizer
+
+    binarizer = MultiLabelBinarizer(classes=labels)
+    known = set(labels)
+    y = binarizer.fit_transform(references)
+    ya = binarizer.transform([[x for x in (p or []) if x in known] for p in pred_a])
+    yb = binarizer.transform([[x for x in (p or []) if x in known] for p in pred_b])
+
+    def macro(t: Any, p: Any) -> float:
+        return float(f1_score(t, p, average="macro", zero_division=0))
+
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(n):
+        i = rng.integers(0, len(y), size=len(y))
+        diffs.append(macro(y[i], ya[i]) - macro(y[i], yb[i]))
+    return macro(y, ya) - macro(y, yb), float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))

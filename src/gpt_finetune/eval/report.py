@@ -1,0 +1,109 @@
+"""Reports of an evaluation: a table for the terminal, and Markdown with PNG plots (confusion
+matrices, per-label F1, the job's loss curves)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:80]
+
+
+def table(results: dict[str, dict[str, Any]], task: str) -> str:
+    if task == "classification":
+        cols = [
+            ("accuracy", "accuracy"),
+            ("macro_f1", "macro-F1"),
+            ("micro_f1", "micro-F1"),
+            ("out_of_set_rate", "outside set"),
+        ]
+        if any(r.get("multi_label") for r in results.values()):
+            cols += [("samples_jaccard", "Jaccard"), ("hamming_loss", "Hamming")]
+    else:
+        cols = [("exact_match", "exact"), ("token_f1", "token F1"), ("rouge_l", "ROUGE-L"), ("answer_words", "words")]
+    width = max([len(n) for n in results] + [5])
+    head = "model".ljust(width) + "".join(f"  {label:>11}" for _, label in cols)
+    lines = [head, "-" * len(head)]
+    for name, r in results.items():
+        cells = "".join(f"  {r[key]:>11.3f}" if isinstance(r.get(key), float) else f"  {'-':>11}" for key, _ in cols)
+        lines.append(name.ljust(width) + cells)
+        if "vs_baseline" in r:
+            d, lo, hi = r["vs_baseline"]
+            lines.append(" " * width + f"  macro-F1 vs the baseline: {d:+.3f} (95 % interval {lo:+.3f} to {hi:+.3f})")
+    return "\n".join(lines)
+
+
+def per_label_table(results: dict[str, dict[str, Any]]) -> str:
+    names = list(results)
+    labels = next(iter(results.values()))["labels"]
+    width = max([len(x) for x in labels] + [5])
+    lines = ["label".ljust(width) + "".join(f"  {n[:18]:>18}" for n in names)]
+    for label in labels:
+        lines.append(label.ljust(width) + "".join(f"  {results[n]['per_label'][label]['f1']:>18.3f}" for n in names))
+    return "per-label F1\n" + "\n".join(lines)
+
+
+def write_report(
+    directory: str | Path,
+    results: dict[str, dict[str, Any]],
+    task: str,
+    *,
+    data: str,
+    curves: list[dict[str, Any]] | None = None,
+) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = [f"# Evaluation on {data}\n", "```", table(results, task), "```\n"]
+    if task == "classification":
+        parts += ["```", per_label_table(results), "```\n"]
+        labels = next(iter(results.values()))["labels"]
+        fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(labels) * len(results) / 2), 3.5))
+        w = 0.8 / len(results)
+        for i, (name, r) in enumerate(results.items()):
+            ax.bar([k + i * w for k in range(len(labels))], [r["per_label"][x]["f1"] for x in labels], w, label=name)
+        ax.set_xticks([k + 0.4 - w / 2 for k in range(len(labels))], labels, rotation=30, ha="right")
+        ax.set_ylabel("F1")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7)
+        ax.set_title("per-label F1")
+        fig.tight_layout()
+        fig.savefig(out / "per_label_f1.png", dpi=110)
+        plt.close(fig)
+        parts.append("![per-label F1](per_label_f1.png)\n")
+        for name, r in results.items():
+            if "confusion_matrix" not in r:
+                continue
+            cm = r["confusion_matrix"]
+            fig, ax = plt.subplots(figsize=(4.5, 4))
+            ax.imshow(cm["matrix"], cmap="Blues")
+            ticks = range(len(cm["labels"]))
+            ax.set_xticks(ticks, cm["labels"], rotation=30, ha="right")
+            ax.set_yticks(ticks, cm["labels"])
+            for i, row in enumerate(cm["matrix"]):
+                for j, v in enumerate(row):
+                    ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
+            ax.set_xlabel("predicted")
+            ax.set_ylabel("reference")
+            ax.set_title(name[:60], fontsize=8)
+            fig.tight_layout()
+            png = f"confusion_{_safe(name)}.png"
+            fig.savefig(out / png, dpi=110)
+            plt.close(fig)
+            parts.append(f"![confusion matrix of {name}]({png})\n")
+    if curves:
+        from ..report import plot_metrics
+
+        plot_metrics(curves, out / "loss.png", title="training and validation loss")
+        parts.append("![loss curves](loss.png)\n")
+    report = out / "report.md"
+    from ..atomic import write_text_atomic
+
+    write_text_atomic(report, "\n".join(parts))
+    return report

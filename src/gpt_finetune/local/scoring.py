@@ -1,0 +1,66 @@
+"""Label-constrained prediction: score each candidate answer as the model was trained to write
+it, and pick the most likely, so an answer outside the candidates is impossible.
+
+A candidate is scored exactly as training saw it: the conversation rendered with the model's chat
+template and the candidate as the assistant's message, its log-probability summed over the
+tokens the training loss covers (the answer and its end-of-turn token, ``chat_data``). The
+prompt is shared: it runs once, its KV cache is repeated for the candidates, and all candidates
+go through the model in one batched forward pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .chat_data import IGNORE, fit_messages, tokenize_example
+
+
+def score_choices(
+    model: Any, tokenizer: Any, messages: list[dict[str, Any]], choices: list[str], max_length: int
+) -> list[float]:
+    """Summed log-probability of each choice as the assistant's answer to ``messages``."""
+    import torch
+
+    if not choices:
+        raise ValueError("no choices to score")
+    longest = max(choices, key=len)
+    fitted = fit_messages(tokenizer, [*messages, {"role": "assistant", "content": longest}], max_length)
+    prompt = fitted[0][:-1] if fitted is not None else messages  # shortened once, the same for every choice
+    rows = [tokenize_example(tokenizer, [*prompt, {"role": "assistant", "content": c}]) for c in choices]
+    ids = [r["input_ids"] for r in rows if r is not None]
+    labels = [r["labels"] for r in rows if r is not None]
+    # the shared prefix: up to where the sequences differ, and before the first scored token
+    shared = min(len(x) for x in ids)
+    for seq in ids[1:]:
+        shared = min(shared, next((k for k, (a, b) in enumerate(zip(ids[0], seq, strict=False)) if a != b), shared))
+    shared = min(shared, *(lab.index(next(t for t in lab if t != IGNORE)) for lab in labels))
+    device = model.device
+    n = len(ids)
+    with torch.inference_mode():
+        head = model(input_ids=torch.tensor([ids[0][:shared]], device=device), use_cache=True)
+        cache = head.cache if hasattr(head, "cache") else head.past_key_values
+        cache.batch_repeat_interleave(n)
+        width = max(len(x) for x in ids) - shared
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        tail = torch.full((n, width), pad, dtype=torch.long, device=device)
+        mask = torch.zeros((n, shared + width), dtype=torch.long, device=device)
+        mask[:, :shared] = 1
+        for i, seq in enumerate(ids):
+            tail[i, : len(seq) - shared] = torch.tensor(seq[shared:], device=device)
+            mask[i, shared : len(seq)] = 1
+        arg = "cache" if hasattr(head, "cache") else "past_key_values"
+        out = model(input_ids=tail, attention_mask=mask, use_cache=True, **{arg: cache})
+        # logits that predict tail token j: the head's last for j = 0, the tail's j - 1 after
+        logits = torch.cat([head.logits[:, -1:].expand(n, 1, -1), out.logits[:, :-1]], dim=1).float()
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, tail[..., None])[..., 0]
+    scores = []
+    k = 0
+    for r in rows:
+        if r is None:  # cannot happen after fit_messages with the longest choice; kept safe
+            scores.append(float("-inf"))
+            continue
+        lab = r["labels"]
+        total = sum(float(logp[k, j - shared]) for j in range(shared, len(lab)) if lab[j] != IGNORE)
+        scores.append(total)
+        k += 1
+    return scores

@@ -1,0 +1,119 @@
+"""Evaluation: metrics against hand-computed values, the TF-IDF baseline, and label-constrained
+prediction on a tiny model (never outside the set; the argmax of separately computed scores)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("sklearn")
+
+from gpt_finetune.eval.metrics import answering_metrics, classification_metrics, token_f1
+
+
+def test_single_label_metrics_by_hand():
+    refs = [["a"], ["a"], ["b"], ["b"], ["c"]]
+    preds = [["a"], ["b"], ["b"], ["b"], None]  # the last answer could not be read as labels
+    m = classification_metrics(refs, preds, ["a", "b", "c"])
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    assert m["per_label"]["a"] == pytest.approx({"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "support": 2})
+    assert m["per_label"]["b"] == pytest.approx({"precision": 2 / 3, "recall": 1.0, "f1": 0.8, "support": 2})
+    assert m["per_label"]["c"] == pytest.approx({"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1})
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 0.8 + 0) / 3)
+    assert m["micro_f1"] == pytest.approx(2 * 0.75 * 0.6 / 1.35)
+    assert m["out_of_set_rate"] == pytest.approx(1 / 5)
+    assert m["confusion_matrix"]["labels"] == ["a", "b", "c", "(other)"]
+    assert m["confusion_matrix"]["matrix"] == [[1, 1, 0, 0], [0, 2, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0]]
+    assert not m["multi_label"] and "hamming_loss" not in m
+
+
+def test_multi_label_metrics_by_hand():
+    refs = [["x", "y"], ["x"], ["y"]]
+    preds = [["x"], ["x", "y"], ["y", "z"]]  # z is not a known label
+    m = classification_metrics(refs, preds, ["x", "y"])
+    assert m["multi_label"] and m["accuracy"] == 0.0
+    assert m["per_label"]["x"]["f1"] == pytest.approx(1.0) and m["per_label"]["y"]["f1"] == pytest.approx(0.5)
+    assert m["macro_f1"] == pytest.approx(0.75) and m["micro_f1"] == pytest.approx(0.75)
+    assert m["samples_jaccard"] == pytest.approx((1 / 2 + 1 / 2 + 1) / 3)
+    assert m["hamming_loss"] == pytest.approx(2 / 6)
+    assert m["out_of_set_rate"] == pytest.approx(1 / 3)
+
+
+def test_answering_metrics_by_hand():
+    assert token_f1("The cat sat", "cat sat down") == pytest.approx(0.8)
+    m = answering_metrics(["Paris.", "red blue green gold"], ["paris", "red green gold pink"])
+    assert m["exact_match"] == pytest.approx(0.5)
+    assert m["token_f1"] == pytest.approx((1 + 0.75) / 2)
+    assert m["rouge_l"] == pytest.approx((1 + 0.75) / 2)
+    assert m["answer_words"] == pytest.approx((1 + 4) / 2)
+
+
+def test_tfidf_baseline_learns_separable_labels():
+    from gpt_finetune.eval.baseline import TfidfBaseline
+
+    words = {"bug": "crash error exception", "feature": "please add support", "question": "how do i"}
+    prompts = [f"{words[k]} item {i}" for i in range(10) for k in words]
+    labels = [[k] for _ in range(10) for k in words]
+    model = TfidfBaseline().fit(prompts, labels, list(words))
+    assert model.predict(["the app shows an error and a crash", "how do i configure it"]) == [["bug"], ["question"]]
+    multi = TfidfBaseline().fit(
+        prompts + ["crash error please add support"] * 5, labels + [["bug", "feature"]] * 5, list(words)
+    )
+    assert multi.predict(["crash error please add support"]) == [["bug", "feature"]]
+
+
+# ---- label-constrained prediction on a tiny model ---------------------------------------------
+MSGS = [{"role": "system", "content": "Label it."}, {"role": "user", "content": "title: the proxy drops packets"}]
+CHOICES = ["'bug'", "'feature'", "'question'", "'bug','feature'"]
+
+
+def separate_scores(model_dir, messages, choices):
+    """Each choice on its own: the full sequence through the model, log-probabilities summed over
+    the positions the training loss covers."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gpt_finetune.local.chat_data import IGNORE, tokenize_example
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    out = []
+    for c in choices:
+        row = tokenize_example(tok, [*messages, {"role": "assistant", "content": c}])
+        ids = torch.tensor([row["input_ids"]])
+        with torch.inference_mode():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+        out.append(sum(float(logp[k - 1, t]) for k, t in enumerate(row["labels"]) if t != IGNORE))
+    return out
+
+
+def test_constrained_choice_is_the_argmax_of_separately_computed_scores(tmp_path, tiny_model_dir):
+    pytest.importorskip("torch")
+    from gpt_finetune.home import Home
+    from gpt_finetune.local.inference import ChoiceEnd, Engine, GenRequest
+
+    engine = Engine(Home(tmp_path / "home"))
+    for k in range(3):
+        msgs = [MSGS[0], {"role": "user", "content": f"title: issue {k} about the proxy"}]
+        end = next(
+            e
+            for e in engine.run(GenRequest(str(tiny_model_dir), None, msgs, choices=CHOICES))
+            if isinstance(e, ChoiceEnd)
+        )
+        expected = separate_scores(tiny_model_dir, msgs, CHOICES)
+        assert end.scores == pytest.approx(expected, abs=1e-3)
+        assert end.text in CHOICES and end.text == CHOICES[max(range(4), key=lambda i: expected[i])]
+
+
+def test_guided_choice_through_the_chat_service(tmp_path, tiny_model_dir):
+    pytest.importorskip("torch")
+    from gpt_finetune.errors import BackendError
+    from gpt_finetune.services import Services
+
+    services = Services.open(tmp_path / "home")
+    req = {"model": str(tiny_model_dir), "messages": MSGS, "guided_choice": CHOICES}
+    answer = services.chat.create(req)
+    assert answer["choices"][0]["message"]["content"] in CHOICES
+    assert answer["choices"][0]["finish_reason"] == "stop"
+    with pytest.raises(BackendError) as err:
+        services.chat.create({**req, "n": 2})
+    assert err.value.param == "n"
