@@ -117,3 +117,35 @@ def test_guided_choice_through_the_chat_service(tmp_path, tiny_model_dir):
     with pytest.raises(BackendError) as err:
         services.chat.create({**req, "n": 2})
     assert err.value.param == "n"
+
+
+def test_eval_command_reports_models_and_the_baseline(tmp_path, tiny_model_dir, capsys):
+    import json
+
+    from conftest import chat_example, write_jsonl
+
+    from gpt_finetune.cli.main import main
+
+    answers = ["'proxy'", "'ovs'", "'proxy','windows'"]
+    train = write_jsonl(tmp_path / "train.jsonl", [chat_example(i, answers[i % 3]) for i in range(12)])
+    valid = write_jsonl(tmp_path / "valid.jsonl", [chat_example(i, answers[i % 3]) for i in range(12, 18)])
+    (tmp_path / "valid.labels.json").write_text(
+        json.dumps({"labels": ["ovs", "proxy", "windows"], "label_format": "seed"})
+    )
+    report = tmp_path / "report"
+    args = ["eval", "--backend", "local", "-m", str(tiny_model_dir), "-d", str(valid), "--train", str(train)]
+    assert main([*args, "--report", str(report), "--json", "--max-tokens", "8"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    results = out["results"]
+    assert out["task"] == "classification"
+    assert set(results) == {f"{tiny_model_dir} (free)", f"{tiny_model_dir} (constrained)", "tfidf+logreg"}
+    constrained = results[f"{tiny_model_dir} (constrained)"]
+    assert constrained["out_of_set_rate"] == 0.0  # constrained answers are always known label sets
+    assert constrained["multi_label"] and "samples_jaccard" in constrained
+    assert len(constrained["vs_baseline"]) == 3
+    md = (report / "report.md").read_text()
+    assert f"{results['tfidf+logreg']['macro_f1']:.3f}" in md and f"{constrained['macro_f1']:.3f}" in md
+    assert (report / "per_label_f1.png").stat().st_size > 1000
+    assert main([*args[:-2], "--baseline", "none", "--mode", "constrained"]) == 0  # the table
+    table = capsys.readouterr().out
+    assert "macro-F1" in table and "per-label F1" in table and "windows" in table

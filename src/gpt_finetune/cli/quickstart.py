@@ -5,12 +5,10 @@ held-out examples. Always the local backend, whatever keys the environment holds
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 from ..data.convert import ConvertOptions
-from ..data.labels import LabelError, parse_labels
 from ..data.prepare import prepare
 from ..settings import load_settings
 from .common import info, plot_job, typed
@@ -35,13 +33,6 @@ def add_quickstart(p: argparse.ArgumentParser) -> None:
     p.add_argument("--show", type=typed("limit", "--show"), default=6, help="held-out examples to print side by side")
     p.add_argument("--workdir", default="quickstart", help="where prepared data and the loss plot go")
     p.set_defaults(func=cmd_quickstart)
-
-
-def _labels(text: str) -> frozenset[str] | None:
-    try:
-        return frozenset(parse_labels(text))
-    except LabelError:
-        return None
 
 
 def cmd_quickstart(ns: argparse.Namespace) -> int:
@@ -86,25 +77,33 @@ def cmd_quickstart(ns: argparse.Namespace) -> int:
     info(f"    loss curve: {plot_job(backend, job.id, work / 'loss.png', title=str(job.fine_tuned_model))}")
 
     info(f"3/4 Asking the base and the fine-tuned model about {prepared.n_valid} held-out issues")
-    rows = [json.loads(line) for line in open(prepared.validation_output or "", encoding="utf-8")]
-    results: list[tuple[str, str, str, str]] = []
-    score = {"base": 0, "tuned": 0}
-    for ex in rows:
-        prompt = [m for m in ex["messages"] if m["role"] != "assistant"]
-        truth = ex["messages"][-1]["content"]
-        answers = {}
-        for name, model in (("base", ns.model), ("tuned", job.fine_tuned_model)):
-            answers[name] = (
-                backend.chat(model=model, messages=prompt, max_tokens=24, temperature=0).choices[0].message.content
-                or ""
-            ).strip()
-            score[name] += _labels(answers[name]) == _labels(truth)
-        title = prompt[-1]["content"].split(" body:")[0].removeprefix("title: ")
-        results.append((title, truth, answers["base"], answers["tuned"]))
+    from ..eval import evaluate as ev
+    from ..eval.metrics import classification_metrics
+
+    held_out = ev.read_examples(prepared.validation_output or "", task="classification")
+    answers = {
+        name: ev.predict(backend, model, held_out, max_tokens=24)
+        for name, model in (("base", ns.model), ("tuned", job.fine_tuned_model))
+    }
+    scores = {
+        name: classification_metrics(held_out.reference_labels(), ev.as_labels(a), held_out.labels)
+        for name, a in answers.items()
+    }
+    results = [
+        (p[-1]["content"].split(" body:")[0].removeprefix("title: "), truth, base, tuned)
+        for p, truth, base, tuned in zip(
+            held_out.prompts, held_out.references, answers["base"], answers["tuned"], strict=True
+        )
+    ]
     info("4/4 Results")
     print(_table(results[: ns.show]))
-    n = len(rows)
-    print(f"\nExact label-set match on {n} held-out issues: base {score['base']}/{n}, fine-tuned {score['tuned']}/{n}")
+    n = len(results)
+    exact = {name: round(m["accuracy"] * n) for name, m in scores.items()}
+    print(f"\nExact label-set match on {n} held-out issues: base {exact['base']}/{n}, fine-tuned {exact['tuned']}/{n}")
+    print(f"Macro-F1: base {scores['base']['macro_f1']:.3f}, fine-tuned {scores['tuned']['macro_f1']:.3f}")
+    print(
+        f"Compare more models and a TF-IDF baseline: gpt-finetune eval -m {job.fine_tuned_model} -d {prepared.validation_output} --train {out}"
+    )
     print(f"Fine-tuned model: {job.fine_tuned_model}")
     print(f'Ask it yourself:  gpt-finetune infer --model "{job.fine_tuned_model}" -q "title: ... body: ..."')
     print(f"Done in {time.time() - t0:.0f} s")

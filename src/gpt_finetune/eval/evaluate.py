@@ -58,6 +58,9 @@ def read_examples(path: str | Path, *, labels_file: str | None = None, task: str
     if not prompts:
         raise DataError("no examples", path=path)
     sidecar = Path(labels_file or labels_sidecar_path(str(path)))
+    if not labels_file and not sidecar.is_file() and str(path).endswith(".valid.jsonl"):
+        # prepare --split writes out.jsonl, out.valid.jsonl and one sidecar: out.labels.json
+        sidecar = Path(labels_sidecar_path(str(path)[: -len(".valid.jsonl")] + ".jsonl"))
     label_set: list[str] = []
     style = None
     if sidecar.is_file():
