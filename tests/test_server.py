@@ -385,6 +385,10 @@ def test_the_seed_scripts_and_the_openai_backend_run_unchanged_against_the_serve
     listing = run("jobs", "list").stdout
     assert job_id in listing
     assert "Step" in run("jobs", "events", job_id).stdout
+    cancel = subprocess.run(
+        [sys.executable, "-m", "gpt_finetune", "jobs", "cancel", job_id], capture_output=True, text=True, env=env
+    )
+    assert cancel.returncode == 1 and "cannot be cancelled" in cancel.stderr  # the server's 409, as one Error line
     assert job_id in run("jobs", "get", job_id).stdout
     assert f"ft:tiny-llama:seed:{job_id}" in run("models", "list").stdout
     assert "output.jsonl" in run("files", "list").stdout

@@ -50,3 +50,16 @@ def test_no_request_crashes_the_server(fuzz_server):
 
         call()
         assert fuzz_server.proc.poll() is None
+
+
+def test_an_upload_over_the_limit_is_refused_and_nothing_is_kept(fuzz_server, tmp_path):
+    import httpx
+
+    big = tmp_path / "big.jsonl"
+    big.write_bytes(b'{"messages": []}\n' * 80_000)  # 1.3 MB; this server takes 1 MB
+    with open(big, "rb") as fh:
+        r = httpx.post(fuzz_server.url + "/v1/files", files={"file": fh}, data={"purpose": "fine-tune"}, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] in ("request_too_large", "file_too_large")
+    listed = httpx.get(fuzz_server.url + "/v1/files").json()["data"]
+    assert "big.jsonl" not in [f["filename"] for f in listed]
+    assert not any(p.stat().st_size > 1_000_000 for p in (fuzz_server.home / "files").glob("*"))

@@ -102,6 +102,12 @@ def cmd_eval(ns: argparse.Namespace) -> int:
                     )
                 predictions[name] = ev.as_labels(answers)
                 results[name] = classification_metrics(refs, predictions[name], ex.labels)
+        names = list(results)
+        for name in names[1:]:  # how each differs from the first model (e.g. fine-tuned vs base)
+            results[name]["vs_first"] = [
+                names[0],
+                *bootstrap_macro_f1_difference(refs, predictions[name], predictions[names[0]], ex.labels),
+            ]
         if ns.baseline == "tfidf":
             if train is None:
                 raise ConfigError(

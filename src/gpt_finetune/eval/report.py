@@ -29,6 +29,9 @@ def table(results: dict[str, dict[str, Any]], task: str) -> str:
     for name, r in results.items():
         cells = "".join(f"  {r[key]:>11.3f}" if isinstance(r.get(key), float) else f"  {'-':>11}" for key, _ in cols)
         lines.append(name.ljust(width) + cells)
+        if "vs_first" in r:
+            other, d, lo, hi = r["vs_first"]
+            lines.append(" " * width + f"  macro-F1 vs {other}: {d:+.3f} (95 % interval {lo:+.3f} to {hi:+.3f})")
         if "vs_baseline" in r:
             d, lo, hi = r["vs_baseline"]
             lines.append(" " * width + f"  macro-F1 vs the baseline: {d:+.3f} (95 % interval {lo:+.3f} to {hi:+.3f})")
