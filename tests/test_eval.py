@@ -149,3 +149,37 @@ def test_eval_command_reports_models_and_the_baseline(tmp_path, tiny_model_dir, 
     assert main([*args[:-2], "--baseline", "none", "--mode", "constrained"]) == 0  # the table
     table = capsys.readouterr().out
     assert "macro-F1" in table and "per-label F1" in table and "windows" in table
+
+
+def test_a_classification_job_records_its_label_sets_when_its_files_are_checked(tmp_path, tiny_model_dir):
+    pytest.importorskip("torch")
+    from conftest import chat_example, toy_examples, write_jsonl
+
+    from gpt_finetune.data.labels import label_sets
+    from gpt_finetune.services import Services
+
+    services = Services.open(tmp_path / "home")
+    answers = ["'proxy'", "'ovs'", "'proxy','windows'"]
+    labelled = write_jsonl(tmp_path / "train.jsonl", [chat_example(i, answers[i % 3]) for i in range(12)])
+    qa = [
+        {**r, "messages": [*r["messages"][:2], {"role": "assistant", "content": f"Answer {i}, in words."}]}
+        for i, r in enumerate(toy_examples(12))
+    ]
+    free = write_jsonl(tmp_path / "free.jsonl", qa)
+    jobs = [
+        services.jobs.create(
+            model=str(tiny_model_dir), training_file=services.files.create_from_path(p)["id"], start=False
+        )["id"]
+        for p in (labelled, free)
+    ]
+    services.jobs.validate_pending(0)
+    recorded = services.jobs.row(jobs[0])["options"]["labels"]
+    assert recorded == {"labels": ["ovs", "proxy", "windows"], "label_format": "seed", "label_sets": answers}
+    # free answers (each its own) are not labels, although "comma" would read them as such
+    assert "labels" not in services.jobs.row(jobs[1])["options"]
+    assert services.jobs.row(jobs[1])["status"] == "queued"
+    assert label_sets(["red", "blue", "red", "blue"]) == {
+        "labels": ["blue", "red"],
+        "label_format": "comma",
+        "label_sets": ["red", "blue"],
+    }

@@ -101,3 +101,45 @@ def labels_sidecar_path(output: str) -> str:
     """``out.jsonl`` -> ``out.labels.json``: where prepare writes the label set."""
     base = output[: -len(".jsonl")] if output.endswith(".jsonl") else output
     return base + ".labels.json"
+
+
+def guess_format(answers: list[str]) -> str | None:
+    """The label format every answer is written in (each reads back the same), or None when the
+    answers are not label lists in one of our formats."""
+    for style in LABEL_FORMATS:
+        try:
+            if answers and all(format_labels(parse_labels(a), style) == a.strip() for a in answers):
+                return style
+        except LabelError:
+            continue
+    return None
+
+
+MAX_LABEL_SETS = 256
+
+
+def label_sets(answers: list[str]) -> dict[str, object] | None:
+    """What constrained prediction needs from a training file's answers: the labels, their
+    format and the label sets as written (first seen first); None if the answers are not labels
+    or have too many distinct sets to choose among.
+
+    The ``comma`` format reads almost any sentence as labels, so answers count as labels only
+    where they also look like classification: every label short and on one line, and the answers
+    repeating (at most half as many distinct sets as answers)."""
+    style = guess_format(answers)
+    if style is None:
+        return None
+    if any(len(x) > 64 or "\n" in x for a in answers for x in parse_labels(a)):
+        return None
+    if len(set(answers)) * 2 > len(answers):
+        return None
+    sets: list[str] = []
+    labels: set[str] = set()
+    for a in answers:
+        written = format_labels(parse_labels(a), style)
+        labels.update(parse_labels(a))
+        if written not in sets:
+            sets.append(written)
+            if len(sets) > MAX_LABEL_SETS:
+                return None
+    return {"labels": sorted(labels), "label_format": style, "label_sets": sets}

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..data.labels import LABEL_FORMATS, LabelError, format_labels, labels_sidecar_path, parse_labels
+from ..data.labels import LabelError, format_labels, guess_format, labels_sidecar_path, parse_labels
 from ..errors import DataError
 
 
@@ -78,19 +78,8 @@ def read_examples(path: str | Path, *, labels_file: str | None = None, task: str
         except LabelError as exc:
             raise DataError(f"a reference is not a label list: {exc}", path=path) from None
         ex.labels = label_set or sorted({x for labels in seen for x in labels})
-        ex.label_format = style or guess_format(refs)
+        ex.label_format = style or guess_format(refs[:50]) or "seed"
     return ex
-
-
-def guess_format(answers: list[str]) -> str:
-    """The label format the answers are written in (each must read back the same)."""
-    for style in LABEL_FORMATS:
-        try:
-            if all(format_labels(parse_labels(a), style) == a.strip() for a in answers[:50]):
-                return style
-        except LabelError:
-            continue
-    return "seed"
 
 
 def candidates(ex: Examples, train: Examples | None = None) -> list[str]:

@@ -172,6 +172,10 @@ class JobService:
             if self._finish(job_id, "failed", error=error, worker_pid=None):
                 self.event(job_id, f"Training file validation failed: {error['message']}", level="error")
             return
+        options = dict(row["options"])
+        found = self._label_sets(train["path"])
+        if found is not None:  # a classification job: what constrained prediction chooses among
+            options["labels"] = found
         if self.store.update(
             "jobs",
             job_id,
@@ -179,6 +183,7 @@ class JobService:
                 "status": "queued",
                 "worker_pid": None,
                 "hyperparameters": resolve_hyperparameters(row["hyperparameters"], n_train),
+                "options": options,
             },
             where="status = 'validating_files'",
         ):
@@ -194,6 +199,27 @@ class JobService:
         base = resolve_base(model, self.models.local_base_model)
         check_trainable(base)
         return base
+
+    @staticmethod
+    def _label_sets(path: str) -> dict[str, Any] | None:
+        """The label sets of a training file whose answers are all label lists, else None."""
+        import json
+
+        from ..data.labels import label_sets
+
+        answers = []
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    try:
+                        messages = json.loads(line).get("messages") or []
+                    except (ValueError, AttributeError):
+                        return None
+                    last = [m for m in messages if isinstance(m, dict) and m.get("role") == "assistant"]
+                    if not last or not isinstance(last[-1].get("content"), str):
+                        return None
+                    answers.append(last[-1]["content"])
+        return label_sets(answers)
 
     def _validate(self, file: dict[str, Any], param: str) -> tuple[dict[str, Any] | None, int]:
         """(OpenAI-style error or None, number of valid examples)."""
