@@ -238,3 +238,12 @@ def test_chat_service_returns_openai_shapes(tmp_path, tiny_model_dir):
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
     assert chunks[0].choices[0].delta.role == "assistant"
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+
+
+def test_batched_greedy_answers_equal_single_ones(engine, tiny_model_dir):
+    from gpt_finetune.local.inference import ChoiceEnd, GenRequest
+
+    prompts = [[MSGS[0], {"role": "user", "content": "thing " + "long " * k}] for k in (0, 5, 17)]
+    alone = [engine.complete(str(tiny_model_dir), None, p, max_tokens=10, temperature=0).token_ids for p in prompts]
+    ends = engine.run(GenRequest(str(tiny_model_dir), None, [], max_tokens=10, temperature=0, batch=prompts))
+    assert [e.token_ids for e in ends if isinstance(e, ChoiceEnd)] == alone

@@ -56,6 +56,13 @@ def add_eval(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("-j", "--job", dest="eval_job", metavar="JOB_ID", help="a job whose loss curves go in the report")
     p.add_argument("--max-tokens", dest="eval_max_tokens", type=int, default=64, help="free generation (default 64)")
+    p.add_argument(
+        "--batch-size",
+        dest="eval_batch",
+        type=int,
+        default=8,
+        help="local models: prompts generated at once (default 8)",
+    )
     p.add_argument("--limit", dest="eval_limit", type=int, help="only the first N examples")
     p.add_argument("--report", metavar="DIR", help="write report.md and PNG plots there")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -107,6 +114,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
                         choices=choices if kind == "constrained" else None,
                         max_tokens=ns.eval_max_tokens,
                         progress=bar,
+                        batch_size=ns.eval_batch,
                     )
                 predictions[name] = ev.as_labels(answers)
                 results[name] = classification_metrics(refs, predictions[name], ex.labels)
@@ -133,7 +141,9 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     else:
         for model in ns.models:
             with tqdm(total=len(ex.prompts), desc=model[:40], file=sys.stderr, disable=ns.json) as bar:
-                answers = ev.predict(backend, model, ex, max_tokens=ns.eval_max_tokens, progress=bar)
+                answers = ev.predict(
+                    backend, model, ex, max_tokens=ns.eval_max_tokens, progress=bar, batch_size=ns.eval_batch
+                )
             results[model] = answering_metrics(ex.references, answers)
     curves = None
     if ns.eval_job:

@@ -101,8 +101,12 @@ def predict(
     choices: list[str] | None = None,
     max_tokens: int = 64,
     progress: Any = None,
+    batch_size: int = 1,
 ) -> list[str]:
-    """The model's answer to each prompt: greedy, or constrained to ``choices``."""
+    """The model's answer to each prompt: greedy, or constrained to ``choices``. Free answers of
+    local models are generated ``batch_size`` prompts at a time."""
+    if not choices and batch_size > 1 and getattr(backend, "name", "") == "local":
+        return _predict_batched(backend, model, ex, max_tokens, batch_size, progress)
     out = []
     for prompt in ex.prompts:
         params: dict[str, Any] = {"temperature": 0}
@@ -114,6 +118,23 @@ def predict(
         out.append((response.choices[0].message.content or "").strip())
         if progress is not None:
             progress.update(1)
+    return out
+
+
+def _predict_batched(
+    backend: Any, model: str, ex: Examples, max_tokens: int, batch_size: int, progress: Any
+) -> list[str]:
+    from ..local.inference import ChoiceEnd, GenRequest
+
+    base, adapter = backend.services.models.locate(model)
+    engine = backend.services.chat.engine
+    out: list[str] = []
+    for start in range(0, len(ex.prompts), batch_size):
+        chunk = ex.prompts[start : start + batch_size]
+        ends = engine.run(GenRequest(base, adapter, [], max_tokens=max_tokens, temperature=0, batch=chunk))
+        out += [e.text.strip() for e in ends if isinstance(e, ChoiceEnd)]
+        if progress is not None:
+            progress.update(len(chunk))
     return out
 
 

@@ -65,6 +65,7 @@ class GenRequest:
     logprobs: bool = False
     top_logprobs: int = 0
     choices: list[str] | None = None  # label-constrained: answer with the most likely of these
+    batch: list[list[dict[str, Any]]] | None = None  # several prompts at once, greedy (eval, batch files)
 
 
 @dataclass
@@ -326,6 +327,9 @@ class Engine:
         if req.choices:
             self._choose(handle, model, tokenizer, ctx)
             return
+        if req.batch:
+            self._generate_batch(handle, model, tokenizer, ctx, max_new)
+            return
         inputs = self._inputs(tokenizer, req.messages, model.device, self._prompt_limit(model, req.adapter, max_new))
         prompt = inputs["input_ids"]
         generator = torch.Generator(device=model.device)
@@ -342,6 +346,48 @@ class Engine:
                 if handle.cancelled.is_set():
                     break
         handle.emit(Usage(int(prompt.shape[1]), completion_tokens))
+
+    def _generate_batch(self, handle: Handle, model: Any, tokenizer: Any, ctx: Any, max_new: int) -> None:
+        """Greedy answers to several prompts in one batch (left-padded), by transformers'
+        ``generate``: one ``ChoiceEnd`` per prompt, in order. Throughput for evaluation and batch
+        files; streaming, sampling and logprobs stay with single requests."""
+        import torch
+
+        req = handle.request
+        prompts = [
+            self._inputs(tokenizer, m, model.device, self._prompt_limit(model, req.adapter, max_new))["input_ids"][0]
+            for m in req.batch or []
+        ]
+        width = max(len(p) for p in prompts)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long, device=model.device)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = p
+            mask[i, width - len(p) :] = 1
+        eos = tokenizer.eos_token_id
+        with torch.inference_mode(), ctx:
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                eos_token_id=eos,
+                pad_token_id=pad,
+            )
+        total = 0
+        for i in range(len(prompts)):
+            new = out[i, width:].tolist()
+            stopped = eos in new
+            new = new[: new.index(eos)] if stopped else new
+            total += len(new)
+            handle.emit(
+                ChoiceEnd(i, "stop" if stopped else "length", tokenizer.decode(new, skip_special_tokens=True), new)
+            )
+        handle.emit(Usage(sum(len(p) for p in prompts), total))
 
     def _choose(self, handle: Handle, model: Any, tokenizer: Any, ctx: Any) -> None:
         """Label-constrained: the choice the model scores highest, as it was trained to write it."""
