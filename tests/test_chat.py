@@ -247,3 +247,32 @@ def test_batched_greedy_answers_equal_single_ones(engine, tiny_model_dir):
     alone = [engine.complete(str(tiny_model_dir), None, p, max_tokens=10, temperature=0).token_ids for p in prompts]
     ends = engine.run(GenRequest(str(tiny_model_dir), None, [], max_tokens=10, temperature=0, batch=prompts))
     assert [e.token_ids for e in ends if isinstance(e, ChoiceEnd)] == alone
+
+
+def test_create_many_batches_greedy_requests_and_keeps_each_answer_or_error_in_place(tmp_path, tiny_model_dir):
+    from gpt_finetune.errors import GptFinetuneError
+    from gpt_finetune.services import Services
+
+    services = Services.open(tmp_path / "home")
+    req = lambda k, **kw: {  # noqa: E731
+        "model": str(tiny_model_dir),
+        "messages": [MSGS[0], {"role": "user", "content": f"thing {k}"}],
+        "max_tokens": 6,
+        "temperature": 0,
+        **kw,
+    }
+    requests = [
+        req(0),
+        req(1, temperature=1.0, seed=3),
+        req(2, presence_penalty=2),
+        req(3),
+        {**req(4), "model": "nope"},
+    ]
+    out = services.chat.create_many(requests, batch_size=2)
+    assert len(out) == 5
+    for k in (0, 1, 3):
+        alone = services.chat.create(requests[k])
+        assert out[k]["choices"][0]["message"]["content"] == alone["choices"][0]["message"]["content"]
+        assert out[k]["usage"] == alone["usage"]
+    assert isinstance(out[2], GptFinetuneError) and out[2].param == "presence_penalty"
+    assert isinstance(out[4], GptFinetuneError) and out[4].status == 404

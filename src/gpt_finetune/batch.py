@@ -108,8 +108,11 @@ def run_batch(
     backoff: float = 1.0,
     progress: Callable[[int], None] | None = None,
     on_start: Callable[[int, int], None] | None = None,
+    chat_many: Callable[[list[dict[str, Any]]], list[Any]] | None = None,
+    group: int = 8,
 ) -> BatchResult:
-    """``chat(body) -> ChatCompletion dict``; raises GptFinetuneError for a refused request."""
+    """``chat(body) -> ChatCompletion dict``; raises GptFinetuneError for a refused request.
+    ``chat_many(bodies)`` (local models) answers ``group`` lines at once, each answer or its error."""
     requests = read_requests(input_path, model)
     output = Path(output_path)
     partial = output.with_name(output.name + ".partial")
@@ -119,30 +122,22 @@ def run_batch(
         on_start(len(requests), len(requests) - len(todo))
     lock = threading.Lock()
 
-    def one(custom_id: str, body: dict[str, Any]) -> str:
-        attempt = 0
-        while True:
-            try:
-                response = chat(body)
-                record = {
-                    "id": f"batch_req_{secrets.token_hex(12)}",
-                    "custom_id": custom_id,
-                    "response": {"status_code": 200, "request_id": secrets.token_hex(8), "body": response},
-                    "error": None,
-                }
-                break
-            except GptFinetuneError as exc:
-                attempt += 1
-                if (exc.code in RETRIABLE or exc.status == 429 or exc.status >= 500) and attempt <= retries:
-                    time.sleep(backoff * 2 ** (attempt - 1))
-                    continue
-                record = {
-                    "id": f"batch_req_{secrets.token_hex(12)}",
-                    "custom_id": custom_id,
-                    "response": None,
-                    "error": {"code": exc.code, "message": exc.message},
-                }
-                break
+    def write(custom_id: str, response: Any) -> str:
+        record: dict[str, Any]
+        if isinstance(response, GptFinetuneError):
+            record = {
+                "id": f"batch_req_{secrets.token_hex(12)}",
+                "custom_id": custom_id,
+                "response": None,
+                "error": {"code": response.code, "message": response.message},
+            }
+        else:
+            record = {
+                "id": f"batch_req_{secrets.token_hex(12)}",
+                "custom_id": custom_id,
+                "response": {"status_code": 200, "request_id": secrets.token_hex(8), "body": response},
+                "error": None,
+            }
         line = json.dumps(record, ensure_ascii=False)
         with lock:
             with open(partial, "a", encoding="utf-8") as fh:
@@ -153,9 +148,27 @@ def run_batch(
             progress(1)
         return line
 
+    if chat_many is not None:
+        for start in range(0, len(todo), max(1, group)):
+            chunk = todo[start : start + max(1, group)]
+            for (custom_id, _), response in zip(chunk, chat_many([b for _, b in chunk]), strict=True):
+                write(custom_id, response)
+
+    def one(custom_id: str, body: dict[str, Any]) -> str:
+        attempt = 0
+        while True:
+            try:
+                return write(custom_id, chat(body))
+            except GptFinetuneError as exc:
+                attempt += 1
+                if (exc.code in RETRIABLE or exc.status == 429 or exc.status >= 500) and attempt <= retries:
+                    time.sleep(backoff * 2 ** (attempt - 1))
+                    continue
+                return write(custom_id, exc)
+
     pool = ThreadPoolExecutor(max_workers=max(1, concurrency))
     pending: set[Future[str]] = set()
-    it = iter(todo)
+    it = iter(todo if chat_many is None else [])
     try:
         while True:
             while len(pending) < max(1, concurrency):  # submit a few at a time: Ctrl-C stops quickly

@@ -70,6 +70,19 @@ def cmd_batch(ns: argparse.Namespace, backend: Any, model: str | None) -> int:
         response = backend.chat(**body)
         return response.model_dump(mode="json", exclude_unset=True)  # type: ignore[no-any-return]
 
+    def chat_many(bodies: list[dict[str, Any]]) -> list[Any]:
+        """Local models: greedy lines answered several at a time (batched generation)."""
+        out: list[Any] = [None] * len(bodies)
+        todo = []
+        for i, body in enumerate(bodies):
+            if body.get("stream"):
+                out[i] = BackendError("stream is not supported in batch requests", param="body.stream")
+            else:
+                todo.append((i, {**body, **({"guided_choice": choices} if choices else {})}))
+        for (i, _), answer in zip(todo, backend.services.chat.create_many([b for _, b in todo]), strict=True):
+            out[i] = answer
+        return out
+
     bar = tqdm(unit="req", file=sys.stderr, dynamic_ncols=True, desc="batch")
     concurrency = ns.concurrency or (1 if backend.name == "local" else 4)
 
@@ -87,6 +100,7 @@ def cmd_batch(ns: argparse.Namespace, backend: Any, model: str | None) -> int:
             concurrency=concurrency,
             progress=bar.update,
             on_start=start,
+            chat_many=chat_many if backend.name == "local" else None,
         )
     finally:
         bar.close()

@@ -83,6 +83,7 @@ class ChoiceEnd:
     text: str  # the whole answer
     token_ids: list[int]
     scores: list[float] | None = None  # label-constrained: each choice's summed log-probability
+    prompt_tokens: int = 0  # batched answers: this prompt's own length
 
 
 @dataclass
@@ -384,9 +385,8 @@ class Engine:
             stopped = eos in new
             new = new[: new.index(eos)] if stopped else new
             total += len(new)
-            handle.emit(
-                ChoiceEnd(i, "stop" if stopped else "length", tokenizer.decode(new, skip_special_tokens=True), new)
-            )
+            text = tokenizer.decode(new, skip_special_tokens=True)
+            handle.emit(ChoiceEnd(i, "stop" if stopped else "length", text, new, prompt_tokens=len(prompts[i])))
         handle.emit(Usage(sum(len(p) for p in prompts), total))
 
     def _choose(self, handle: Handle, model: Any, tokenizer: Any, ctx: Any) -> None:

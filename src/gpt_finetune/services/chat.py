@@ -14,7 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-from ..errors import BackendError
+from ..errors import BackendError, GptFinetuneError
 from .models import ModelService
 
 ROLES = ("system", "developer", "user", "assistant")
@@ -379,6 +379,74 @@ class ChatService:
             )
         )
         return ChatRun(handle, parsed, parsed["model"])
+
+    def create_many(self, requests: list[Any], *, batch_size: int = 8) -> list[dict[str, Any] | GptFinetuneError]:
+        """Several requests (a batch file): each answer, or the error that refused it. Greedy
+        requests for the same model and length that ask for nothing else are answered
+        ``batch_size`` at a time (batched generation); the others one by one."""
+        from ..local.inference import ChoiceEnd, GenRequest
+
+        out: list[dict[str, Any] | GptFinetuneError | None] = [None] * len(requests)
+        groups: dict[tuple[str, int | None], list[tuple[int, dict[str, Any]]]] = {}
+        for i, request in enumerate(requests):
+            try:
+                parsed = parse_request(request)
+            except GptFinetuneError as exc:
+                out[i] = exc
+                continue
+            plain = (
+                parsed["temperature"] == 0
+                and parsed["n"] == 1
+                and not (parsed["stop"] or parsed["logprobs"] or parsed["stream"] or parsed["choices"])
+            )
+            if plain:
+                groups.setdefault((parsed["model"], parsed["max_tokens"]), []).append((i, parsed))
+            else:
+                try:
+                    out[i] = self.start(request).completion()
+                except GptFinetuneError as exc:
+                    out[i] = exc
+        for (model, max_tokens), items in groups.items():
+            try:
+                base, adapter = self.models.locate(model)
+            except GptFinetuneError as exc:
+                for i, _ in items:
+                    out[i] = exc
+                continue
+            for start in range(0, len(items), batch_size):
+                chunk = items[start : start + batch_size]
+                request = GenRequest(
+                    base, adapter, [], max_tokens=max_tokens, temperature=0, batch=[p["messages"] for _, p in chunk]
+                )
+                try:
+                    ends = [e for e in self.engine.run(request) if isinstance(e, ChoiceEnd)]
+                except GptFinetuneError as exc:
+                    for i, _ in chunk:
+                        out[i] = exc
+                    continue
+                for (i, parsed), end in zip(chunk, ends, strict=True):
+                    run = ChatRun(None, parsed, model)
+                    out[i] = {
+                        "id": run.id,
+                        "object": "chat.completion",
+                        "created": run.created,
+                        "model": model,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "message": {"role": "assistant", "content": end.text, "refusal": None},
+                                "logprobs": None,
+                                "finish_reason": end.finish_reason,
+                            }
+                        ],
+                        "usage": {
+                            "prompt_tokens": end.prompt_tokens,
+                            "completion_tokens": len(end.token_ids),
+                            "total_tokens": end.prompt_tokens + len(end.token_ids),
+                        },
+                    }
+        assert all(x is not None for x in out)  # every request got its answer or its error
+        return [x for x in out if x is not None]
 
     def create(self, request: Any) -> dict[str, Any] | Iterator[dict[str, Any]]:
         """The whole completion, or (``stream``) an iterator of chunks."""
