@@ -404,3 +404,15 @@ def test_the_seed_scripts_and_the_openai_backend_run_unchanged_against_the_serve
     )
     assert said == direct.choices[0].message.content.strip() != ""
     assert run("infer", "-c", str(icfg), "--stream").stdout.strip() == said
+
+
+def test_guided_choice_through_the_sdk(server):
+    """The label-constrained extension, as a plain openai client sends it (extra_body)."""
+    choices = ["'bug'", "'feature'", "'question'"]
+    answer = server.client().chat.completions.create(
+        model="tiny-llama", messages=MSGS, extra_body={"guided_choice": choices}
+    )
+    assert answer.choices[0].message.content in choices and answer.choices[0].finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError) as err:
+        server.client().chat.completions.create(model="tiny-llama", messages=MSGS, extra_body={"guided_choice": []})
+    assert err.value.body["param"] == "guided_choice"
