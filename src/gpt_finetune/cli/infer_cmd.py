@@ -56,6 +56,7 @@ def cmd_batch(ns: argparse.Namespace, backend: Any, model: str | None) -> int:
     from tqdm import tqdm
 
     from ..batch import run_batch
+    from .eval_cmd import default_batch
 
     if not ns.batch_output:
         raise ConfigError("--input needs --output FILE")
@@ -101,6 +102,7 @@ def cmd_batch(ns: argparse.Namespace, backend: Any, model: str | None) -> int:
             progress=bar.update,
             on_start=start,
             chat_many=chat_many if backend.name == "local" else None,
+            group=default_batch(),
         )
     finally:
         bar.close()

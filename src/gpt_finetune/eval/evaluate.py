@@ -128,11 +128,18 @@ def _predict_batched(
 
     base, adapter = backend.services.models.locate(model)
     engine = backend.services.chat.engine
-    out: list[str] = []
-    for start in range(0, len(ex.prompts), batch_size):
-        chunk = ex.prompts[start : start + batch_size]
-        ends = engine.run(GenRequest(base, adapter, [], max_tokens=max_tokens, temperature=0, batch=chunk))
-        out += [e.text.strip() for e in ends if isinstance(e, ChoiceEnd)]
+    # prompts of similar length batched together: left padding to the longest of a batch is
+    # wasted work (on real issues, batches in file order ran slower than one prompt at a time)
+    order = sorted(range(len(ex.prompts)), key=lambda i: sum(len(m["content"]) for m in ex.prompts[i]))
+    out: list[str] = [""] * len(ex.prompts)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        request = GenRequest(
+            base, adapter, [], max_tokens=max_tokens, temperature=0, batch=[ex.prompts[i] for i in chunk]
+        )
+        ends = [e for e in engine.run(request) if isinstance(e, ChoiceEnd)]
+        for i, end in zip(chunk, ends, strict=True):
+            out[i] = end.text.strip()
         if progress is not None:
             progress.update(len(chunk))
     return out
