@@ -124,24 +124,15 @@ def predict(
 def _predict_batched(
     backend: Any, model: str, ex: Examples, max_tokens: int, batch_size: int, progress: Any
 ) -> list[str]:
-    from ..local.inference import ChoiceEnd, GenRequest
-
-    base, adapter = backend.services.models.locate(model)
-    engine = backend.services.chat.engine
-    # prompts of similar length batched together: left padding to the longest of a batch is
-    # wasted work (on real issues, batches in file order ran slower than one prompt at a time)
-    order = sorted(range(len(ex.prompts)), key=lambda i: sum(len(m["content"]) for m in ex.prompts[i]))
-    out: list[str] = [""] * len(ex.prompts)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        request = GenRequest(
-            base, adapter, [], max_tokens=max_tokens, temperature=0, batch=[ex.prompts[i] for i in chunk]
-        )
-        ends = [e for e in engine.run(request) if isinstance(e, ChoiceEnd)]
-        for i, end in zip(chunk, ends, strict=True):
-            out[i] = end.text.strip()
-        if progress is not None:
-            progress.update(len(chunk))
+    """Through the chat service's batched path (as batch files are), ``batch_size`` at a time."""
+    requests = [{"model": model, "messages": p, "max_tokens": max_tokens, "temperature": 0} for p in ex.prompts]
+    out: list[str] = []
+    for answer in backend.services.chat.create_many(requests, batch_size=batch_size):
+        if isinstance(answer, Exception):
+            raise answer
+        out.append((answer["choices"][0]["message"]["content"] or "").strip())
+    if progress is not None:
+        progress.update(len(out))
     return out
 
 

@@ -37,8 +37,7 @@ def _page(data: list[dict[str, Any]], has_more: bool, *, ids: bool = False) -> d
 @router.get("/health")
 def health(request: Request) -> dict[str, Any]:
     """Alive, and how many chat requests wait (no key needed)."""
-    chat = _services(request).chat
-    return {"status": "ok", "queued_requests": chat._engine.pending() if chat._engine is not None else 0}
+    return {"status": "ok", "queued_requests": _services(request).chat.pending()}
 
 
 # ---- files ----------------------------------------------------------------------------------

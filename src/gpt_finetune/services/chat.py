@@ -252,15 +252,19 @@ class ChatRun:
                 "finish_reason": event.finish_reason,
             }
         elif isinstance(event, Usage):
-            return {
-                "id": self.id,
-                "object": "chat.completion",
-                "created": self.created,
-                "model": self.model,
-                "choices": [self._choices[i] for i in sorted(self._choices)],
-                "usage": _usage(event),
-            }
+            return self.whole([self._choices[i] for i in sorted(self._choices)], _usage(event))
         return None
+
+    def whole(self, choices: list[dict[str, Any]], usage: dict[str, int]) -> dict[str, Any]:
+        """OpenAI's ``ChatCompletion``."""
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": usage,
+        }
 
     # ---- chunks -----------------------------------------------------------------------------
     def chunks(self) -> Iterator[dict[str, Any]]:
@@ -355,6 +359,10 @@ class ChatService:
             self._engine = self._engine_factory()
         return self._engine
 
+    def pending(self) -> int:
+        """Requests waiting for the engine (0 before the first one loads it)."""
+        return self._engine.pending() if self._engine is not None else 0
+
     def start(self, request: Any) -> ChatRun:
         """Check the request, find the model, and queue it on the engine (``EngineBusy`` when
         the queue is full)."""
@@ -384,7 +392,7 @@ class ChatService:
         """Several requests (a batch file): each answer, or the error that refused it. Greedy
         requests for the same model and length that ask for nothing else are answered
         ``batch_size`` at a time (batched generation); the others one by one."""
-        from ..local.inference import ChoiceEnd, GenRequest
+        from ..local.inference import ChoiceEnd, GenRequest, Usage
 
         out: list[dict[str, Any] | GptFinetuneError | None] = [None] * len(requests)
         groups: dict[tuple[str, int | None], list[tuple[int, dict[str, Any]]]] = {}
@@ -407,6 +415,9 @@ class ChatService:
                 except GptFinetuneError as exc:
                     out[i] = exc
         for (model, max_tokens), items in groups.items():
+            # prompts of similar length batched together: left padding to the longest of a batch
+            # is wasted work (on real issues, batches in file order ran slower than single prompts)
+            items.sort(key=lambda item: sum(len(m["content"]) for m in item[1]["messages"]))
             try:
                 base, adapter = self.models.locate(model)
             except GptFinetuneError as exc:
@@ -425,26 +436,11 @@ class ChatService:
                         out[i] = exc
                     continue
                 for (i, parsed), end in zip(chunk, ends, strict=True):
-                    run = ChatRun(None, parsed, model)
-                    out[i] = {
-                        "id": run.id,
-                        "object": "chat.completion",
-                        "created": run.created,
-                        "model": model,
-                        "choices": [
-                            {
-                                "index": 0,
-                                "message": {"role": "assistant", "content": end.text, "refusal": None},
-                                "logprobs": None,
-                                "finish_reason": end.finish_reason,
-                            }
-                        ],
-                        "usage": {
-                            "prompt_tokens": end.prompt_tokens,
-                            "completion_tokens": len(end.token_ids),
-                            "total_tokens": end.prompt_tokens + len(end.token_ids),
-                        },
-                    }
+                    message = {"role": "assistant", "content": end.text, "refusal": None}
+                    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": end.finish_reason}
+                    out[i] = ChatRun(None, parsed, model).whole(
+                        [choice], _usage(Usage(end.prompt_tokens, len(end.token_ids)))
+                    )
         assert all(x is not None for x in out)  # every request got its answer or its error
         return [x for x in out if x is not None]
 
