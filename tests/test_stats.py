@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from conftest import chat_example, write_jsonl
 
@@ -104,3 +105,71 @@ def test_local_counts_in_the_parallel_pass_equal_the_tokenizers_own(tmp_path, sm
     assert summary["total_tokens"] == sum(len(e["input_ids"]) for e in expected)
     over = sum(len(e["input_ids"]) > 60 for e in expected)
     assert over > 0 and summary["n_truncated"] + summary["n_too_long"] == over
+
+
+def test_piece_counts_equal_the_tokenizers_own(smol_tokenizer_dir, monkeypatch):
+    """Counting by cached whitespace-led pieces gives exactly the tokenizer's count, on text
+    built to break it: whitespace runs of every kind, control characters that Python's \\s
+    takes for whitespace but the tokenizer does not, digits, contractions, CRLF, added tokens,
+    and with the cache cleared between blocks."""
+    import random
+
+    from tokenizers import Tokenizer
+
+    from gpt_finetune.data import local_tokens
+    from gpt_finetune.data.local_tokens import (
+        LocalCounter,
+        _tokenizer_spec,
+        digits_are_single_tokens,
+        piece_cache_applies,
+    )
+
+    alphabet = [" ", "  ", "\t", "\n", "\r\n", "\x0b", "\x1c", "\x1f", "\x85", "\xa0", "\u2009", "\u3000", "\u200b"]
+    alphabet += [
+        "a",
+        "Zé",
+        "中文",
+        "1",
+        "2024",
+        "'s",
+        "'ll",
+        "'",
+        '"',
+        ".",
+        ",!",
+        "-_",
+        "🎉",
+        "<|im_end|>",
+        "<repo_name>",
+    ]
+    rng = random.Random(0)
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(3000)]
+    texts += ["", "plain words here.", "x" * 500, "http://example.com/a?b=1&c=2 #123", " ", "a  b", " a", "a "]
+    words = [a for a in alphabet if a.isprintable() and " " not in a] + ["word", "'re", "12", "x.y"]
+    texts += [" ".join(rng.choice(words) for _ in range(rng.randint(1, 30))) for _ in range(1000)]  # str.split path
+    tok = Tokenizer.from_file(str(Path(smol_tokenizer_dir) / "tokenizer.json"))
+    expected = [len(tok.encode(t, add_special_tokens=False).ids) for t in texts]
+
+    counter = LocalCounter(smol_tokenizer_dir, "SmolLM2-135M-Instruct")
+    assert counter._cache is not None  # the default model's tokenizer takes the fast path
+    assert counter._digits is not None  # and its digits are tokens of their own
+    monkeypatch.setattr(local_tokens, "CACHE_MAX", 500)  # full after the first block
+    got = [n for k in range(0, len(texts), 400) for n in counter._lengths(texts[k : k + 400])]
+    assert got == expected
+    assert counter._lengths(texts[:400]) == expected[:400]  # again, now through the caches
+    assert len(counter._cache) + len(counter._spaced) + len(counter._texts) <= 400 * 41  # the first block's only
+
+    spec = json.loads((Path(smol_tokenizer_dir) / "tokenizer.json").read_text(encoding="utf-8"))
+    assert piece_cache_applies(spec)
+    assert _tokenizer_spec(tok)["pre_tokenizer"] == spec["pre_tokenizer"]  # what the counter reads
+    for other in (
+        {**spec, "normalizer": {"type": "NFC"}},
+        {**spec, "pre_tokenizer": {**spec["pre_tokenizer"], "add_prefix_space": True}},
+        {**spec, "pre_tokenizer": {"type": "Metaspace", "replacement": "▁"}},
+    ):
+        assert not piece_cache_applies(other)
+    assert digits_are_single_tokens(spec)
+    assert not digits_are_single_tokens(
+        {**spec, "model": {**spec["model"], "vocab": {**spec["model"]["vocab"], "12": 1}}}
+    )
+    assert not digits_are_single_tokens({**spec, "model": {**spec["model"], "vocab": {"a": 0}}})
