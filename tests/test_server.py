@@ -416,3 +416,38 @@ def test_guided_choice_through_the_sdk(server):
     with pytest.raises(openai.BadRequestError) as err:
         server.client().chat.completions.create(model="tiny-llama", messages=MSGS, extra_body={"guided_choice": []})
     assert err.value.body["param"] == "guided_choice"
+
+
+def test_eval_through_the_openai_backend_equals_eval_on_the_local_engine(server, tmp_path):
+    """`eval` on a remote model (this project's server, through the openai backend) scores free
+    and label-constrained answers exactly as the same model scores in-process."""
+    words = ["crash when the pod restarts", "please add a flag", "how do I configure it"]
+    labels = ["'bug'", "'feature'", "'question'"]
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "Label the issue."},
+                {"role": "user", "content": f"title: {words[i % 3]} {i}"},
+                {"role": "assistant", "content": labels[i % 3]},
+            ]
+        }
+        for i in range(12)
+    ]
+    train, valid = write_jsonl(tmp_path / "t.jsonl", rows[:9]), write_jsonl(tmp_path / "v.jsonl", rows[9:])
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), GPT_FINETUNE_HOME=str(tmp_path / "h"))
+    env["GPT_FINETUNE_LOCAL_BASE_MODEL"] = server.env["GPT_FINETUNE_LOCAL_BASE_MODEL"]
+    common = ["eval", "-m", "tiny-llama", "-d", str(valid), "--train", str(train), "--task", "classification"]
+    common += ["--max-tokens", "4", "--json"]
+
+    def run(*args):
+        r = subprocess.run(
+            [sys.executable, "-m", "gpt_finetune", *common, *args], capture_output=True, text=True, env=env, timeout=300
+        )
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)["results"]
+
+    remote = run("--backend", "openai", "--base-url", server.url + "/v1", "-k", "sk-test-1234", "--mode", "both")
+    local = run("--backend", "local", "--mode", "both")
+    assert set(remote) == {"tiny-llama (free)", "tiny-llama (constrained)", "tfidf+logreg"}
+    assert remote["tiny-llama (constrained)"]["out_of_set_rate"] == 0
+    assert remote == local
