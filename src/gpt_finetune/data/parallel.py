@@ -6,6 +6,7 @@ eagerly, which would read a whole file into memory; this submits at most ``windo
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 from collections import deque
@@ -41,6 +42,9 @@ def parallel_map(
     # jobs with no threads running; a server process should call with workers=1.
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    # the garbage collector of a forked worker would write to every object it inherits (its
+    # header), turning shared pages into private copies; frozen objects are left alone
+    gc.freeze()
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
         pending: deque[Future[R]] = deque()
         try:
@@ -53,6 +57,7 @@ def parallel_map(
         finally:
             for fut in pending:
                 fut.cancel()
+            gc.unfreeze()
 
 
 def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:

@@ -28,7 +28,20 @@ class Encoder(Protocol):
 def get_encoding(name: str) -> Encoder:
     import bpe_openai
 
-    return bpe_openai.get_encoding(name)  # type: ignore[no-any-return]
+    encoding = bpe_openai.get_encoding(name)
+    # Importing bpe_openai reads every bundled vocabulary (cl100k, o200k, voyage3) into Python
+    # dicts to look up their special tokens, and keeps them in lru caches for good: 36 MB that
+    # each data job then carries (and each forked worker may copy). The encoder holds what it
+    # needs; clearing the caches only means a later lookup reads the file again.
+    try:
+        from bpe_openai import registry
+
+        registry._load_mergeable_ranks.cache_clear()
+        for build in registry.ENCODING_CONSTRUCTORS.values():
+            getattr(build, "cache_clear", lambda: None)()
+    except (ImportError, AttributeError):  # another bpe_openai layout: nothing to free
+        pass
+    return encoding  # type: ignore[no-any-return]
 
 
 def _value_text(value: Any) -> str:
