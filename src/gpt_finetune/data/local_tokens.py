@@ -85,12 +85,22 @@ def digits_are_single_tokens(config: dict[str, Any]) -> bool:
 
 class _Counts(dict[str, int]):
     """Token counts by piece; a missing piece counts 0 and is noted with the text it is in
-    (``at``), so that a block's lookups run at C speed and its new pieces are encoded at once."""
+    (``at``), so that a block's lookups run at C speed and its new pieces are encoded at once.
+    With ``fold`` (digits to 0), a missing piece with digits counts as its folded form, which
+    alone is kept: a new issue number is a lookup, not a new entry."""
 
     at = 0
+    fold: dict[int, int] | None = None
     missed: list[tuple[int, str]]
 
     def __missing__(self, key: str) -> int:
+        if self.fold is not None:
+            folded = key.translate(self.fold)
+            if folded != key:
+                n = self.get(folded)
+                if n is not None:
+                    return n
+                key = folded
         self.missed.append((self.at, key))
         return 0
 
@@ -122,6 +132,8 @@ class LocalCounter:
         # digit made 0: issue numbers, versions and times then hit the cache instead of each
         # being a new piece to encode
         self._digits = _TO_ZERO if digits_are_single_tokens(spec) else None
+        if self._cache is not None and self._spaced is not None:
+            self._cache.fold = self._spaced.fold = self._digits
         del spec
         config = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8"))
         template = config.get("chat_template")
@@ -153,7 +165,6 @@ class LocalCounter:
         out = [0] * len(texts)
         whole: list[int] = []  # encoded whole
         cache.missed, spaced.missed = [], []
-        digits = self._digits
         get, sget, islice = cache.__getitem__, spaced.__getitem__, itertools.islice
         for i, t in enumerate(texts):
             n = known.get(t)
@@ -164,8 +175,6 @@ class LocalCounter:
             if risky is not None and risky.search(t):
                 whole.append(i)
                 continue
-            if digits is not None:
-                t = t.translate(digits)
             if t and t.isprintable() and "  " not in t and t[0] != " " and t[-1] != " ":
                 words = t.split(" ")
                 out[i] = get(words[0]) + sum(map(sget, islice(words, 1, None)))
