@@ -183,3 +183,26 @@ def test_a_classification_job_records_its_label_sets_when_its_files_are_checked(
         "label_format": "comma",
         "label_sets": ["red", "blue"],
     }
+
+
+def test_the_task_is_found_from_a_label_file_or_from_answers_that_are_labels(tmp_path):
+    import json
+
+    from conftest import chat_example, write_jsonl
+
+    from gpt_finetune.eval.evaluate import read_examples
+
+    labels = write_jsonl(tmp_path / "l.jsonl", [chat_example(i, ["'bug'", "'feature'"][i % 2]) for i in range(8)])
+    ex = read_examples(labels)
+    assert (ex.task, ex.task_from, ex.labels, ex.label_format) == (
+        "classification",
+        "answers",
+        ["bug", "feature"],
+        "seed",
+    )
+    sentences = write_jsonl(tmp_path / "s.jsonl", [chat_example(i, f"It is about thing {i}.") for i in range(8)])
+    assert (read_examples(sentences).task, read_examples(sentences).task_from) == ("answering", "default")
+    assert read_examples(labels, task="answering").task == "answering"  # --task wins
+    (tmp_path / "s.labels.json").write_text(json.dumps({"labels": ["x"], "label_format": "seed"}))
+    assert read_examples(sentences, task="answering").task_from == "given"
+    assert read_examples(labels, labels_file=str(tmp_path / "s.labels.json")).task_from == "labels"

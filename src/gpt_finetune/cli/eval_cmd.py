@@ -95,6 +95,8 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     ex = ev.read_examples(ns.data, labels_file=ns.labels, task=ns.eval_task)
     if ns.eval_limit:
         ex.prompts, ex.references = ex.prompts[: ns.eval_limit], ex.references[: ns.eval_limit]
+    if ex.task_from == "answers" and not ns.json:
+        info("Scoring as classification: the answers are labels (--task answering scores them as free text)")
     backend = get_backend(s, announce=not ns.json)
     recorded = None
     train_path = ns.train

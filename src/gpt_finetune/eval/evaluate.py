@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..data.labels import LabelError, format_labels, guess_format, labels_sidecar_path, parse_labels
+from ..data.labels import LabelError, format_labels, guess_format, label_sets, labels_sidecar_path, parse_labels
 from ..errors import DataError
 
 
@@ -30,6 +30,7 @@ class Examples:
     task: str  # "classification" or "answering"
     labels: list[str] = field(default_factory=list)
     label_format: str = "seed"
+    task_from: str = "given"  # "given" (--task), "labels" (a label file), "answers" (they look like labels), "default"
 
     def prompt_texts(self) -> list[str]:
         return [" \n".join(m["content"] for m in p if m["role"] in ("system", "user")) for p in self.prompts]
@@ -40,7 +41,11 @@ class Examples:
 
 def read_examples(path: str | Path, *, labels_file: str | None = None, task: str | None = None) -> Examples:
     """Held-out chat examples, with the label set from ``labels_file``, from prepare's sidecar
-    beside the data, or (classification asked, no label set) from the references."""
+    beside the data, or (classification asked, no label set) from the references.
+
+    Without ``task`` or a label file, the examples are classification when their answers look
+    like labels by the rule jobs use (``label_sets``: one label format, short labels, answers
+    repeating), else answering."""
     prompts, refs = [], []
     with open(path, encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):
@@ -67,11 +72,17 @@ def read_examples(path: str | Path, *, labels_file: str | None = None, task: str
         info = json.loads(sidecar.read_text(encoding="utf-8"))
         label_set = list(info["labels"] if isinstance(info, dict) else info)
         style = info.get("label_format") if isinstance(info, dict) else None
+        task_from = "given" if task else "labels"
         task = task or "classification"
     elif labels_file:
         raise DataError("label file not found", path=labels_file)
-    task = task or "answering"
-    ex = Examples(prompts, refs, task)
+    elif task:
+        task_from = "given"
+    elif label_sets(refs) is not None:
+        task, task_from = "classification", "answers"
+    else:
+        task, task_from = "answering", "default"
+    ex = Examples(prompts, refs, task, task_from=task_from)
     if task == "classification":
         try:
             seen = ex.reference_labels()
