@@ -67,14 +67,15 @@ def write_report(
     if task == "classification":
         parts += ["```", per_label_table(results), "```\n"]
         labels = next(iter(results.values()))["labels"]
-        fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(labels) * len(results) / 2), 3.5))
+        fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(labels) * len(results) / 2), 3.5 + 0.2 * len(results)))
         w = 0.8 / len(results)
         for i, (name, r) in enumerate(results.items()):
             ax.bar([k + i * w for k in range(len(labels))], [r["per_label"][x]["f1"] for x in labels], w, label=name)
         ax.set_xticks([k + 0.4 - w / 2 for k in range(len(labels))], labels, rotation=30, ha="right")
         ax.set_ylabel("F1")
         ax.set_ylim(0, 1)
-        ax.legend(fontsize=7)
+        # below the axes: inside, it hides the bars it names
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2, frameon=False)
         ax.set_title("per-label F1")
         fig.tight_layout()
         fig.savefig(out / "per_label_f1.png", dpi=110)
