@@ -91,12 +91,18 @@ def run_job(services: Services, job: dict[str, Any]) -> None:
         )
 
 
-def _try_lock(fh: IO[str]) -> bool:
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
+def _try_lock(fh: IO[str], attempts: int = 10, wait: float = 0.05) -> bool:
+    """Take the runner lock. A client's ``runner_alive`` probe holds it for microseconds, a
+    runner for as long as it lives: a few tries apart tell them apart, so a probe at the wrong
+    moment does not make this runner leave jobs waiting with no runner at all."""
+    for attempt in range(attempts):
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if attempt + 1 < attempts:
+                time.sleep(wait)
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:
