@@ -11,7 +11,7 @@ pytest.importorskip("trl")
 from conftest import toy_examples, train_spec, write_jsonl
 
 from gpt_finetune.local.chat_data import IGNORE, TRUNCATION_MARK, fit_messages, tokenize_example, tokenize_file
-from gpt_finetune.local.memory import MemoryPlanError, make_plan
+from gpt_finetune.local.memory import MEASURED_SLACK, MemoryPlanError, make_plan
 from gpt_finetune.local.packing import pack, packed_loss, split_by_budget, use_packed_attention
 from gpt_finetune.local.trainer import Hooks, train
 
@@ -169,6 +169,21 @@ def test_memory_plan_checkpoints_only_examples_too_long_without_it(monkeypatch):
     with pytest.raises(MemoryPlanError, match=r"allows 1\.10 GB"):
         plan([(600, 3)] * 4, memory_limit_gb=1.1)  # less than the model and runtime need
     assert plan([(600, 3)] * 40, micro_batch_tokens=700).micro_batch_tokens == 700
+
+
+def test_memory_plan_uses_the_bytes_per_token_measured_on_the_model(monkeypatch):
+    monkeypatch.setattr("gpt_finetune.local.memory.available_bytes", lambda: 20_000_000_000)
+    examples = [(600, 3)] * 40 + [(2000, 3)]
+    estimated = plan(examples)
+    measured = plan(examples, saved_bytes_per_token=835_000)  # SmolLM2 with the fused layers
+    assert measured.per_token_bytes == pytest.approx(835_000 * MEASURED_SLACK, rel=1e-6)
+    assert measured.per_token_bytes < estimated.per_token_bytes
+    # the 2,000-token example now fits without checkpointing, and micro-batches hold more tokens
+    assert estimated.checkpointing == "auto" and measured.checkpointing == "off"
+    assert measured.micro_batch_tokens > 2000 > estimated.micro_batch_tokens
+    assert measured.estimated_peak_bytes <= int(0.9 * measured.target_bytes)
+    # checkpointed: each layer's input plus one layer rebuilt twice
+    assert measured.per_token_checkpointed_bytes < measured.per_token_bytes / 5
 
 
 def test_memory_plan_target_is_lowered_on_a_machine_with_less_free_memory(monkeypatch):

@@ -1,25 +1,30 @@
 """The memory plan: how many tokens go into one micro-batch, so that training fits, whatever the data.
 
 What grows with the data is not the data set but the tokens of one forward/backward pass: every
-layer keeps its activations for the backward pass (about 1.4 MB a token for SmolLM2-135M in
-float32), and every labelled position needs a full-vocabulary row of logits and its gradient
-(about 0.8 MB). So each optimizer step (OpenAI's ``batch_size`` examples) is split into packed
-micro-batches whose estimated cost fits a byte budget, with gradient accumulation summing them
-into exactly the unsplit step's gradient (``trainer``). The budget is what is left of the memory
-target once the model, its optimizer state and the runtime are counted:
+layer keeps its activations for the backward pass (about 0.84 MB a token for SmolLM2-135M in
+float32 with the default LoRA and the fused layers of ``fused``; 1.4 MB with stock PEFT layers),
+and every labelled position needs a full-vocabulary row of logits and its gradient (about 0.8 MB).
+So each optimizer step (OpenAI's ``batch_size`` examples) is split into packed micro-batches whose
+estimated cost fits a byte budget, with gradient accumulation summing them into exactly the
+unsplit step's gradient (``trainer``). The budget is what is left of the memory target once the
+model, its optimizer state and the runtime are counted:
 
     target  = min(memory_limit_gb (default 4 GB), 85 % of what the machine has available)
     budget  = 90 % of target - static
     cost(micro-batch) = per_token x tokens + per_label x labelled tokens
 
+``per_token`` is measured when a job starts: the bytes autograd saves for one short forward pass
+of the job's own model (its LoRA targets, fused layers and dtype), per token
+(``saved_bytes_per_token``), times the allocator slack measured against real peaks
+(``MEASURED_SLACK``; bench/README.md). Without a model at hand it is estimated from the shape.
+
 Activation checkpointing (keep only each layer's input, recompute the rest in the backward pass:
 about 1.3x the compute, a tenth of the memory per token) is turned on only for the micro-batches
 that need it: examples that fit the budget without it are packed together and run at full speed,
-and an example too long for that trains alone, checkpointed. A job that does not fit even then fails before training,
-with the numbers. The per-token constants are counted from the model's shape and were checked
-against measured peaks (bench/README.md, "Memory plan"); glibc is told to return large freed
-blocks to the system (``limit_heap_growth``), without which the resident size of a long run
-drifts far above what is live.
+and an example too long for that trains alone, checkpointed. A job that does not fit even then
+fails before training, with the numbers. glibc is told to return large freed blocks to the system
+(``limit_heap_growth``), without which the resident size of a long run drifts far above what is
+live.
 
 On a CUDA device the same plan is made against the device's free memory instead of the
 process's resident memory; the 4 GB default applies to the CPU.
@@ -33,11 +38,16 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import GptFinetuneError
+from .chat_data import IGNORE
 
 GB = 1_000_000_000
 DEFAULT_MEMORY_LIMIT_GB = 4.0
 HEADROOM = 0.9  # of the target, for what the estimate does not see (allocator slack, evaluation)
 LOGIT_COPIES = 4
+# what the saved tensors leave out: the backward pass's transient gradients and the heap's freed
+# blocks under the mmap threshold (a packed row's per-example attention tensors). Measured with
+# fused LoRA dropout and SwiGLU, 2,500-token micro-batches of real issues: 1.41 (bench/README.md)
+MEASURED_SLACK = 1.45
 ALLOCATOR_SLACK = 1.2  # resident memory beyond the live tensors, measured with limit_heap_growth's setting  # logits, their log-softmax, and the gradients of both, per labelled position
 
 
@@ -163,21 +173,61 @@ def available_bytes() -> int | None:
     return min(found) if found else None
 
 
-def activation_bytes_per_token(config: Any, checkpointing: bool, dtype_bytes: int) -> int:
-    """Bytes kept for the backward pass per token, from the model's shape.
+def activation_bytes_per_token(config: Any, checkpointing: bool, dtype_bytes: int, measured: int | None = None) -> int:
+    """Bytes a token costs in a training step, activations and allocator slack: from ``measured``
+    (what autograd saves per token without checkpointing, ``saved_bytes_per_token``), or else
+    estimated from the model's shape.
 
-    Without checkpointing each decoder layer keeps about 10 hidden-size vectors (norms, the
-    attention projections' inputs and outputs, LoRA's dropped-out inputs, residuals) and 4
-    intermediate-size ones (the MLP's gate, up, activation and product) per token. With it, each
-    layer keeps its input, and one layer at a time is rebuilt in full (counted twice: its
-    activations and their gradients).
+    The estimate is that of stock PEFT and transformers layers: each decoder layer keeps about 10
+    hidden-size vectors (norms, the attention projections' inputs and outputs, LoRA's dropped-out
+    inputs and masks) and 4 intermediate-size ones (the MLP's gate, up, activation and product)
+    per token. With checkpointing, each layer keeps its input, and one layer at a time is rebuilt
+    in full (counted twice: its activations and their gradients).
     """
     h = int(config.hidden_size)
     inter = int(getattr(config, "intermediate_size", 4 * h) or 4 * h)
     layers = int(config.num_hidden_layers)
-    per_layer = 10 * h + 4 * inter
+    per_layer = (measured / dtype_bytes / layers) if measured else 10 * h + 4 * inter
     floats = layers * h + 2 * per_layer if checkpointing else layers * per_layer
-    return int(floats * dtype_bytes * ALLOCATOR_SLACK)
+    return int(floats * dtype_bytes * (MEASURED_SLACK if measured else ALLOCATOR_SLACK))
+
+
+def saved_bytes_per_token(model: Any, device: Any = None, lengths: tuple[int, int] = (64, 192)) -> int:
+    """Bytes autograd keeps for the backward pass per token of a packed training micro-batch,
+    measured on this very model (its LoRA targets, fused layers, dtype, attention): the tensors
+    saved by one forward pass of ``lengths[1]`` tokens minus those of ``lengths[0]``, divided
+    by the difference (weights and what does not grow with the tokens cancel out). No backward
+    pass runs, and the random number generators are left as they were."""
+    import torch
+
+    from .packing import pack, packed_loss
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def saved(tokens: int) -> int:
+        seen: dict[int, int] = {}
+
+        def keep(t: Any) -> Any:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params:
+                seen[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        micro = pack([{"input_ids": [0] * tokens, "labels": [IGNORE] * (tokens - 1) + [0]}])
+        micro = {k: v.to(device) if device is not None else v for k, v in micro.items()}
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            loss, _, _ = packed_loss(model, micro)
+        del loss
+        return sum(seen.values())
+
+    was_training = model.training
+    model.train()
+    try:
+        with torch.random.fork_rng(devices=[device] if device is not None and str(device).startswith("cuda") else []):
+            low, high = saved(lengths[0]), saved(lengths[1])
+    finally:
+        model.train(was_training)
+    return max((high - low) // (lengths[1] - lengths[0]), 1)
 
 
 def make_plan(
@@ -192,10 +242,13 @@ def make_plan(
     micro_batch_tokens: int | None,
     device_free_bytes: int | None = None,
     seed: int = 0,
+    saved_bytes_per_token: int | None = None,
 ) -> MemoryPlan:
     """Plan a job's micro-batches. ``examples`` are (tokens, labelled tokens) per example; ``static``
     is what the process holds before the first step (runtime, weights, optimizer state).
-    ``checkpointing`` None means decide; ``micro_batch_tokens`` overrides the budget."""
+    ``checkpointing`` None means decide; ``micro_batch_tokens`` overrides the budget.
+    ``saved_bytes_per_token``, measured on the model (``saved_bytes_per_token()``), replaces the
+    estimate from the model's shape."""
     if device_free_bytes is not None:
         target, source = device_free_bytes, "free device memory"
         if memory_limit_gb:
@@ -209,8 +262,8 @@ def make_plan(
             if usable < target:
                 target, source = usable, "85 % of the memory this machine has available"
     per_label = int(getattr(config, "vocab_size", 0) or 0) * 4 * LOGIT_COPIES
-    per_token = activation_bytes_per_token(config, False, dtype_bytes)
-    per_token_gc = activation_bytes_per_token(config, True, dtype_bytes)
+    per_token = activation_bytes_per_token(config, False, dtype_bytes, saved_bytes_per_token)
+    per_token_gc = activation_bytes_per_token(config, True, dtype_bytes, saved_bytes_per_token)
     budget = int(HEADROOM * target) - static_bytes
     longest = max(examples, key=lambda e: (e[0], e[1]))
 

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning with transformers, TRL and PEFT: the only module that imports TRL and PEFT.
+"""Supervised fine-tuning with transformers, TRL and PEFT: with ``fused``, the only modules that import them.
 
 ``train(spec, hooks)`` runs one job's training: LoRA (default) or full fine-tuning of a causal
 LM on chat examples, loss on assistant tokens only (see ``chat_data``; a long prompt is shortened
@@ -11,7 +11,10 @@ accelerate's config (README, "Several GPUs").
 Each optimizer step takes ``batch_size`` examples, as OpenAI defines it, and splits them into
 packed, padding-free micro-batches that fit the job's memory plan (``memory``, ``packing``); the
 loss of each micro-batch is its labels' summed cross-entropy divided by the labels of the whole
-step (all processes), so the accumulated gradient is exactly that of the unsplit step.
+step (all processes), so the accumulated gradient is exactly that of the unsplit step. The
+model's LoRA layers and SwiGLU MLPs run ``fused``'s functions in training (less kept for the
+backward pass, a cheaper dropout mask), and the plan's per-token cost is measured on the model
+so built (``memory.saved_bytes_per_token``).
 """
 
 from __future__ import annotations
@@ -208,7 +211,8 @@ def train(spec: TrainSpec, hooks: Hooks, extra_callbacks: list[Any] | None = Non
     from trl import SFTConfig
 
     from .chat_data import tokenize_file
-    from .memory import MemoryPlan, limit_heap_growth, make_plan, resident_bytes
+    from .fused import fuse
+    from .memory import MemoryPlan, limit_heap_growth, make_plan, resident_bytes, saved_bytes_per_token
     from .packing import use_packed_attention
 
     limit_heap_growth()
@@ -253,43 +257,9 @@ def train(spec: TrainSpec, hooks: Hooks, extra_callbacks: list[Any] | None = Non
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     per_device = max(1, spec.batch_size // world)
-    if spec.plan is not None:
-        plan = MemoryPlan.from_dict(spec.plan)  # a resumed job trains the same micro-batches
-    else:
-        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        trainable = (
-            sum(p.numel() for p in model.parameters()) if spec.training_type == "full" else param_bytes // 400
-        )  # LoRA adapters are well under 1 % of the weights
-        optimizer_bytes = trainable * 12  # gradient and AdamW's two moments, float32
-        free_device = None
-        if kind == "cuda":
-            free_device = int(torch.cuda.mem_get_info()[0])
-            static = param_bytes + optimizer_bytes + 512 * 2**20  # the CUDA context and kernels' workspace
-        else:
-            static = before_model + param_bytes + optimizer_bytes
-        plan = make_plan(
-            config=model.config,
-            dtype_bytes=2 if bf16 else 4,
-            static_bytes=static,
-            examples=[(len(r["input_ids"]), sum(1 for x in r["labels"] if x != IGNORE)) for r in train_rows],
-            batch_size=per_device,
-            checkpointing=spec.gradient_checkpointing,
-            memory_limit_gb=spec.memory_limit_gb,
-            micro_batch_tokens=spec.micro_batch_tokens,
-            device_free_bytes=free_device,
-            seed=spec.seed,
-        )
-        hooks.on_plan(plan.to_dict())
     steps_per_epoch = math.ceil(len(train_rows) / (per_device * world))
     total_steps = steps_per_epoch * spec.n_epochs
     log_every = spec.log_every_steps or max(1, total_steps // 100)
-    hooks.on_message(
-        f"Training {len(train_rows)} examples ({n_tokens:,} tokens, {n_assistant:,} trained) for {spec.n_epochs} "
-        f"epochs, batch {spec.batch_size}, {total_steps} steps, on {kind}"
-        + (f" x{world}" if world > 1 else "")
-        + f" ({spec.training_type}, packed sequences, {attention} attention)"
-    )
-    hooks.on_message(plan.describe())
     args = SFTConfig(
         output_dir=spec.output_dir,
         num_train_epochs=spec.n_epochs,
@@ -318,9 +288,8 @@ def train(spec: TrainSpec, hooks: Hooks, extra_callbacks: list[Any] | None = Non
         torch_compile=spec.torch_compile,
         remove_unused_columns=False,  # the collator reads input_ids and labels itself
         # TRL turns activation checkpointing on by default; it costs about 1.3x the compute, so
-        # the memory plan turns it on only where the longest example needs it (memory.py)
-        gradient_checkpointing=plan.checkpointing == "on",
-        gradient_checkpointing_kwargs={"use_reentrant": False} if plan.checkpointing == "on" else None,
+        # the memory plan turns it on only where an example needs it (memory.py), set up below
+        gradient_checkpointing=False,
     )
 
     class Bridge(TrainerCallback):
@@ -360,20 +329,59 @@ def train(spec: TrainSpec, hooks: Hooks, extra_callbacks: list[Any] | None = Non
                 control.should_save = hooks.save_on_stop()
 
     bridge = Bridge()
-    if plan.checkpointing == "auto":  # set up once; each micro-batch then says whether it is used
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        _set_checkpointing(model, False)
+    collator = StepCollator(None)  # its plan is made below, once the model it measures is built
     trainer = _trainer_class()(
         model=model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=valid_ds,
         processing_class=tokenizer,
-        data_collator=StepCollator(plan),
+        data_collator=collator,
         peft_config=peft_config,
         callbacks=[bridge, *(extra_callbacks or [])],
     )
-    trainer._checkpoint_per_micro_batch = plan.checkpointing == "auto"
+    fused = fuse(trainer.model) if not trainer.is_fsdp_enabled else {}
+    if spec.plan is not None:
+        plan = MemoryPlan.from_dict(spec.plan)  # a resumed job trains the same micro-batches
+    else:
+        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        optimizer_bytes = trainable * 12  # gradient and AdamW's two moments, float32
+        free_device = None
+        if kind == "cuda":
+            free_device = int(torch.cuda.mem_get_info()[0])
+            static = param_bytes + optimizer_bytes + 512 * 2**20  # the CUDA context and kernels' workspace
+        else:
+            static = before_model + param_bytes + optimizer_bytes
+        plan = make_plan(
+            config=model.config,
+            dtype_bytes=2 if bf16 else 4,
+            static_bytes=static,
+            examples=[(len(r["input_ids"]), sum(1 for x in r["labels"] if x != IGNORE)) for r in train_rows],
+            batch_size=per_device,
+            checkpointing=spec.gradient_checkpointing,
+            memory_limit_gb=spec.memory_limit_gb,
+            micro_batch_tokens=spec.micro_batch_tokens,
+            device_free_bytes=free_device,
+            seed=spec.seed,
+            saved_bytes_per_token=saved_bytes_per_token(trainer.model, args.device),
+        )
+        hooks.on_plan(plan.to_dict())
+    collator.plan = plan
+    hooks.on_message(
+        f"Training {len(train_rows)} examples ({n_tokens:,} tokens, {n_assistant:,} trained) for {spec.n_epochs} "
+        f"epochs, batch {spec.batch_size}, {total_steps} steps, on {kind}"
+        + (f" x{world}" if world > 1 else "")
+        + f" ({spec.training_type}, packed sequences, {attention} attention"
+        + (f", fused LoRA dropout in {fused['lora']} layers" if fused.get("lora") else "")
+        + (f", fused SwiGLU in {fused['mlp']} MLPs" if fused.get("mlp") else "")
+        + ")"
+    )
+    hooks.on_message(plan.describe())
+    if plan.checkpointing != "off":  # set up once; each micro-batch then says whether it is used
+        trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _set_checkpointing(trainer.model, False)
+    trainer._checkpoint_per_micro_batch = plan.checkpointing != "off"
     if spec.resume_from:
         hooks.on_message(f"Resuming from checkpoint {Path(spec.resume_from).name}")
     trainer.train(resume_from_checkpoint=spec.resume_from)
