@@ -136,6 +136,10 @@ def train_spec(tmp_path: Path, model_dir, n_examples: int = 24, **kw):
         learning_rate=5e-3,
         seed=3,
         log_every_steps=1,
+        # these train inside the pytest process, whose resident size (hundreds of models loaded
+        # by earlier tests) the memory plan counts as static: a 4 GB target could leave no
+        # budget late in a full run. Tests of the plan itself set their own.
+        memory_limit_gb=16.0,
     )
     args.update(kw)
     return TrainSpec(**args)
