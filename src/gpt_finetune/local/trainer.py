@@ -81,6 +81,11 @@ class TrainResult:
     n_truncated: int = 0
 
 
+def _labelled(row: dict[str, Any]) -> int:
+    """How many of an example's tokens are trained on (its labels that are not IGNORE)."""
+    return sum(1 for x in row["labels"] if x != IGNORE)
+
+
 def device_kind() -> str:
     import torch
 
@@ -100,7 +105,7 @@ class StepCollator:
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         from .packing import pack
 
-        sizes = [(len(r["input_ids"]), sum(1 for x in r["labels"] if x != IGNORE)) for r in rows]
+        sizes = [(len(r["input_ids"]), _labelled(r)) for r in rows]
         micro = []
         for group, checkpointed in self.plan.micro_batches(sizes):
             mb = pack([rows[i] for i in group])
@@ -225,7 +230,7 @@ def train(spec: TrainSpec, hooks: Hooks, extra_callbacks: list[Any] | None = Non
     valid_rows = valid_data.rows if valid_data else None
     train_ds = Dataset.from_list(train_rows)
     valid_ds = Dataset.from_list(valid_rows) if valid_rows else None
-    n_assistant = sum(sum(1 for x in r["labels"] if x != IGNORE) for r in train_rows)
+    n_assistant = sum(_labelled(r) for r in train_rows)
     n_tokens = sum(len(r["input_ids"]) for r in train_rows)
     for what, data in (("training", train_data), ("validation", valid_data)):
         if data is not None and (data.n_truncated or data.n_too_long):
@@ -357,7 +362,7 @@ def train(spec: TrainSpec, hooks: Hooks, extra_callbacks: list[Any] | None = Non
             config=model.config,
             dtype_bytes=2 if bf16 else 4,
             static_bytes=static,
-            examples=[(len(r["input_ids"]), sum(1 for x in r["labels"] if x != IGNORE)) for r in train_rows],
+            examples=[(len(r["input_ids"]), _labelled(r)) for r in train_rows],
             batch_size=per_device,
             checkpointing=spec.gradient_checkpointing,
             memory_limit_gb=spec.memory_limit_gb,
