@@ -106,7 +106,7 @@ def test_fused_dropout_gradients_are_the_same_with_activation_checkpointing(tiny
     for checkpointing in (False, True):
         model, _ = lora_model(tiny_model_dir, 0.3, True)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         torch.manual_seed(7)
         results.append(loss_and_grads(model, micro))
     (loss_a, a), (loss_b, b) = results

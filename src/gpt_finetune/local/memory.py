@@ -43,12 +43,12 @@ from .chat_data import IGNORE
 GB = 1_000_000_000
 DEFAULT_MEMORY_LIMIT_GB = 4.0
 HEADROOM = 0.9  # of the target, for what the estimate does not see (allocator slack, evaluation)
-LOGIT_COPIES = 4
+LOGIT_COPIES = 4  # logits, their log-softmax, and the gradients of both, per labelled position
 # what the saved tensors leave out: the backward pass's transient gradients and the heap's freed
 # blocks under the mmap threshold (a packed row's per-example attention tensors). Measured with
 # fused LoRA dropout and SwiGLU, 2,500-token micro-batches of real issues: 1.41 (bench/README.md)
 MEASURED_SLACK = 1.45
-ALLOCATOR_SLACK = 1.2  # resident memory beyond the live tensors, measured with limit_heap_growth's setting  # logits, their log-softmax, and the gradients of both, per labelled position
+ALLOCATOR_SLACK = 1.2  # resident memory beyond the live tensors, measured with limit_heap_growth's setting
 
 
 class MemoryPlanError(GptFinetuneError):

@@ -116,12 +116,23 @@ class StepCollator:
 
 def _set_checkpointing(model: Any, on: bool) -> None:
     """Turn activation checkpointing on or off for the next forward pass (its function is set
-    once by ``gradient_checkpointing_enable``)."""
+    once by ``_enable_checkpointing``)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     for module in model.modules():
         if isinstance(module, GradientCheckpointingLayer):
             module.gradient_checkpointing = on
+
+
+def _enable_checkpointing(model: Any) -> None:
+    """Give the model's layers their checkpointing function (non-reentrant). transformers 5.24
+    renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` (the old name
+    warns and goes in v6); older releases have only the old one."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _empty_micro() -> dict[str, Any]:
@@ -384,7 +395,7 @@ def train(spec: TrainSpec, hooks: Hooks, extra_callbacks: list[Any] | None = Non
     )
     hooks.on_message(plan.describe())
     if plan.checkpointing != "off":  # set up once; each micro-batch then says whether it is used
-        trainer.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_checkpointing(trainer.model)
         _set_checkpointing(trainer.model, False)
     trainer._checkpoint_per_micro_batch = plan.checkpointing != "off"
     if spec.resume_from:
