@@ -12,15 +12,22 @@ from ..data.convert import RECORD_FORMATS, ConvertOptions
 from ..data.labels import LABEL_FORMATS
 from ..data.prepare import prepare
 from ..data.stats import stats_dict
-from ..errors import DataError, DependencyError
+from ..errors import ConfigError, DataError, DependencyError
 from .common import add_config_flag, info, settings_from, typed
+from .stdio import STDIO, STDOUT_NAME, Spool, spooled
 
 
 def add_prepare(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "-i", "--input", required=True, metavar="FILE", help="raw data: seed JSON/JSONL, Alpaca, chat JSONL, CSV/TSV"
+        "-i",
+        "--input",
+        required=True,
+        metavar="FILE",
+        help="raw data: seed JSON/JSONL, Alpaca, chat JSONL, CSV/TSV ('-': standard input)",
     )
-    p.add_argument("-o", "--output", required=True, metavar="FILE", help="chat JSONL to write (atomically)")
+    p.add_argument(
+        "-o", "--output", required=True, metavar="FILE", help="chat JSONL to write (atomically; '-': standard output)"
+    )
     add_config_flag(p)
     p.add_argument(
         "--format", choices=("auto", *RECORD_FORMATS), default="auto", help="record format (default: detect)"
@@ -48,6 +55,13 @@ def add_prepare(p: argparse.ArgumentParser) -> None:
 
 def cmd_prepare(ns: argparse.Namespace) -> int:
     s = settings_from(ns)
+    if ns.output == STDIO and ns.split and not ns.validation_output:
+        raise ConfigError("--split with -o - needs --validation-output FILE (there is no file name to derive it from)")
+    with spooled() as spool:
+        return _prepare(ns, s, spool)
+
+
+def _prepare(ns: argparse.Namespace, s: Any, spool: Spool) -> int:
     opts = ConvertOptions(
         sys_prompt=s.sys_prompt,
         task_type=s.task_type or "answering",
@@ -57,8 +71,8 @@ def cmd_prepare(ns: argparse.Namespace) -> int:
         system_column=ns.system_column,
     )
     result = prepare(
-        ns.input,
-        ns.output,
+        spool.stdin(ns.input, ".csv" if ns.format == "csv" else ""),
+        spool.stdout(ns.output),
         options=opts,
         record_format=ns.format,
         split=ns.split,
@@ -66,23 +80,24 @@ def cmd_prepare(ns: argparse.Namespace) -> int:
         validation_output=ns.validation_output,
         workers=ns.workers,
     )
+    spool.flush()
+    output = spool.shown(result.output)
     if result.validation_output:
         info(
-            f"Wrote {result.n_train} training examples to {result.output} and "
+            f"Wrote {result.n_train} training examples to {output} and "
             f"{result.n_valid} validation examples to {result.validation_output} ({result.record_format} input)"
         )
     else:
-        info(f"Wrote {result.n_examples} examples to {result.output} ({result.record_format} input)")
+        info(f"Wrote {result.n_examples} examples to {output} ({result.record_format} input)")
     if result.labels_path:
         top = ", ".join(f"{k} {v}" for k, v in result.label_counts.most_common(8))
-        info(
-            f"{len(result.label_counts)} labels ({top}{', ...' if len(result.label_counts) > 8 else ''}) -> {result.labels_path}"
-        )
+        where = result.labels_path if output != STDOUT_NAME else "not saved (the output is standard output)"
+        info(f"{len(result.label_counts)} labels ({top}{', ...' if len(result.label_counts) > 8 else ''}) -> {where}")
     return 0
 
 
 def add_validate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", metavar="FILE", help="chat JSONL training file")
+    p.add_argument("file", metavar="FILE", help="chat JSONL training file ('-': standard input)")
     p.add_argument("--model", default=None, help="target OpenAI model, for token limits (default gpt-3.5-turbo)")
     p.add_argument("--validation-file", metavar="FILE", help="also check this file, and label drift between the two")
     p.add_argument("--json", action="store_true", help="print findings as JSON")
@@ -145,11 +160,12 @@ def label_drift(train: FileReport, valid: FileReport) -> list[Finding]:
 
 
 def cmd_validate(ns: argparse.Namespace) -> int:
-    reports = [analyze_file(ns.file, ns.model, workers=ns.workers)]
-    extra: list[Finding] = []
-    if ns.validation_file:
-        reports.append(analyze_file(ns.validation_file, ns.model, workers=ns.workers))
-        extra = label_drift(reports[0], reports[1])
+    with spooled() as spool:
+        reports = [_shown(analyze_file(spool.stdin(ns.file), ns.model, workers=ns.workers), spool)]
+        if ns.validation_file:
+            valid = analyze_file(spool.stdin(ns.validation_file), ns.model, workers=ns.workers)
+            reports.append(_shown(valid, spool))
+    extra: list[Finding] = label_drift(reports[0], reports[1]) if len(reports) == 2 else []
     findings = [f for r in reports for f in r.findings] + extra
     n_errors = sum(r.n_errors for r in reports)
     n_warnings = sum(n for r in reports for k, n in r.finding_counts.items() if k.startswith("warning:")) + len(extra)
@@ -185,6 +201,14 @@ def cmd_validate(ns: argparse.Namespace) -> int:
     return 0 if n_errors == 0 else 1
 
 
+def _shown(report: FileReport, spool: Spool) -> FileReport:
+    """The report with ``<stdin>`` in place of standard input's temporary copy."""
+    report.path = spool.shown(report.path)
+    for f in report.findings:
+        f.path = spool.shown(f.path)
+    return report
+
+
 def format_finding(f: Finding) -> str:
     place = f.path or ""
     if f.line is not None:
@@ -195,7 +219,7 @@ def format_finding(f: Finding) -> str:
 
 
 def add_stats(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", metavar="FILE", help="chat JSONL file")
+    p.add_argument("file", metavar="FILE", help="chat JSONL file ('-': standard input)")
     p.add_argument("--model", default=None, help="OpenAI model for encoding, limits and price (default gpt-3.5-turbo)")
     p.add_argument(
         "--n-epochs", dest="n_epochs", type=typed("n_epochs"), help="epochs for the cost (default: OpenAI's rule)"
@@ -222,7 +246,8 @@ def add_stats(p: argparse.ArgumentParser) -> None:
 
 def cmd_stats(ns: argparse.Namespace) -> int:
     counter = None if ns.no_local else _local_counter(ns)
-    report = analyze_file(ns.file, ns.model, workers=ns.workers, local=counter)
+    with spooled() as spool:
+        report = _shown(analyze_file(spool.stdin(ns.file), ns.model, workers=ns.workers, local=counter), spool)
     if report.n_examples == 0:
         raise DataError("no valid examples to count", path=ns.file, hint=f"run: gpt-finetune validate {ns.file}")
     out = stats_dict(report, ns.n_epochs)
