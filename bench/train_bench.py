@@ -9,7 +9,7 @@ SFTTrainer with default settings otherwise (the baseline: it tokenises the chat 
 computes the loss over the whole sequence); ``plain-fp32`` the same with bf16 off; ``masked`` TRL's
 defaults given our assistant-only labels (the same objective as ours), ``masked-fp32`` with bf16
 off; ``ours`` the project's trainer as jobs run it;
-``ours-gc`` the same with activation checkpointing on; ``#N`` picks seed N. Throughput counts
+``ours-gc`` the same with activation checkpointing on; ``ours-al`` with LoRA r 16 on every linear layer; ``#N`` picks seed N. Throughput counts
 real (non-padding) tokens. Afterwards one evaluator measures every adapter's (and the base
 model's) validation loss on assistant tokens only, so quality is compared on the same footing,
 with a paired bootstrap interval (over validation examples) of each run's difference from
@@ -38,6 +38,13 @@ LORA = dict(
     task_type="CAUSAL_LM",
 )
 
+ALL_LINEAR = {
+    "r": 16,
+    "alpha": 32,
+    "dropout": 0.05,
+    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
 
 def peak_rss_sampler() -> tuple[threading.Event, list[int]]:
     import psutil
@@ -62,6 +69,8 @@ RUNS = {
     "masked-fp32": "TRL defaults + our assistant-only labels, bf16 off",
     "ours": "gpt-finetune trainer",
     "ours-gc": "gpt-finetune trainer, activation checkpointing on",
+    # the classification setting of README "Settings for classification": LoRA r 16 on every linear layer
+    "ours-al": "gpt-finetune trainer, LoRA r16 on all linear layers",
     # what a TRL user would do on long examples (bf16 off, our labels, TRL's default checkpointing):
     "trl-ga": "TRL + our labels, bf16 off, micro-batches of 1 x gradient accumulation",
     "trl-pf": "TRL + our labels, bf16 off, padding_free",
@@ -84,7 +93,7 @@ def run(name: str, model_dir: str, train_file: str, out: str, args: argparse.Nam
     kind, seed = split_kind(name)
     stop, peak = peak_rss_sampler()
     extra: dict = {}
-    if kind in ("ours", "ours-gc"):
+    if kind in ("ours", "ours-gc", "ours-al"):
         from gpt_finetune.local.trainer import Hooks, TrainSpec, train
 
         spec = TrainSpec(
@@ -101,6 +110,7 @@ def run(name: str, model_dir: str, train_file: str, out: str, args: argparse.Nam
             max_steps=args.max_steps,
             max_length=args.max_length,
             gradient_checkpointing=True if kind == "ours-gc" else None,
+            **({"lora": ALL_LINEAR} if kind == "ours-al" else {}),
         )
         t = time.perf_counter()
         result = train(spec, Hooks())

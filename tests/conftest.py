@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,7 +32,18 @@ def isolated_home(tmp_path_factory, monkeypatch, model_cache):
             var.startswith("GPT_FINETUNE_") and var not in ("GPT_FINETUNE_HOME", "GPT_FINETUNE_MODEL_CACHE")
         ):
             monkeypatch.delenv(var, raising=False)
-    return home
+    yield home
+    stop_workers(home)
+
+
+def stop_workers(home: Path) -> None:
+    """Kill what a test's jobs left running in its data directory (a runner still training, an
+    idle runner waiting to exit): on 2 cores, a leftover training process slows every later test."""
+    pattern = rf"gpt_finetune\.worker\.(runner|train_job) --home {re.escape(str(home))}( |$)"
+    pids = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+    for pid in map(int, pids):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def seed_record(i: int, labels: list[str], text: str | None = None) -> dict:

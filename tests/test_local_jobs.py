@@ -26,14 +26,25 @@ def backend(home, **options):
     return LocalBackend(Services.open(home), {"log_every_steps": 1, **options})
 
 
-def wait_for(predicate, timeout=180, what="condition"):
+def wait_for(predicate, timeout=180, what="condition", state=None):
+    """``state``: what to show on a timeout (a job's status and last events), so that a slow
+    machine and a stuck job can be told apart from the failure alone."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}" + (f"; {state()}" if state else ""))
+
+
+def job_state(b, job_id):
+    def describe():
+        job = b.retrieve_job(job_id)
+        events = [e.message for e in b.list_events(job_id, limit=6)]
+        return f"job {job.status}, runner processes {runner_pids(b.services.home.root)}, last events {events}"
+
+    return describe
 
 
 def upload(b, tmp_path, rows, name="train.jsonl"):
@@ -163,7 +174,12 @@ def test_killed_worker_resumes_from_its_last_checkpoint(tmp_path, tiny_model_dir
     plan["budget_bytes"] = plan["per_token_bytes"] * 777
     b.services.jobs.set_plan(job.id, plan)
     b2 = backend(isolated_home)  # any later start of the local backend recovers it
-    done = wait_for(lambda: (j := b2.retrieve_job(job.id)).status in ("succeeded", "failed") and j, what="job end")
+    done = wait_for(
+        lambda: (j := b2.retrieve_job(job.id)).status in ("succeeded", "failed") and j,
+        timeout=300,
+        what="job end",
+        state=job_state(b2, job.id),
+    )
     assert done.status == "succeeded", done.error
     messages = [e.message for e in b2.list_events(job.id, limit=1000)]
     assert any("will resume from its last checkpoint" in m for m in messages)

@@ -124,6 +124,15 @@ def _set_checkpointing(model: Any, on: bool) -> None:
             module.gradient_checkpointing = on
 
 
+def _checkpointing_off(config_class: Any) -> dict[str, bool]:
+    """The config argument that turns the trainer's own checkpointing off: transformers 5.24
+    renamed ``gradient_checkpointing`` to ``activation_checkpointing`` (the old one warns)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config_class)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": False}
+
+
 def _enable_checkpointing(model: Any) -> None:
     """Give the model's layers their checkpointing function (non-reentrant). transformers 5.24
     renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` (the old name
@@ -305,7 +314,7 @@ def train(spec: TrainSpec, hooks: Hooks, extra_callbacks: list[Any] | None = Non
         remove_unused_columns=False,  # the collator reads input_ids and labels itself
         # TRL turns activation checkpointing on by default; it costs about 1.3x the compute, so
         # the memory plan turns it on only where an example needs it (memory.py), set up below
-        gradient_checkpointing=False,
+        **_checkpointing_off(SFTConfig),
     )
 
     class Bridge(TrainerCallback):
