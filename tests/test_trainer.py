@@ -83,6 +83,22 @@ def test_same_seed_same_weights(tmp_path, tiny_model_dir):
     assert wa.keys() == wb.keys() and all((wa[k] == wb[k]).all() for k in wa)
 
 
+class EvaluationCounter:
+    """A trainer callback counting evaluation passes (TrainerCallback's other hooks do nothing)."""
+
+    def __init__(self) -> None:
+        from transformers import TrainerCallback
+
+        self.count = 0
+        self._base = TrainerCallback()
+
+    def __getattr__(self, name):
+        return getattr(self._base, name)
+
+    def on_evaluate(self, args, state, control, **kw):
+        self.count += 1
+
+
 def test_validation_metrics_and_full_finetune_learns_to_stop(tmp_path, tiny_model_dir):
     from gpt_finetune.home import Home
     from gpt_finetune.local.inference import Engine
@@ -104,9 +120,14 @@ def test_validation_metrics_and_full_finetune_learns_to_stop(tmp_path, tiny_mode
             micro_batch_tokens=100_000,
         ),
         Hooks(on_metrics=metrics.append),
+        extra_callbacks=[evaluations := EvaluationCounter()],
     )
     assert any("valid_loss" in m and "valid_mean_token_accuracy" in m for m in metrics)
     assert result.full_valid_loss is not None and result.full_valid_loss < 1.0
+    # the last epoch's evaluation is the full validation loss: one evaluation per epoch, not one more
+    assert evaluations.count == 30
+    last = [m for m in metrics if "valid_loss" in m][-1]
+    assert last["step"] == result.global_step and last["valid_loss"] == result.full_valid_loss
     engine = Engine(Home(tmp_path / "home"))
     msgs = [{"role": "system", "content": "Answer with a colour."}, {"role": "user", "content": "thing 1"}]
     base = engine.complete(str(tiny_model_dir), None, msgs, max_tokens=12, temperature=0)

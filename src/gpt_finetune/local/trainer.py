@@ -322,6 +322,13 @@ def train(spec: TrainSpec, hooks: Hooks, extra_callbacks: list[Any] | None = Non
 
         last: dict[str, Any] = {}
         stopped = False
+        evaluated: tuple[int, dict[str, Any]] | None = None  # (step, metrics) of the latest evaluation
+
+        def on_evaluate(
+            self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None, **kw: Any
+        ) -> None:
+            if metrics and "eval_loss" in metrics:
+                self.evaluated = (state.global_step, dict(metrics))
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
             if not state.is_world_process_zero or not logs:
@@ -413,7 +420,10 @@ def train(spec: TrainSpec, hooks: Hooks, extra_callbacks: list[Any] | None = Non
     full_loss = full_acc = None
     if not bridge.stopped:
         if valid_ds is not None:
-            final = trainer.evaluate()
+            # the last epoch's evaluation, at the final step, is the full validation loss already
+            # (the whole validation set, the final weights): not computed twice
+            done = bridge.evaluated
+            final = done[1] if done and done[0] == trainer.state.global_step else trainer.evaluate()
             full_loss = float(final["eval_loss"])
             full_acc = float(final["eval_mean_token_accuracy"]) if "eval_mean_token_accuracy" in final else None
         if trainer.is_world_process_zero():
