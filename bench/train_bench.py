@@ -9,7 +9,7 @@ SFTTrainer with default settings otherwise (the baseline: it tokenises the chat 
 computes the loss over the whole sequence); ``plain-fp32`` the same with bf16 off; ``masked`` TRL's
 defaults given our assistant-only labels (the same objective as ours), ``masked-fp32`` with bf16
 off; ``ours`` the project's trainer as jobs run it;
-``ours-gc`` the same with activation checkpointing on; ``ours-al`` with LoRA r 16 on every linear layer; ``#N`` picks seed N. Throughput counts
+``ours-gc`` the same with activation checkpointing on; ``ours-al`` with LoRA r 16 on every linear layer; ``ours-compile`` with ``torch_compile``; ``#N`` picks seed N. Throughput counts
 real (non-padding) tokens. Afterwards one evaluator measures every adapter's (and the base
 model's) validation loss on assistant tokens only, so quality is compared on the same footing,
 with a paired bootstrap interval (over validation examples) of each run's difference from
@@ -71,6 +71,7 @@ RUNS = {
     "ours-gc": "gpt-finetune trainer, activation checkpointing on",
     # the classification setting of README "Settings for classification": LoRA r 16 on every linear layer
     "ours-al": "gpt-finetune trainer, LoRA r16 on all linear layers",
+    "ours-compile": "gpt-finetune trainer, torch_compile (decoder layers compiled)",
     # what a TRL user would do on long examples (bf16 off, our labels, TRL's default checkpointing):
     "trl-ga": "TRL + our labels, bf16 off, micro-batches of 1 x gradient accumulation",
     "trl-pf": "TRL + our labels, bf16 off, padding_free",
@@ -93,7 +94,7 @@ def run(name: str, model_dir: str, train_file: str, out: str, args: argparse.Nam
     kind, seed = split_kind(name)
     stop, peak = peak_rss_sampler()
     extra: dict = {}
-    if kind in ("ours", "ours-gc", "ours-al"):
+    if kind in ("ours", "ours-gc", "ours-al", "ours-compile"):
         from gpt_finetune.local.trainer import Hooks, TrainSpec, train
 
         spec = TrainSpec(
@@ -111,6 +112,7 @@ def run(name: str, model_dir: str, train_file: str, out: str, args: argparse.Nam
             max_length=args.max_length,
             gradient_checkpointing=True if kind == "ours-gc" else None,
             **({"lora": ALL_LINEAR} if kind == "ours-al" else {}),
+            torch_compile=kind == "ours-compile",
         )
         t = time.perf_counter()
         result = train(spec, Hooks())
@@ -253,6 +255,7 @@ def main() -> None:
     from gpt_finetune.settings import load_settings
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="train-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
     cfg = load_settings({}, config_file=ROOT / "examples" / "data_process.cfg", env={}, default_config=work / "x")
     if not (work / "train.jsonl").is_file():
         prepare(

@@ -178,3 +178,42 @@ def test_engine_switches_adapters_off_for_the_base_model(tmp_path, tiny_model_di
     assert tuned != base
     assert ask(None) == base
     assert ask(str(tmp_path / "adapter")) == tuned
+
+
+def test_torch_compile_compiles_each_layer_and_trains_the_same_weights(tmp_path, tiny_model_dir, monkeypatch):
+    """torch_compile compiles the decoder layers one by one (the packed attention between them
+    stays eager) and trains the same adapter as the eager run up to float rounding; without a
+    C++ compiler on the CPU the job says so and trains uncompiled."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    runs = {}
+    for name, compile_ in (("eager", False), ("compiled", True)):
+        (tmp_path / name).mkdir()
+        messages: list[str] = []
+        train(
+            train_spec(tmp_path / name, tiny_model_dir, n_epochs=1, torch_compile=compile_),
+            Hooks(on_message=messages.append),
+        )
+        runs[name] = (load_file(tmp_path / name / "final" / "adapter_model.safetensors"), messages)
+    (eager, eager_msgs), (compiled, compiled_msgs) = runs["eager"], runs["compiled"]
+    start = next(m for m in compiled_msgs if m.startswith("Training "))
+    assert "2 layers compiled" in start and "compiled" not in next(m for m in eager_msgs if m.startswith("Training "))
+    assert eager.keys() == compiled.keys()
+    for k in eager:
+        torch.testing.assert_close(compiled[k], eager[k], rtol=1e-3, atol=1e-5)
+
+    torch._dynamo.reset()
+    real_which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda c, *a, **kw: None if c.endswith("++") else real_which(c, *a, **kw))
+    monkeypatch.delenv("CXX", raising=False)
+    (tmp_path / "none").mkdir()
+    messages = []
+    result = train(
+        train_spec(tmp_path / "none", tiny_model_dir, n_epochs=1, torch_compile=True), Hooks(on_message=messages.append)
+    )
+    assert result.global_step > 0
+    assert any("no C++ compiler found" in m and "training uncompiled" in m for m in messages)
+    assert "compiled" not in next(m for m in messages if m.startswith("Training "))
