@@ -87,7 +87,7 @@ def test_validation_checks_any_line_without_raising(lines):
     path = _write(data, ".jsonl")
     try:
         result = check_block((1, data), "cl100k_base", str(path))
-        assert result.n_lines <= len(lines) + 1
+        assert result.n_lines <= data.count(b"\n")  # a generated line may hold newlines itself
         assert all(f.severity in ("error", "warning") for f in result.findings)
     finally:
         path.unlink()

@@ -19,6 +19,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from typing import Any
 
 from ..catalog import check_trainable, resolve_base
@@ -85,6 +86,7 @@ class JobService:
         self.home = home
         self.files = files
         self.models = models
+        self._kicked_at = 0.0  # when retrieve last looked for a runner (time.monotonic)
 
     # ---- create -------------------------------------------------------------------------
     def create(
@@ -256,7 +258,15 @@ class JobService:
         return row
 
     def retrieve(self, job_id: str) -> dict[str, Any]:
-        return self.to_openai(self._row(job_id))
+        """The job, in OpenAI's shape. Whoever follows an unfinished job also keeps a runner
+        alive for it (at most every 2 s): a runner killed outright (the OOM killer, a power cut
+        of its process group) would otherwise leave the job ``running`` until the next job was
+        created, and one kick at start-up can fall just before a dying runner lets go of its lock."""
+        row = self._row(job_id)
+        if row["status"] in ("validating_files", "queued", "running") and time.monotonic() - self._kicked_at > 2.0:
+            self._kicked_at = time.monotonic()
+            self.kick()
+        return self.to_openai(row)
 
     def row(self, job_id: str) -> dict[str, Any]:
         return self._row(job_id)
