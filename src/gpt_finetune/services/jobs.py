@@ -136,7 +136,7 @@ class JobService:
         # asynchronously: creating a job over HTTP never waits on a large file
         if start:
             self.kick()
-        return self.retrieve(job_id)
+        return self.to_openai(self._row(job_id))
 
     def validate_pending(self, pid: int) -> list[str]:
         """Check the files of every job in ``validating_files`` (each claimed atomically, so two
@@ -385,7 +385,7 @@ class JobService:
             where="status IN ('validating_files', 'queued', 'running', 'paused')",
         ):
             self.event(job_id, "Job was cancelled")
-        return self.retrieve(job_id)
+        return self.to_openai(self._row(job_id))
 
     def pause(self, job_id: str) -> dict[str, Any]:
         """Pause a queued or running job. A running job's worker saves a checkpoint and stops,
@@ -398,7 +398,7 @@ class JobService:
                 status=409,
             )
         self.event(job_id, "Job paused" + (": saving a checkpoint" if row["status"] == "running" else ""))
-        return self.retrieve(job_id)
+        return self.to_openai(self._row(job_id))
 
     def resume(self, job_id: str) -> dict[str, Any]:
         """Queue a paused job again; it continues from its last checkpoint."""
@@ -411,7 +411,7 @@ class JobService:
             )
         self.event(job_id, "Job resumed")
         self.kick()
-        return self.retrieve(job_id)
+        return self.to_openai(self._row(job_id))
 
     def _finish(self, job_id: str, status: str, *, error: dict[str, Any] | None = None, **changes: Any) -> bool:
         """Move a job to a terminal state, unless it already is in one (a cancel wins)."""
