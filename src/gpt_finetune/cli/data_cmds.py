@@ -14,7 +14,7 @@ from ..data.prepare import prepare
 from ..data.stats import stats_dict
 from ..errors import ConfigError, DataError, DependencyError
 from .common import add_config_flag, info, settings_from, typed
-from .stdio import STDIO, STDOUT_NAME, Spool, spooled
+from .stdio import STDIO, Spool, spooled
 
 
 def add_prepare(p: argparse.ArgumentParser) -> None:
@@ -91,7 +91,7 @@ def _prepare(ns: argparse.Namespace, s: Any, spool: Spool) -> int:
         info(f"Wrote {result.n_examples} examples to {output} ({result.record_format} input)")
     if result.labels_path:
         top = ", ".join(f"{k} {v}" for k, v in result.label_counts.most_common(8))
-        where = result.labels_path if output != STDOUT_NAME else "not saved (the output is standard output)"
+        where = result.labels_path if ns.output != STDIO else "not saved (the output is standard output)"
         info(f"{len(result.label_counts)} labels ({top}{', ...' if len(result.label_counts) > 8 else ''}) -> {where}")
     return 0
 
