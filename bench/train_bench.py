@@ -9,7 +9,8 @@ SFTTrainer with default settings otherwise (the baseline: it tokenises the chat 
 computes the loss over the whole sequence); ``plain-fp32`` the same with bf16 off; ``masked`` TRL's
 defaults given our assistant-only labels (the same objective as ours), ``masked-fp32`` with bf16
 off; ``ours`` the project's trainer as jobs run it;
-``ours-gc`` the same with activation checkpointing on; ``ours-al`` with LoRA r 16 on every linear layer; ``ours-compile`` with ``torch_compile``; ``#N`` picks seed N. Throughput counts
+``ours-gc`` the same with activation checkpointing on; ``ours-glibc`` on the system allocator
+instead of the tcmalloc/jemalloc jobs preload when installed (``trl-ga-fastmalloc``: TRL given it); ``ours-al`` with LoRA r 16 on every linear layer; ``ours-compile`` with ``torch_compile``; ``#N`` picks seed N. Throughput counts
 real (non-padding) tokens. Afterwards one evaluator measures every adapter's (and the base
 model's) validation loss on assistant tokens only, so quality is compared on the same footing,
 with a paired bootstrap interval (over validation examples) of each run's difference from
@@ -75,7 +76,24 @@ RUNS = {
     # what a TRL user would do on long examples (bf16 off, our labels, TRL's default checkpointing):
     "trl-ga": "TRL + our labels, bf16 off, micro-batches of 1 x gradient accumulation",
     "trl-pf": "TRL + our labels, bf16 off, padding_free",
+    # the allocator's share: ours on glibc's allocator, and TRL given the allocator ours uses
+    "ours-glibc": "gpt-finetune trainer, system allocator",
+    "trl-ga-fastmalloc": "TRL + our labels, bf16 off, micro-batches of 1 x gradient accumulation, our allocator",
 }
+
+
+def child_env(name: str) -> dict[str, str]:
+    """A run's environment: ours as jobs start it (tcmalloc/jemalloc preloaded when installed,
+    ``allocator_env``), TRL as a user starts it, and the two crossed runs."""
+    from gpt_finetune.local.memory import ALLOCATOR_ENV, allocator_env
+
+    kind, _ = split_kind(name)
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    if kind == "ours-glibc":
+        env[ALLOCATOR_ENV] = "system"
+    if kind.startswith("ours") or kind == "trl-ga-fastmalloc":
+        env.update(allocator_env(env))
+    return env
 
 
 def split_kind(name: str) -> tuple[str, int]:
@@ -94,7 +112,7 @@ def run(name: str, model_dir: str, train_file: str, out: str, args: argparse.Nam
     kind, seed = split_kind(name)
     stop, peak = peak_rss_sampler()
     extra: dict = {}
-    if kind in ("ours", "ours-gc", "ours-al", "ours-compile"):
+    if kind.startswith("ours"):
         from gpt_finetune.local.trainer import Hooks, TrainSpec, train
 
         spec = TrainSpec(
@@ -133,7 +151,7 @@ def run(name: str, model_dir: str, train_file: str, out: str, args: argparse.Nam
 
             rows = tokenize_file(AutoTokenizer.from_pretrained(model_dir), train_file, args.max_length).rows
         per_device, accumulate = args.batch_size, 1
-        if kind == "trl-ga":
+        if kind.startswith("trl-ga"):
             per_device, accumulate = 1, args.batch_size
         config = SFTConfig(
             output_dir=out + "/ckpt",
@@ -164,6 +182,9 @@ def run(name: str, model_dir: str, train_file: str, out: str, args: argparse.Nam
         steps, seen = trainer.state.global_step, int(trainer._total_train_tokens)
         trainer.model.save_pretrained(out + "/adapter")
     stop.set()
+    from gpt_finetune.local.memory import allocator_in_use
+
+    extra["allocator"] = allocator_in_use()
     return {"seconds": seconds, "steps": steps, "tokens": seen, "peak_rss_mb": peak[0] / 1e6, **extra}
 
 
@@ -292,7 +313,7 @@ def main() -> None:
             str(work / "train.jsonl"),
             str(work / kind),
         ]
-        r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
+        r = subprocess.run(cmd, capture_output=True, text=True, env=child_env(kind))
         if r.returncode:
             raise SystemExit(r.stderr[-3000:])
         results[kind] = json.loads(r.stdout.strip().splitlines()[-1])
@@ -325,7 +346,7 @@ def main() -> None:
             lo, hi = paired_interval(losses[name], losses["ours"])
             vs = f"{mean_loss(losses[name]) - mean_loss(losses['ours']):+.3f} ({lo:+.3f} to {hi:+.3f})"
         print(
-            f"| {label(name)} | {r['steps']} | {r['tokens']:,} | {r['seconds']:.0f} s | {rate[name]:,.1f} | "
+            f"| {label(name)}{f' ({a} allocator)' if (a := r.get('allocator')) else ''} | {r['steps']} | {r['tokens']:,} | {r['seconds']:.0f} s | {rate[name]:,.1f} | "
             f"{rate[name] / rate[first]:.2f}x | {r['peak_rss_mb']:,.0f} MB | {mean_loss(losses[name]):.3f} | {vs} | "
             + (f"{r['plan']['estimated_peak_bytes'] / 1e6:,.0f} MB |" if r.get("plan") else "|")
         )

@@ -19,6 +19,7 @@ from conftest import ROOT, chat_example, toy_examples, write_jsonl
 
 from gpt_finetune.backends.base import Hyperparameters
 from gpt_finetune.backends.local import LocalBackend
+from gpt_finetune.local.memory import allocator_env
 from gpt_finetune.services import Services
 
 
@@ -78,6 +79,10 @@ def test_job_lifecycle_events_checkpoints_result_file_and_model(tmp_path, tiny_m
     messages = [e.message for e in events]
     assert messages[0] == f"{tiny_model_dir} is trained locally as base model tiny-llama"
     assert messages[1].startswith("Validating training file") and "successfully completed" in messages[-1]
+    # the runner starts training on tcmalloc/jemalloc when this machine has one (allocator_env)
+    preload = allocator_env(dict(os.environ)).get("LD_PRELOAD", os.environ.get("LD_PRELOAD", ""))
+    expected = next((name for name in ("tcmalloc", "jemalloc") if name in preload), "system")
+    assert any(m.startswith("Training ") and f", {expected} allocator)" in m for m in messages), messages
     metrics = [e.data for e in events if e.type == "metrics"]
     assert {"step", "total_steps", "train_loss", "train_mean_token_accuracy"} <= metrics[0].keys()
     assert any("valid_loss" in m for m in metrics) and any("full_valid_loss" in m for m in metrics)

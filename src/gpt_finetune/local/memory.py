@@ -136,6 +136,60 @@ def limit_heap_growth() -> None:
         pass  # not glibc: nothing to tune
 
 
+# Faster allocators for a training process, in order of preference, by the names their packages
+# install (Debian/Ubuntu: libtcmalloc-minimal4, libgoogle-perftools4, libjemalloc2).
+ALLOCATORS = ("tcmalloc_minimal", "tcmalloc", "jemalloc")
+ALLOCATOR_ENV = "GPT_FINETUNE_MALLOC"
+
+
+def allocator_env(environ: dict[str, str], find: Any = None) -> dict[str, str]:
+    """Environment additions that start a training process on a caching allocator.
+
+    glibc maps each large tensor fresh and unmaps it when freed (``limit_heap_growth``: without
+    that its heap drifts to twice the live size), so every step pays a page fault per fresh 4 kB
+    page: a fifth of a CPU step's time. tcmalloc (or jemalloc) keeps freed pages in size classes
+    and reuses them, without glibc's heap fragmentation: measured here on the default model, a
+    step 1.5x faster (tcmalloc; 1.3x jemalloc) at a lower peak (bench/README.md). It is used when
+    installed, by preloading it into the training process (the only way to replace the allocator
+    of an already-built torch). ``GPT_FINETUNE_MALLOC``: unset or ``auto`` picks the first of
+    ``ALLOCATORS`` found; ``system`` keeps glibc; anything else is a library name or path to
+    preload. torch's own launcher (``torch.backends.xeon.run_cpu``) does the same but looks only
+    for unversioned ``libtcmalloc.so``/``libjemalloc.so`` outside Debian's multiarch directories,
+    and also pins cores and threads, which a job on a shared laptop should not.
+    """
+    import sys
+
+    choice = environ.get(ALLOCATOR_ENV, "auto").strip() or "auto"
+    preload = environ.get("LD_PRELOAD", "")
+    if choice == "system" or not sys.platform.startswith("linux") or "malloc" in preload:
+        return {}
+    if choice == "auto":
+        if find is None:
+            from ctypes.util import find_library as find
+        lib = next((found for name in ALLOCATORS if (found := find(name))), None)
+        if lib is None:
+            return {}
+    else:
+        lib = choice
+    return {
+        "LD_PRELOAD": f"{lib} {preload}".strip(),
+        # tcmalloc reports every allocation over 1 GB on stderr (the job's train.log): not news here
+        "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": environ.get("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40)),
+    }
+
+
+def allocator_in_use() -> str:
+    """The allocator this process runs on: a preloaded tcmalloc or jemalloc, else the system's."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "system"
+    for name in ("tcmalloc", "jemalloc"):
+        if f"lib{name}" in maps:
+            return name
+    return "system"
+
+
 def resident_bytes() -> int:
     try:
         with open("/proc/self/status") as fh:

@@ -259,10 +259,18 @@ def train(spec: TrainSpec, hooks: Hooks, extra_callbacks: list[Any] | None = Non
 
     from .chat_data import tokenize_file
     from .fused import fuse
-    from .memory import MemoryPlan, limit_heap_growth, make_plan, resident_bytes, saved_bytes_per_token
+    from .memory import (
+        MemoryPlan,
+        allocator_in_use,
+        limit_heap_growth,
+        make_plan,
+        resident_bytes,
+        saved_bytes_per_token,
+    )
     from .packing import use_packed_attention
 
-    limit_heap_growth()
+    limit_heap_growth()  # under glibc; a preloaded tcmalloc/jemalloc (allocator_env) ignores it
+    allocator = allocator_in_use()
     tokenizer = AutoTokenizer.from_pretrained(spec.model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -431,6 +439,7 @@ def train(spec: TrainSpec, hooks: Hooks, extra_callbacks: list[Any] | None = Non
         + (f", fused LoRA dropout in {fused['lora']} layers" if fused.get("lora") else "")
         + (f", fused SwiGLU in {fused['mlp']} MLPs" if fused.get("mlp") else "")
         + (f", {compiled} layers compiled" if compiled else "")
+        + (f", {allocator} allocator" if kind == "cpu" else "")
         + ")"
     )
     hooks.on_message(plan.describe())

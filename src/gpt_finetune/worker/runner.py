@@ -22,6 +22,7 @@ import sys
 import time
 from typing import IO, Any
 
+from ..local.memory import allocator_env
 from ..services import Services
 
 CANCEL_GRACE = 10.0
@@ -61,6 +62,7 @@ def child_command(services: Services, job: dict[str, Any]) -> list[str]:
 def run_job(services: Services, job: dict[str, Any]) -> None:
     jobs = services.jobs
     env = dict(os.environ, GPT_FINETUNE_RUNNER_PID=str(os.getpid()), PYTHONUNBUFFERED="1")
+    env.update(allocator_env(env))  # tcmalloc/jemalloc when installed: faster steps, lower peak
     log_path = services.home.job_dir(job["id"])
     log_path.mkdir(parents=True, exist_ok=True)
     with open(log_path / "train.log", "ab") as out:
