@@ -24,7 +24,9 @@ that need it: examples that fit the budget without it are packed together and ru
 and an example too long for that trains alone, checkpointed. A job that does not fit even then
 fails before training, with the numbers. glibc is told to return large freed blocks to the system
 (``limit_heap_growth``), without which the resident size of a long run drifts far above what is
-live.
+live; where tcmalloc or jemalloc is installed the runner preloads it instead (``allocator_env``),
+which reuses freed blocks without that drift. ``MEASURED_SLACK`` was measured on glibc; tcmalloc's
+peaks are a few per cent lower, so there the plan errs on the safe side.
 
 On a CUDA device the same plan is made against the device's free memory instead of the
 process's resident memory; the 4 GB default applies to the CPU.
