@@ -269,8 +269,9 @@ def train(spec: TrainSpec, hooks: Hooks, extra_callbacks: list[Any] | None = Non
     )
     from .packing import use_packed_attention
 
-    limit_heap_growth()  # under glibc; a preloaded tcmalloc/jemalloc (allocator_env) ignores it
     allocator = allocator_in_use()
+    if allocator == "system":  # a preloaded tcmalloc/jemalloc (allocator_env) reuses freed blocks itself
+        limit_heap_growth()
     tokenizer = AutoTokenizer.from_pretrained(spec.model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
