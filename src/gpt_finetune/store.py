@@ -52,6 +52,13 @@ MIGRATIONS: list[str] = [
     """,
     # the memory plan a local job made at its first start, reused when it resumes
     "ALTER TABLE jobs ADD COLUMN plan TEXT;",
+    # other names a model answers to (the OpenAI id of a fine-tune moved here, or the user's own)
+    """
+    CREATE TABLE aliases (
+        id TEXT PRIMARY KEY, model TEXT NOT NULL, created INTEGER NOT NULL, note TEXT
+    );
+    CREATE INDEX aliases_model ON aliases(model);
+    """,
 ]
 
 JSON_COLUMNS = {"hyperparameters", "method", "error", "result_files", "metadata", "options", "data", "metrics", "plan"}

@@ -121,6 +121,12 @@ class LocalBackend:
     def delete_model(self, model_id: str) -> bool:
         return self.services.models.delete(model_id)
 
+    def add_alias(self, alias: str, model_id: str, *, replace: bool = False) -> Model:
+        return Model(**self.services.models.add_alias(alias, model_id, replace=replace))
+
+    def remove_alias(self, alias: str) -> bool:
+        return self.services.models.remove_alias(alias)
+
     # inference
     def chat(self, *, model: str, messages: list[dict[str, Any]], stream: bool = False, **params: Any) -> Any:
         from openai.types.chat import ChatCompletion, ChatCompletionChunk

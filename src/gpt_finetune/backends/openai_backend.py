@@ -178,6 +178,12 @@ class OpenAIBackend:
     def delete_model(self, model_id: str) -> bool:
         return self._call(lambda: self.client.models.delete(model_id).deleted, f"delete model {model_id}")
 
+    def add_alias(self, alias: str, model_id: str, *, replace: bool = False) -> Model:
+        raise _no_aliases()
+
+    def remove_alias(self, alias: str) -> bool:
+        raise _no_aliases()
+
     # inference
     def chat(self, *, model: str, messages: list[dict[str, Any]], stream: bool = False, **params: Any) -> Any:
         kwargs: dict[str, Any] = {
@@ -200,6 +206,15 @@ class OpenAIBackend:
             except StopIteration:
                 return
             yield chunk
+
+
+def _no_aliases() -> BackendError:
+    # OpenAI's API has no aliases, and this project's server keeps them out of its /v1 surface
+    return BackendError(
+        "aliases are kept in the store of the machine that serves the models; OpenAI's API has none",
+        hint="run it there with --backend local (the server reads the same data directory)",
+        code="unsupported",
+    )
 
 
 def _message(exc: openai.APIStatusError) -> str:

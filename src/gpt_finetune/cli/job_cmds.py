@@ -198,10 +198,15 @@ def cmd_jobs(ns: argparse.Namespace) -> int:
 
 
 def add_models(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="models_cmd", required=True, metavar="{list,get,delete}")
-    sub.add_parser("list", help="base and fine-tuned models")
-    for name in ("get", "delete"):
-        sub.add_parser(name, help=f"{name} a model").add_argument("model_id")
+    sub = p.add_subparsers(dest="models_cmd", required=True, metavar="{list,get,delete,alias,unalias}")
+    sub.add_parser("list", help="base and fine-tuned models, checkpoints and aliases")
+    sub.add_parser("get", help="show a model").add_argument("model_id")
+    sub.add_parser("delete", help="delete a fine-tuned model (or only an alias)").add_argument("model_id")
+    alias = sub.add_parser("alias", help="let another name (an OpenAI model id) answer as a model")
+    alias.add_argument("alias", help="the new name, e.g. ft:gpt-4o-mini-2024-07-18:acme::AbC123")
+    alias.add_argument("model_id", help="the model it names")
+    alias.add_argument("--force", action="store_true", help="replace an alias that names another model")
+    sub.add_parser("unalias", help="remove an alias (the model stays)").add_argument("alias")
     for q in sub.choices.values():
         add_config_flag(q)
         add_connection_flags(q)
@@ -215,6 +220,11 @@ def cmd_models(ns: argparse.Namespace) -> int:
         _show_list(backend.list_models(), ns.json, "id owned_by parent created")
     elif ns.models_cmd == "get":
         _show(backend.retrieve_model(ns.model_id), ns.json, "id owned_by parent root created")
+    elif ns.models_cmd == "alias":
+        _show(backend.add_alias(ns.alias, ns.model_id, replace=ns.force), ns.json, "id parent root created")
+    elif ns.models_cmd == "unalias":
+        backend.remove_alias(ns.alias)
+        info(f"Removed the alias {ns.alias}")
     else:
         if not backend.delete_model(ns.model_id):
             raise BackendError(f"model {ns.model_id} was not deleted")

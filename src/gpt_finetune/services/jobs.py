@@ -459,7 +459,7 @@ class JobService:
         ):
             if row["path"] != path and not Path(row["path"]).exists():
                 self.store.delete("checkpoints", row["id"])
-                self.store.delete("models", row["fine_tuned_model_checkpoint"])
+                self.models.forget(row["fine_tuned_model_checkpoint"])
         self.event(job_id, f"Checkpoint created at step {step}")
 
     def metrics_rows(self, job_id: str) -> list[dict[str, Any]]:
@@ -486,7 +486,7 @@ class JobService:
         ):
             self.event(job_id, "The job has successfully completed")
             return True
-        self.store.delete("models", model_id)
+        self.models.forget(model_id)
         return False
 
     # ---- the worker ---------------------------------------------------------------------

@@ -1,10 +1,18 @@
-"""Models: base models, fine-tuned models and their checkpoints, with OpenAI's ids.
+"""Models: base models, fine-tuned models and their checkpoints, with OpenAI's ids, and aliases.
 
 Fine-tuned ``ft:<base>:<suffix>:<job id>``; checkpoints ``ft:<base>:<suffix>:<job id>:ckpt-step-<N>``.
+
+An alias is another name a model answers to: the OpenAI id of a fine-tune that was moved here
+(``ft:gpt-4o-mini-2024-07-18:acme::AbC123``, ``gpt-finetune migrate``), or one the user adds. A
+name is looked up in this order: a real model (the store's models, then the base models), then an
+alias, and only then parsed (an OpenAI base name, a directory). So an alias never shadows a real
+model id, and OpenAI ids, which have as many ``:`` parts as our checkpoint ids, are never parsed
+as ours.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -13,6 +21,10 @@ from ..catalog import DEFAULT_BASE_MODEL, gguf_path, is_openai_name, resolve_bas
 from ..errors import BackendError, NotFoundError
 from ..home import Home
 from ..store import Store, now
+
+
+# what an alias may be: a model id as OpenAI writes one (letters, digits and ``. _ : - / @ +``)
+ALIAS_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,255}")
 
 
 def fine_tuned_id(base_id: str, suffix: str | None, job_id: str) -> str:
@@ -56,10 +68,13 @@ class ModelService:
 
     def list(self) -> list[dict[str, Any]]:
         """Base models, then fine-tuned models and their checkpoints (newest first), as OpenAI
-        lists them; each names its base as vLLM does (``parent``, ``root``)."""
+        lists them; each names its base as vLLM does (``parent``, ``root``); then the aliases,
+        each with the model it names as its ``parent``."""
         out = [self._base(b) for b in self.base_ids()]
         for row in self.store.query("SELECT * FROM models ORDER BY created DESC, kind DESC, id"):
             out.append(self.to_openai(row))
+        for row in self.store.query("SELECT * FROM aliases ORDER BY created DESC, id"):
+            out.append(self._alias(row))
         return out
 
     @staticmethod
@@ -72,10 +87,88 @@ class ModelService:
             return self.to_openai(row)
         if model_id in self.base_ids():
             return self._base(model_id)
+        alias = self.store.get("aliases", model_id)
+        if alias is not None:
+            return self._alias(alias)
         raise NotFoundError(f"The model '{model_id}' does not exist", code="model_not_found")
+
+    # ---- aliases ------------------------------------------------------------------------
+    def resolve(self, model_id: str) -> str:
+        """The model a name stands for: itself when it is a real model (or nothing we know),
+        else the model its alias names."""
+        if self.store.get("models", model_id) is not None:
+            return model_id
+        alias = self.store.get("aliases", model_id)
+        if alias is None or model_id in self.base_ids():
+            return model_id
+        return str(alias["model"])
+
+    def add_alias(self, alias: str, model_id: str, *, note: str | None = None, replace: bool = False) -> dict[str, Any]:
+        """Let ``alias`` name ``model_id`` (a fine-tuned model, a checkpoint or a base model; an
+        alias of an alias names the model itself). Adding the same alias again is a no-op."""
+        if not isinstance(alias, str) or not ALIAS_PATTERN.fullmatch(alias):
+            raise BackendError(
+                f"{alias[:80]!r} cannot be an alias: use up to 256 letters, digits and . _ : - / @ + "
+                "(starting with a letter or digit)",
+                code="invalid_alias",
+                param="alias",
+            )
+        if self.store.get("models", alias) is not None or alias in self.base_ids() or self._is_base_name(alias):
+            raise BackendError(
+                f"{alias} is the id of a model here; an alias never shadows a model",
+                code="alias_shadows_model",
+                param="alias",
+            )
+        target = self.resolve(model_id)
+        if target == alias:
+            raise BackendError(f"{alias} cannot be an alias of itself", code="invalid_alias", param="alias")
+        self.retrieve(target)  # the model must exist (NotFoundError otherwise)
+        existing = self.store.get("aliases", alias)
+        if existing is not None:
+            if existing["model"] == target:
+                return self._alias(existing)
+            if not replace:
+                raise BackendError(
+                    f"{alias} is already an alias of {existing['model']}",
+                    code="alias_exists",
+                    status=409,
+                    hint=f"remove it first (gpt-finetune models unalias {alias}), or replace it (--force)",
+                )
+            self.store.delete("aliases", alias)
+        self.store.insert("aliases", {"id": alias, "model": target, "created": now(), "note": note})
+        return self._alias(self.store.get("aliases", alias) or {})
+
+    def remove_alias(self, alias: str) -> bool:
+        if not self.store.delete("aliases", alias):
+            raise NotFoundError(f"{alias} is not an alias", code="alias_not_found")
+        return True
+
+    def aliases(self, model_id: str | None = None) -> list[dict[str, Any]]:
+        """Alias rows (id, model, created, note), of one model or all."""
+        if model_id is None:
+            return self.store.query("SELECT * FROM aliases ORDER BY created, id")
+        return self.store.query("SELECT * FROM aliases WHERE model = ? ORDER BY created, id", (model_id,))
+
+    def _alias(self, row: dict[str, Any]) -> dict[str, Any]:
+        target = str(row["model"])
+        target_row = self.store.get("models", target)
+        root = self.to_openai(target_row)["root"] if target_row is not None else target
+        return {
+            "id": row["id"],
+            "object": "model",
+            "created": row["created"],
+            "owned_by": "user",
+            "parent": target,
+            "root": root,
+        }
+
+    def _is_base_name(self, name: str) -> bool:
+        """A name that resolves to a base model without a lookup (an OpenAI base name, the default)."""
+        return is_openai_name(name) or name == DEFAULT_BASE_MODEL
 
     def locate(self, model_id: str) -> tuple[str, str | None]:
         """(base model name for resolve_base, adapter or weights directory or None) for inference."""
+        model_id = self.resolve(model_id)
         row = self.store.get("models", model_id)
         if row is not None:
             if not Path(row["path"]).exists():
@@ -110,6 +203,8 @@ class ModelService:
         """Delete a fine-tuned model (and its checkpoints), freeing their disk. Base models
         cannot be deleted (as on OpenAI)."""
         row = self.store.get("models", model_id)
+        if row is None and model_id not in self.base_ids() and self.store.get("aliases", model_id) is not None:
+            return self.remove_alias(model_id)  # the alias only: the model it names stays
         if row is None:
             if model_id in self.base_ids() or is_openai_name(model_id):
                 # as OpenAI does: only your own fine-tuned models can be deleted
@@ -125,12 +220,17 @@ class ModelService:
         job_id = row["job_id"]
         for ckpt in self.store.query("SELECT * FROM models WHERE job_id = ? AND kind = 'checkpoint'", (job_id,)):
             shutil.rmtree(ckpt["path"], ignore_errors=True)
-            self.store.delete("models", ckpt["id"])
+            self.forget(ckpt["id"])
         shutil.rmtree(row["path"], ignore_errors=True)
         shutil.rmtree(self.home.job_dir(job_id) / "checkpoints", ignore_errors=True)
         self.store.execute("DELETE FROM checkpoints WHERE job_id = ?", (job_id,))
-        self.store.delete("models", model_id)
+        self.forget(model_id)
         return True
+
+    def forget(self, model_id: str) -> None:
+        """Remove a model's row and every alias of it (its files are the caller's)."""
+        self.store.delete("models", model_id)
+        self.store.execute("DELETE FROM aliases WHERE model = ?", (model_id,))
 
     @staticmethod
     def to_openai(row: dict[str, Any]) -> dict[str, Any]:
