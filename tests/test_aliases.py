@@ -17,7 +17,11 @@ def services(tmp_path):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     s.models.register(
-        "ft:SmolLM2-135M-Instruct:labeller:ftjob-1", kind="fine-tuned", base="SmolLM2-135M-Instruct", path=adapter, job_id="ftjob-1"
+        "ft:SmolLM2-135M-Instruct:labeller:ftjob-1",
+        kind="fine-tuned",
+        base="SmolLM2-135M-Instruct",
+        path=adapter,
+        job_id="ftjob-1",
     )
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()

@@ -12,6 +12,7 @@ as ours.
 
 from __future__ import annotations
 
+import builtins
 import re
 import shutil
 from pathlib import Path
@@ -21,7 +22,6 @@ from ..catalog import DEFAULT_BASE_MODEL, gguf_path, is_openai_name, resolve_bas
 from ..errors import BackendError, NotFoundError
 from ..home import Home
 from ..store import Store, now
-
 
 # what an alias may be: a model id as OpenAI writes one (letters, digits and ``. _ : - / @ +``)
 ALIAS_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,255}")
@@ -143,7 +143,7 @@ class ModelService:
             raise NotFoundError(f"{alias} is not an alias", code="alias_not_found")
         return True
 
-    def aliases(self, model_id: str | None = None) -> list[dict[str, Any]]:
+    def aliases(self, model_id: str | None = None) -> builtins.list[dict[str, Any]]:
         """Alias rows (id, model, created, note), of one model or all."""
         if model_id is None:
             return self.store.query("SELECT * FROM aliases ORDER BY created, id")
