@@ -24,11 +24,12 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import DataError, GptFinetuneError
 
 RETRIABLE = {"rate_limit_exceeded", "server_error", "connection_error", "timeout"}
+T = TypeVar("T")
 
 
 @dataclass
@@ -81,8 +82,28 @@ def read_requests(path: str | Path, model: str | None) -> list[tuple[str, dict[s
     return out
 
 
-def _done(partial: Path) -> dict[str, str]:
-    """custom_id -> its output line, from a partial file (a torn last line is dropped)."""
+def retriable(exc: GptFinetuneError) -> bool:
+    """Whether a refused request may pass if asked again: rate limits, server faults, drops."""
+    return exc.code in RETRIABLE or exc.status == 429 or exc.status >= 500
+
+
+def call_with_retries(fn: Callable[[], T], *, retries: int = 3, backoff: float = 1.0) -> T:
+    """``fn()``, asked again up to ``retries`` times when it fails in a way that may pass, after
+    the wait the server asked for (Retry-After) or an exponential back-off."""
+    attempt = 0
+    while True:
+        try:
+            return fn()
+        except GptFinetuneError as exc:
+            attempt += 1
+            if not retriable(exc) or attempt > retries:
+                raise
+            asked = getattr(exc, "retry_after", None)
+            time.sleep(asked if asked is not None else backoff * 2 ** (attempt - 1))
+
+
+def completed_lines(partial: Path) -> dict[str, str]:
+    """custom_id -> its line, from an append-only JSONL file (a torn last line is dropped)."""
     if not partial.exists():
         return {}
     data = partial.read_bytes()
@@ -116,7 +137,7 @@ def run_batch(
     requests = read_requests(input_path, model)
     output = Path(output_path)
     partial = output.with_name(output.name + ".partial")
-    done = _done(partial)
+    done = completed_lines(partial)
     todo = [(cid, body) for cid, body in requests if cid not in done]
     if on_start:
         on_start(len(requests), len(requests) - len(todo))
@@ -155,16 +176,10 @@ def run_batch(
                 write(custom_id, response)
 
     def one(custom_id: str, body: dict[str, Any]) -> str:
-        attempt = 0
-        while True:
-            try:
-                return write(custom_id, chat(body))
-            except GptFinetuneError as exc:
-                attempt += 1
-                if (exc.code in RETRIABLE or exc.status == 429 or exc.status >= 500) and attempt <= retries:
-                    time.sleep(backoff * 2 ** (attempt - 1))
-                    continue
-                return write(custom_id, exc)
+        try:
+            return write(custom_id, call_with_retries(lambda: chat(body), retries=retries, backoff=backoff))
+        except GptFinetuneError as exc:
+            return write(custom_id, exc)
 
     pool = ThreadPoolExecutor(max_workers=max(1, concurrency))
     pending: set[Future[str]] = set()
@@ -183,7 +198,7 @@ def run_batch(
                 f.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    done = _done(partial)
+    done = completed_lines(partial)
     failed = sum(1 for line in done.values() if json.loads(line)["error"] is not None)
     from .atomic import write_text_atomic
 

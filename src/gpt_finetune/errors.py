@@ -81,6 +81,7 @@ class DataError(GptFinetuneError):
 
 class BackendError(GptFinetuneError):
     code = "backend_error"
+    retry_after: float | None = None  # seconds the server asked a client to wait (HTTP 429)
 
 
 class NotFoundError(BackendError):

@@ -77,6 +77,7 @@ class LocalBackend:
         hyperparameters: Hyperparameters | None = None,
         suffix: str | None = None,
         seed: int | None = None,
+        metadata: dict[str, str] | None = None,
     ) -> FineTuningJob:
         job = self.services.jobs.create(
             model=model,
@@ -85,6 +86,7 @@ class LocalBackend:
             hyperparameters=hyperparameters.explicit() if hyperparameters else {},
             suffix=suffix,
             seed=seed,
+            metadata=metadata,
             options=self.options,
         )
         return FineTuningJob(**job)
@@ -92,8 +94,11 @@ class LocalBackend:
     def retrieve_job(self, job_id: str) -> FineTuningJob:
         return FineTuningJob(**self.services.jobs.retrieve(job_id))
 
-    def list_jobs(self, *, limit: int = 20, after: str | None = None) -> list[FineTuningJob]:
-        return [FineTuningJob(**j) for j in self.services.jobs.list_jobs(limit=limit, after=after)[0]]
+    def list_jobs(
+        self, *, limit: int = 20, after: str | None = None, metadata: dict[str, str] | None = None
+    ) -> list[FineTuningJob]:
+        jobs = self.services.jobs.list_jobs(limit=limit, after=after, metadata=metadata)[0]
+        return [FineTuningJob(**j) for j in jobs]
 
     def cancel_job(self, job_id: str) -> FineTuningJob:
         return FineTuningJob(**self.services.jobs.cancel(job_id))
