@@ -16,6 +16,7 @@ FORBIDDEN = {
     "server": {"cli", "worker", "backends"},
     "cli": {"server", "worker"},  # but `serve` starts the server: cli/serve_cmd.py, below
     "worker": {"cli", "server", "backends"},
+    "migrate": ADAPTERS,  # handed an OpenAI backend and the services by the CLI
 }
 
 

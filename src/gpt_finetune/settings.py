@@ -118,6 +118,20 @@ def _str(text: str) -> str:
     return text
 
 
+def _date(text: str) -> str:
+    """A calendar day, ``YYYY-MM-DD`` (kept as text: the settings stay plain values)."""
+    import datetime as dt
+
+    t = text.strip()
+    try:
+        if len(t) != 10:
+            raise ValueError
+        dt.date.fromisoformat(t)
+    except ValueError:
+        raise ValueError("expected a date written YYYY-MM-DD") from None
+    return t
+
+
 def _bool(text: str) -> bool:
     value = text.strip().lower()
     if value in {"1", "true", "yes", "on"}:
@@ -176,6 +190,9 @@ class Settings:
     user_input: str | None = _opt(_str)
     # listing (jobs list, events)
     limit: int | None = _opt(_positive_int)
+    # moving off OpenAI (migrate): the day taken as today, and a file of shutdown dates
+    today: str | None = _opt(_date)
+    shutdown_table: str | None = _opt(_str)
     # the server (serve)
     server_api_keys: list[str] | None = _opt(lambda t: [x.strip() for x in t.split(",") if x.strip()], secret=True)
     max_queue: int | None = _opt(_positive_int)

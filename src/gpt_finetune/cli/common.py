@@ -40,10 +40,14 @@ def add_config_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", metavar="FILE", help="a 'key = value' config file (the seed's .cfg files)")
 
 
-def add_connection_flags(p: argparse.ArgumentParser, key_flags: tuple[str, ...] = ("-k", "--key")) -> None:
+def add_connection_flags(
+    p: argparse.ArgumentParser, key_flags: tuple[str, ...] = ("-k", "--key"), *, choose_backend: bool = True
+) -> None:
     g = p.add_argument_group("backend")
     g.add_argument(*key_flags, dest="openai_api_key", metavar="KEY", help="OpenAI API key (prefer OPENAI_API_KEY)")
     g.add_argument("--base-url", dest="base_url", metavar="URL", help="an OpenAI-compatible API base URL")
+    if not choose_backend:
+        return
     g.add_argument(
         "--backend",
         type=typed("backend"),
