@@ -40,6 +40,11 @@ class FakeOrg:
         self.gone_after: dict[str, int] = {}  # model -> answers it gives before it stops serving
         self.rate_limited: dict[str, int] = {}  # model -> 429s it gives first (Retry-After: 1)
         self.chat_delay = 0.0
+        # (prompt messages, answer) -> (prompt tokens, completion tokens); words by default
+        self.usage: Callable[[list[dict[str, Any]], str], tuple[int, int]] = lambda messages, text: (
+            sum(len(str(m.get("content", "")).split()) + 3 for m in messages),
+            len(text.split()) + 1,
+        )
         self.batch_polls = 0  # retrievals a batch stays in_progress before it completes
         self.answered: dict[str, int] = {}
         self.log: list[tuple[str, str, Any]] = []  # (method, path, JSON body or None)

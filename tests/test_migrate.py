@@ -200,7 +200,7 @@ def test_record_stops_at_a_model_that_stops_serving_and_waits_out_a_429(org, cop
     # 5 answers, the 429 asked again after its Retry-After, and one 404 ends it
     assert len(org.chats(labeller)) == 5 + 1 + 1
     before = len(org.chats(labeller))
-    assert main(["migrate", "record", str(d), "-k", KEY, "--today", TODAY, "--only", key]) == 1
+    assert main(["migrate", "record", str(d), "-k", KEY, "--today", TODAY, "--only", key, "--concurrency", "1"]) == 1
     assert len(org.chats(labeller)) == before + 1  # a rerun asks once, not forever
     assert len(rec.recordings(d, key)) == 5
 
@@ -249,3 +249,81 @@ def test_batch_api_round_trip_and_a_batch_created_before_a_crash_is_found_again(
     assert batch["metadata"]["gpt_finetune_migration"] == mf.load(d).migration_id
     assert main(argv) == 0  # everything recorded: nothing more is sent
     assert len(org.batches) == 1
+
+
+@pytest.fixture
+def no_runner(monkeypatch):
+    """Jobs are created and checked here, not trained (the e2e test trains one for real)."""
+    from gpt_finetune.services.jobs import JobService
+
+    monkeypatch.setattr(JobService, "kick", lambda self: False)
+
+
+def test_retrain_makes_one_job_per_succeeded_job_once_and_distils_where_the_data_is_lost(
+    org, copies, tmp_path, capsys, no_runner, tiny_model_dir, isolated_home
+):
+    jobs = build(org, copies)
+    lost = org.add_job(
+        base="gpt-4o-mini-2024-07-18", training_file=org.add_file(b"{}\n" * 20, "gone.jsonl", refuse=True)
+    )
+    d = tmp_path / "move"
+    assert inventory(d, "--data", str(copies)) == 0
+    assert (
+        main(
+            [
+                "migrate",
+                "record",
+                str(d),
+                "-k",
+                KEY,
+                "--today",
+                TODAY,
+                "--only",
+                lost["id"],
+                "--prompts",
+                str(copies / "train.jsonl"),
+            ]
+        )
+        == 0
+    )
+    retrain = ["migrate", "retrain", str(d), "--today", TODAY, "--model", str(tiny_model_dir)]
+    capsys.readouterr()
+    assert main(retrain) == 1  # the DPO job waits, the lost one has no data
+    err = capsys.readouterr().err
+    assert "a DPO job: it waits for preference training" in err
+    assert "the training file file-" in err and "gone.jsonl" in err and "--from-recordings" in err
+    from gpt_finetune.services import Services
+
+    services = Services.open(isolated_home)
+    made = {j["metadata"]["migrated_from"]: j for j in services.jobs.list_jobs(limit=50)[0]}
+    assert set(made) == {jobs[k]["id"] for k in ("labeller", "retired", "served")}
+    labeller = made[jobs["labeller"]["id"]]
+    assert labeller["model"] == str(tiny_model_dir) and labeller["seed"] == 42
+    assert services.jobs.row(labeller["id"])["suffix"] == "labeller"
+    assert labeller["hyperparameters"] == {"n_epochs": 3, "batch_size": 1, "learning_rate_multiplier": 1.8}
+    assert labeller["metadata"]["training_data"] == "original" and labeller["validation_file"]
+    assert services.files.path(labeller["training_file"]).read_bytes() == (copies / "train.jsonl").read_bytes()
+    # again, with the recordings for the lost one: nothing is made twice
+    assert main([*retrain, "--from-recordings"]) == 1  # the DPO job still waits
+    again = {j["metadata"]["migrated_from"]: j for j in services.jobs.list_jobs(limit=50)[0]}
+    assert set(again) == set(made) | {lost["id"]}
+    distilled = again[lost["id"]]
+    assert (
+        distilled["metadata"]["training_data"] == "recordings" and services.jobs.row(distilled["id"])["suffix"] is None
+    )
+    events = [e["message"] for e in services.jobs.list_events(distilled["id"], limit=20)[0]]
+    assert any("30 answers recorded from " + lost["fine_tuned_model"] in m and "distillation" in m for m in events)
+    lines = services.files.path(distilled["training_file"]).read_text().splitlines()
+    first = json.loads(lines[0])["messages"]
+    assert len(lines) == 30 and first[-1] == {"role": "assistant", "content": label_of("", first[:-1])}
+
+
+def test_all_does_what_it_can_and_says_what_it_could_not(org, copies, tmp_path, capsys, no_runner):
+    jobs = build(org, copies)
+    d = tmp_path / "move"
+    argv = ["migrate", "all", str(d), "-k", KEY, "--today", TODAY, "--data", str(copies), "--only", jobs["dpo"]["id"]]
+    assert main(argv) == 1
+    out, err = capsys.readouterr()
+    assert (d / "manifest.json").is_file() and len(rec.recordings(d, jobs["dpo"]["id"])) == 30
+    assert "waits for preference training" in err and "Could not finish: retrain, compare" in err
+    assert "recorded 30/30" in out or "recorded 30/30" in err
