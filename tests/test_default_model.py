@@ -52,3 +52,27 @@ def test_trains_a_few_steps(default_dir, tmp_path):
     assert [m["step"] for m in metrics if "train_loss" in m] == [1, 2]
     assert all(0 < m["train_loss"] < 20 for m in metrics if "train_loss" in m)
     assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_a_training_process_converts_the_gguf_in_a_child_and_keeps_none_of_its_memory(tmp_path, monkeypatch):
+    """The conversion's two float32 copies would stay in the training process's heap, and its
+    memory plan would count them as the model's (smaller micro-batches for the whole job)."""
+    from gpt_finetune.local import base_models
+    from gpt_finetune.local.memory import resident_bytes
+    from gpt_finetune.worker import train_job
+
+    monkeypatch.setenv("GPT_FINETUNE_MODEL_CACHE", str(tmp_path / "fresh-cache"))
+    home = Home(tmp_path / "home")
+    base = resolve_base(DEFAULT_BASE_MODEL)
+    assert base_models.needs_conversion(base, home)
+
+    def not_here(*args, **kw):
+        raise AssertionError("converted in the training process")
+
+    monkeypatch.setattr(base_models, "_convert_gguf", not_here)
+    before = resident_bytes()
+    directory = train_job._base_dir(base, home)
+    assert (tmp_path / "fresh-cache" / DEFAULT_BASE_MODEL / "model.safetensors").is_file()
+    assert directory == str(tmp_path / "fresh-cache" / DEFAULT_BASE_MODEL)
+    assert not base_models.needs_conversion(base, home)
+    assert resident_bytes() - before < 200 * 2**20

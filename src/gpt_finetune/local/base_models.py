@@ -38,6 +38,10 @@ def model_dir(base: BaseModel, home: Home) -> str:
     return str(_convert_gguf(target, home))
 
 
+def needs_conversion(base: BaseModel, home: Home) -> bool:
+    return base.source == "gguf" and not (home.base_models / base.id / "model.safetensors").is_file()
+
+
 def tokenizer_dir(base: BaseModel, home: Home) -> str:
     """Like model_dir, but only the tokenizer is needed (stats): saves it on its own first."""
     if base.source != "gguf":

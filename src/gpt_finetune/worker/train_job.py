@@ -23,6 +23,7 @@ from typing import Any
 from ..catalog import resolve_base
 from ..errors import GptFinetuneError
 from ..local.base_models import model_dir as base_model_dir
+from ..local.base_models import needs_conversion
 from ..services import Services
 from ..services.jobs import BASE_LEARNING_RATE
 from ..services.models import fine_tuned_id
@@ -83,6 +84,24 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _base_dir(base: Any, home: Any) -> str:
+    """The base model's directory, converted from its GGUF file in a child process the first
+    time. The conversion holds two float32 copies of the model; done in this process, the
+    allocator keeps that memory after it is freed, and the memory plan, which counts this
+    process's resident size before loading as static, would plan small micro-batches for the
+    whole job (seen on a fresh data directory: micro-batches of 1,093 tokens, checkpointed,
+    instead of 2,046, at twice the time a step)."""
+    if needs_conversion(base, home):
+        import multiprocessing
+
+        child = multiprocessing.get_context("spawn").Process(target=base_model_dir, args=(base, home))
+        child.start()
+        child.join()
+        # a failed child leaves nothing converted: the call below converts here and raises the
+        # real error, with its message, for the job's events
+    return base_model_dir(base, home)
+
+
 def _run(services: Services, job: dict[str, Any], is_main: bool) -> int:
     from ..local.trainer import Hooks, TrainSpec, train
 
@@ -93,7 +112,7 @@ def _run(services: Services, job: dict[str, Any], is_main: bool) -> int:
     base = resolve_base(opts.get("base") or job["base_model"])
     if is_main and job["attempts"] == 1:
         jobs.event(job_id, "Fine-tuning job started")
-    mdir = base_model_dir(base, home)
+    mdir = _base_dir(base, home)
     out_dir = home.job_dir(job_id) / "checkpoints"
     final_dir = home.model_dir(job_id)
     training_type = opts.get("training_type", "lora")
