@@ -195,6 +195,8 @@ class Settings:
     shutdown_table: str | None = _opt(_str)
     # the server (serve)
     server_api_keys: list[str] | None = _opt(lambda t: [x.strip() for x in t.split(",") if x.strip()], secret=True)
+    server_allowed_hosts: list[str] | None = _opt(lambda t: [x.strip() for x in t.split(",") if x.strip()])
+    server_cors_origins: list[str] | None = _opt(lambda t: [x.strip() for x in t.split(",") if x.strip()])
     max_queue: int | None = _opt(_positive_int)
     max_upload_mb: float | None = _opt(_float_range(0.001, 1_000_000.0))
     # where each value came from: key -> "flag --x", "file.cfg:3", "env VAR", "default"

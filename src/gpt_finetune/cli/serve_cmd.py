@@ -27,6 +27,22 @@ def add_serve(p: argparse.ArgumentParser) -> None:
         "config, or GPT_FINETUNE_SERVER_API_KEYS=k1,k2); required unless the server binds to loopback",
     )
     p.add_argument(
+        "--allowed-host",
+        dest="server_allowed_hosts",
+        action="append",
+        metavar="NAME",
+        help="a Host name to answer besides loopback names (repeatable; server_allowed_hosts = a,b); "
+        "bound elsewhere than loopback, only these are answered when given",
+    )
+    p.add_argument(
+        "--cors-origin",
+        dest="server_cors_origins",
+        action="append",
+        metavar="ORIGIN",
+        help="a web origin (https://app.example) whose pages may call the server (repeatable; "
+        "server_cors_origins = ...); none by default",
+    )
+    p.add_argument(
         "--max-queue", dest="max_queue", type=typed("max_queue"), help="chat requests that may wait (default 64)"
     )
     p.add_argument(
@@ -48,12 +64,25 @@ def is_loopback(host: str) -> bool:
             return False
 
 
+def _access_log(level: str) -> None:
+    import logging
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+    for name in ("gpt_finetune.server.access", "gpt_finetune.server"):
+        logger = logging.getLogger(name)
+        logger.setLevel(level.upper())
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
 def cmd_serve(ns: argparse.Namespace) -> int:
     try:
         import uvicorn
 
         from ..backends.local import LOCAL_OPTION_KEYS
         from ..server import ServerConfig, create_app
+        from ..server.app import MIN_KEY_LENGTH
         from ..services import Services
     except ImportError as exc:
         raise DependencyError(
@@ -63,6 +92,13 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         warn("API keys given on the command line are visible to other users of this machine; prefer the config file")
     s = settings_from(ns)
     keys = list(ns.api_keys or s.server_api_keys or [])
+    for key in keys:
+        if len(key) < MIN_KEY_LENGTH or any(not c.isprintable() or c.isspace() for c in key):
+            raise ConfigError(
+                f"API key {redact(key)} is too short or has spaces or control characters: "
+                f"a server key needs at least {MIN_KEY_LENGTH} printable characters",
+                hint="make one with: python3 -c 'import secrets; print(\"sk-\" + secrets.token_urlsafe(24))'",
+            )
     if not keys and not is_loopback(ns.host):
         raise ConfigError(
             f"refusing to serve on {ns.host} without an API key: anyone who can reach it could train and use models",
@@ -72,6 +108,9 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         raise ConfigError(f"--port {ns.port}: must be from 0 to 65535")
     config = ServerConfig(
         api_keys=keys,
+        loopback=is_loopback(ns.host),
+        allowed_hosts=list(s.server_allowed_hosts or []),
+        cors_origins=list(s.server_cors_origins or []),
         job_options={k: getattr(s, k) for k in LOCAL_OPTION_KEYS if getattr(s, k, None) is not None},
     )
     if s.max_upload_mb:
@@ -81,5 +120,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     app = create_app(services, config)
     shown = ", ".join(redact(k) for k in keys) if keys else "none (loopback only)"
     info(f"Serving OpenAI's API at http://{ns.host}:{ns.port}/v1 (data in {services.home.root}; API keys: {shown})")
-    uvicorn.run(app, host=ns.host, port=ns.port, log_level=ns.log_level, timeout_graceful_shutdown=5)
+    _access_log(ns.log_level)
+    # uvicorn's own access log would write query strings (a key sent as ?api_key=) and raw
+    # control characters; the server's guards write one that redacts and escapes them
+    uvicorn.run(app, host=ns.host, port=ns.port, log_level=ns.log_level, timeout_graceful_shutdown=5, access_log=False)
     return 0

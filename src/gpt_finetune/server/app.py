@@ -32,9 +32,15 @@ DEFAULT_MAX_BODY_MB = 16
 OPEN_PATHS = ("/health",)  # answered without a key: load balancers and probes call it
 
 
+MIN_KEY_LENGTH = 12  # a key anyone could guess protects nothing
+
+
 @dataclass
 class ServerConfig:
     api_keys: list[str] = field(default_factory=list)
+    loopback: bool = True  # bound to a loopback address: only loopback Host names are answered
+    allowed_hosts: list[str] = field(default_factory=list)  # Host names answered besides those
+    cors_origins: list[str] = field(default_factory=list)  # web origins that may call it (CORS)
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_MB << 20
     max_body_bytes: int = DEFAULT_MAX_BODY_MB << 20
     job_options: dict[str, Any] = field(default_factory=dict)  # local training settings for new jobs
@@ -109,7 +115,12 @@ class ApiKeys:
         if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
-        header = dict(scope.get("headers") or []).get(b"authorization", b"")
+        sent = [v for k, v in scope.get("headers") or [] if k == b"authorization"]
+        if len(sent) > 1:  # which one counts would depend on the proxy in front: refuse
+            response = error_response(401, "more than one Authorization header was sent", code="invalid_api_key")
+            await response(scope, receive, send)
+            return
+        header = sent[0] if sent else b""
         scheme, _, given = header.partition(b" ")
         given = given.strip()
         ok = False
@@ -168,6 +179,25 @@ def create_app(services: Services, config: ServerConfig | None = None) -> FastAP
 
     app.include_router(routes.router)
     app.include_router(chat.router)
+    # outermost last: the guards (and the access log) see every request first, then CORS answers
+    # the preflights of the origins the operator allows, before keys and limits
     app.add_middleware(ApiKeys, keys=config.api_keys)  # type: ignore[arg-type]
     app.add_middleware(BodyLimit, config=config)  # type: ignore[arg-type]
+    if config.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,  # type: ignore[arg-type]
+            allow_origins=config.cors_origins,
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["authorization", "content-type"],
+        )
+    from .guards import Guards
+
+    app.add_middleware(
+        Guards,  # type: ignore[arg-type]
+        loopback=config.loopback,
+        allowed_hosts=config.allowed_hosts,
+        cors_origins=config.cors_origins,
+    )
     return app

@@ -1,0 +1,150 @@
+"""A server no web page can drive, and logs that keep no secrets: Host names, content types,
+Origins, CORS, duplicate credentials, short keys, and the access log, against real ``serve``
+processes over raw HTTP (a browser's requests are what the rules are for, not the SDK's)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from conftest import ROOT, toy_examples, write_jsonl
+
+pytest.importorskip("fastapi")
+pytest.importorskip("torch")
+
+from test_server import Server
+
+KEY = "sk-guards-0123456789"
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory, tiny_model_dir):
+    s = Server(tmp_path_factory.mktemp("guards") / "home", tiny_model_dir)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def opened(tmp_path_factory, tiny_model_dir):
+    s = Server(
+        tmp_path_factory.mktemp("guards-cors") / "home",
+        tiny_model_dir,
+        "--cors-origin",
+        "https://app.example",
+        "--allowed-host",
+        "box.internal",
+        "--api-key",
+        KEY,
+    )
+    yield s
+    s.stop()
+
+
+def raw(server: Server, method: str, path: str, **kw) -> httpx.Response:
+    return httpx.request(method, server.url + path, timeout=30, **kw)
+
+
+def test_a_loopback_server_answers_only_loopback_host_names(plain):
+    for host in (f"127.0.0.1:{plain.port}", f"localhost:{plain.port}", "localhost", f"[::1]:{plain.port}"):
+        assert raw(plain, "GET", "/v1/models", headers={"host": host}).status_code == 200, host
+    for host in ("evil.example", f"evil.example:{plain.port}", "127.0.0.1.evil.example", ""):
+        r = raw(plain, "GET", "/v1/models", headers={"host": host})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_host", host
+    assert status_of(plain, b"GET /v1/files HTTP/1.1\r\nHost: localhost\r\nHost: evil.example\r\n\r\n") == 400
+
+
+def status_of(server: Server, request: bytes) -> int:
+    """The status of a request sent as raw bytes (httpx will not send two Host headers)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(request)
+        return int(sock.recv(4096).split(b" ", 2)[1])
+
+
+def test_request_bodies_must_be_json_or_multipart_and_foreign_origins_are_refused(plain, tmp_path):
+    body = '{"model": "nope", "messages": [{"role": "user", "content": "hi"}]}'
+    for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+        headers = {"content-type": kind} if kind else {}
+        r = raw(plain, "POST", "/v1/chat/completions", content=body, headers=headers)
+        assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", kind
+    ok = raw(plain, "POST", "/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert ok.status_code == 404  # through the rules: the model does not exist
+    # an upload must be multipart
+    r = raw(plain, "POST", "/v1/files", content=b'{"x": 1}', headers={"content-type": "application/json"})
+    assert r.status_code == 415
+    data = write_jsonl(tmp_path / "t.jsonl", toy_examples(10))
+    files = {"file": ("t.jsonl", data.read_bytes())}
+    r = raw(
+        plain,
+        "POST",
+        "/v1/files",
+        files=files,
+        data={"purpose": "fine-tune"},
+        headers={"origin": "http://evil.example"},
+    )
+    assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed"
+    assert raw(plain, "POST", "/v1/files", files=files, data={"purpose": "fine-tune"}).status_code == 200
+    # a page on another origin cannot read answers either, and no CORS header invites one
+    r = raw(plain, "GET", "/v1/models", headers={"origin": "http://evil.example"})
+    assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
+    same = raw(plain, "GET", "/v1/models", headers={"origin": f"http://127.0.0.1:{plain.port}"})
+    assert same.status_code == 200 and "access-control-allow-origin" not in same.headers
+    pre = raw(
+        plain,
+        "OPTIONS",
+        "/v1/models",
+        headers={"origin": "http://evil.example", "access-control-request-method": "POST"},
+    )
+    assert "access-control-allow-origin" not in pre.headers
+
+
+def test_allowed_origins_and_host_names_and_one_authorization_header(opened):
+    auth = {"authorization": f"Bearer {KEY}"}
+    pre = raw(
+        opened,
+        "OPTIONS",
+        "/v1/chat/completions",
+        headers={
+            "origin": "https://app.example",
+            "access-control-request-method": "POST",
+            "access-control-request-headers": "authorization,content-type",
+        },
+    )
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "https://app.example"
+    r = raw(opened, "GET", "/v1/models", headers={**auth, "origin": "https://app.example"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+    assert raw(opened, "GET", "/v1/models", headers={**auth, "origin": "https://evil.example"}).status_code == 403
+    assert raw(opened, "GET", "/v1/models", headers={**auth, "host": "box.internal:8000"}).status_code == 200
+    assert raw(opened, "GET", "/v1/models", headers={**auth, "host": "other.internal"}).status_code == 400
+    # two Authorization headers: which one counts would depend on a proxy, so neither does
+    r = raw(opened, "GET", "/v1/models", headers=[("authorization", f"Bearer {KEY}"), ("authorization", "Bearer x")])
+    assert r.status_code == 401 and "more than one Authorization" in r.json()["error"]["message"]
+    assert raw(opened, "GET", "/v1/models", headers=auth).status_code == 200
+
+
+def test_the_access_log_redacts_query_strings_and_escapes_control_characters(plain):
+    raw(plain, "GET", "/v1/models?api_key=sk-secret-in-the-query-1234")
+    raw(plain, "GET", "/v1/files/x%0AINFO:     forged 200 OK")
+    time.sleep(0.3)
+    log = plain.log.read_text()
+    assert "sk-secret-in-the-query" not in log and "(query redacted)" in log
+    assert "forged" in log and not any(line.startswith("INFO:     forged") for line in log.splitlines())
+    assert "x\\x0aINFO:" in log
+
+
+@pytest.mark.parametrize("key", ["", "x", "short-key", "has a space in it ok"])
+def test_empty_short_and_spaced_keys_are_refused_at_start(tmp_path, key):
+    done = subprocess.run(
+        [sys.executable, "-m", "gpt_finetune", "serve", "--home", str(tmp_path / "h"), "--port", "0", "--api-key", key],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 1 and "needs at least 12 printable characters" in done.stderr
+    if len(key) > 8:
+        assert key not in done.stderr  # shown redacted
