@@ -97,3 +97,19 @@ def test_models_alias_and_unalias_through_the_cli(services, isolated_home, capsy
     assert main(["models", "unalias", OLD, "--backend", "local"]) == 0
     assert main(["models", "unalias", OLD, "--backend", "local"]) == 1
     assert "is not an alias" in capsys.readouterr().err
+
+
+def test_a_failed_job_leaves_no_base_model_listed(services):
+    from gpt_finetune.store import now
+
+    for job_id, status, base in (("ftjob-a", "failed", "Org--gone-model"), ("ftjob-b", "succeeded", "tiny-llama")):
+        services.store.insert(
+            "jobs",
+            {
+                "id": job_id, "created_at": now(), "model": base, "base_model": base, "status": status,
+                "training_file": "file-x", "hyperparameters": {}, "method": {}, "seed": 1, "options": {"base": "/x/" + base},
+            },
+        )  # fmt: skip
+    assert "Org--gone-model" not in services.models.base_ids() and "tiny-llama" in services.models.base_ids()
+    with pytest.raises(NotFoundError):
+        services.models.retrieve("Org--gone-model")

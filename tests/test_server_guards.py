@@ -148,3 +148,44 @@ def test_empty_short_and_spaced_keys_are_refused_at_start(tmp_path, key):
     assert done.returncode == 1 and "needs at least 12 printable characters" in done.stderr
     if len(key) > 8:
         assert key not in done.stderr  # shown redacted
+
+
+def test_model_ids_are_names_never_paths_or_hub_ids(plain, tmp_path):
+    """A client can neither load a directory of the server's disk, nor learn which exist, nor make
+    the server download; every such name gets the same 404 as a name that means nothing."""
+    looks_like_a_model = tmp_path / "secret-model"
+    looks_like_a_model.mkdir()
+    (looks_like_a_model / "config.json").write_text("{}")
+    names = [
+        str(looks_like_a_model),
+        str(tmp_path),
+        "/etc",
+        "../../etc",
+        "HuggingFaceTB/SmolLM2-360M-Instruct",
+        "no-such-model",
+        "x" * 300,
+    ]
+    before = {m["id"] for m in raw(plain, "GET", "/v1/models").json()["data"]}
+    for name in names:
+        r = raw(
+            plain, "POST", "/v1/chat/completions", json={"model": name, "messages": [{"role": "user", "content": "hi"}]}
+        )
+        error = r.json()["error"]
+        shown = name if len(name) <= 100 else name[:100] + "..."
+        assert (r.status_code, error["code"], error["message"]) == (
+            404,
+            "model_not_found",
+            f"The model '{shown}' does not exist",
+        ), name
+    upload = raw(
+        plain,
+        "POST",
+        "/v1/files",
+        files={"file": ("t.jsonl", write_jsonl(tmp_path / "t.jsonl", toy_examples(10)).read_bytes())},
+        data={"purpose": "fine-tune"},
+    )
+    for name in names[:5]:
+        r = raw(plain, "POST", "/v1/fine_tuning/jobs", json={"model": name, "training_file": upload.json()["id"]})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", name
+    assert {m["id"] for m in raw(plain, "GET", "/v1/models").json()["data"]} == before
+    assert not raw(plain, "GET", "/v1/fine_tuning/jobs").json()["data"]  # no job was made

@@ -115,7 +115,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     )
     if s.max_upload_mb:
         config.max_upload_bytes = int(s.max_upload_mb * (1 << 20))
-    services = Services.open(s.home, local_base_model=s.local_base_model, max_queue=s.max_queue)
+    services = Services.open(s.home, local_base_model=s.local_base_model, max_queue=s.max_queue, name_paths=False)
     services.jobs.kick()  # resume what a dead worker left
     app = create_app(services, config)
     shown = ", ".join(redact(k) for k in keys) if keys else "none (loopback only)"

@@ -31,11 +31,13 @@ class Services:
         *,
         local_base_model: str | None = None,
         max_queue: int | None = None,
+        name_paths: bool = True,
     ) -> Services:
+        """``name_paths=False`` for a server: its clients name models, never directories."""
         home = Home(root)
         store = Store(home.db)
         files = FileService(store, home)
-        models = ModelService(store, home, local_base_model=local_base_model)
+        models = ModelService(store, home, local_base_model=local_base_model, name_paths=name_paths)
         jobs = JobService(store, home, files, models)
 
         def engine() -> Any:  # loaded at the first chat request: torch is not needed before

@@ -22,7 +22,7 @@ import sys
 import time
 from typing import Any
 
-from ..catalog import check_trainable, resolve_base
+from ..catalog import check_trainable
 from ..data.analysis import MIN_EXAMPLES, analyze_file
 from ..errors import BackendError, NotFoundError
 from ..home import Home, safe_name
@@ -198,7 +198,7 @@ class JobService:
             raise BackendError("suffix is longer than 64 characters", code="invalid_suffix", param="suffix")
         if seed is not None and (isinstance(seed, bool) or not 0 <= seed <= SEED_MAX):
             raise BackendError(f"seed must be from 0 to {SEED_MAX}, got {seed}", code="invalid_seed", param="seed")
-        base = resolve_base(model, self.models.local_base_model)
+        base = self.models.trainable(model)
         check_trainable(base)
         return base
 

@@ -31,11 +31,31 @@ def fine_tuned_id(base_id: str, suffix: str | None, job_id: str) -> str:
     return f"ft:{base_id}:{suffix or ''}:{job_id}"
 
 
+def not_found(model_id: str) -> NotFoundError:
+    """The one answer for a name that is not a model here, whether or not it names a path."""
+    shown = model_id if len(model_id) <= 100 else model_id[:100] + "..."
+    return NotFoundError(
+        f"The model '{shown}' does not exist",
+        code="model_not_found",
+        param="model",
+        hint="see: gpt-finetune models list",
+    )
+
+
 class ModelService:
-    def __init__(self, store: Store, home: Home, *, local_base_model: str | None = None) -> None:
+    """``name_paths``: whether a model may be named by a directory or a Hub id. The CLI's user is
+    the machine's operator and may; a server's clients may not: to them model ids are names (the
+    catalog's and the configured base models, fine-tuned models, checkpoints and aliases), so a
+    client can neither load a directory of the server's disk nor learn which ones exist, nor make
+    the server download from a hub."""
+
+    def __init__(
+        self, store: Store, home: Home, *, local_base_model: str | None = None, name_paths: bool = True
+    ) -> None:
         self.store = store
         self.home = home
         self.local_base_model = local_base_model or DEFAULT_BASE_MODEL
+        self.name_paths = name_paths
 
     def register(self, model_id: str, *, kind: str, base: str, path: Path, job_id: str) -> None:
         self.store.execute("DELETE FROM models WHERE id = ?", (model_id,))
@@ -54,14 +74,14 @@ class ModelService:
 
     def base_ids(self) -> list[str]:
         """The default model (when installed), the configured local base model (a directory),
-        and every base a job has trained."""
+        and every base a job has trained (a job that failed leaves no model behind)."""
         ids = [DEFAULT_BASE_MODEL] if gguf_path() is not None else []
         if self.local_base_model != DEFAULT_BASE_MODEL:
             try:
                 ids.append(resolve_base(self.local_base_model).id)
             except NotFoundError:
                 pass  # a job naming it fails with the reason; listing does not
-        for row in self.store.query("SELECT DISTINCT base_model FROM jobs"):
+        for row in self.store.query("SELECT DISTINCT base_model FROM jobs WHERE status = 'succeeded'"):
             if row["base_model"] not in ids:
                 ids.append(row["base_model"])
         return ids
@@ -90,7 +110,7 @@ class ModelService:
         alias = self.store.get("aliases", model_id)
         if alias is not None:
             return self._alias(alias)
-        raise NotFoundError(f"The model '{model_id}' does not exist", code="model_not_found")
+        raise not_found(model_id)
 
     # ---- aliases ------------------------------------------------------------------------
     def resolve(self, model_id: str) -> str:
@@ -172,20 +192,33 @@ class ModelService:
         row = self.store.get("models", model_id)
         if row is not None:
             if not Path(row["path"]).exists():
-                raise NotFoundError(f"the files of model {model_id} are gone ({row['path']})")
+                raise NotFoundError(
+                    f"the files of model {model_id} are gone from the data directory", code="model_not_found"
+                )
             return row["base"], row["path"]
-        if is_openai_name(model_id):
+        if is_openai_name(model_id) or model_id == self.local_base_model:
             return self.local_base_model, None
         location = self._base_location(model_id)
         if location is not None:
             return location, None
+        if model_id == DEFAULT_BASE_MODEL and gguf_path() is not None:
+            return model_id, None
+        if not self.name_paths:
+            raise not_found(model_id)
         try:
             resolve_base(model_id, self.local_base_model)
         except NotFoundError:
-            raise NotFoundError(
-                f"The model '{model_id}' does not exist", code="model_not_found", hint="see: gpt-finetune models list"
-            ) from None
+            raise not_found(model_id) from None
         return model_id, None
+
+    def trainable(self, model: str) -> Any:
+        """The base model a job asking for ``model`` trains (a ``catalog.BaseModel``)."""
+        if self.name_paths or is_openai_name(model) or model in (DEFAULT_BASE_MODEL, self.local_base_model):
+            return resolve_base(model, self.local_base_model)
+        location = self._base_location(model)
+        if location is None:
+            raise not_found(model)
+        return resolve_base(location, self.local_base_model)
 
     def _base_location(self, model_id: str) -> str | None:
         """Where a base model listed by its short name (a directory's name) lives."""
@@ -195,7 +228,8 @@ class ModelService:
                     return self.local_base_model
             except NotFoundError:
                 pass
-        for row in self.store.query("SELECT options FROM jobs WHERE base_model = ? LIMIT 1", (model_id,)):
+        query = "SELECT options FROM jobs WHERE base_model = ? AND status = 'succeeded' LIMIT 1"
+        for row in self.store.query(query, (model_id,)):
             return str(row["options"].get("base") or model_id)
         return None
 
@@ -214,7 +248,7 @@ class ModelService:
                     hint="to free the default model's converted copy, remove "
                     f"{self.home.base_models / DEFAULT_BASE_MODEL} (it is converted again on next use)",
                 )
-            raise NotFoundError(f"The model '{model_id}' does not exist", code="model_not_found")
+            raise not_found(model_id)
         if row["kind"] != "fine-tuned":
             raise BackendError("only fine-tuned models can be deleted; checkpoints go with their model")
         job_id = row["job_id"]
