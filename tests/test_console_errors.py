@@ -24,8 +24,46 @@ SEED = json.dumps(
 )
 DEEP_LINE = '{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}\n"
 
+
+def _odd(raw: str) -> str:
+    """Good examples with one whose user content is ``raw`` JSON text (valid to Python's json)."""
+    line = json.dumps(chat_example(99)).replace('"title: issue 99"', raw)
+    return GOOD + line + "\n"
+
+
+def _odd_seed(raw: str) -> str:
+    return (
+        SEED[:-1]
+        + ', {"id": "x", "conversations": [{"from": "human", "value": '
+        + raw
+        + '}, {"from": "gpt", "value": "bug"}]}]'
+    )
+
+
+ODD = {"huge integer": "9" * 5000, "lone surrogate": '"\\ud800 text"', "NaN": "NaN", "Infinity": "-Infinity"}
+
 # name: (files to create, argv, extra environment, text the error must contain)
 CASES: dict[str, tuple[dict[str, str], list[str], dict[str, str], str]] = {
+    # values Python's json reads but no later step (or other JSON parser) can use
+    **{
+        f"{name}: {command}": (
+            {"in.jsonl": _odd(raw), "in.json": _odd_seed(raw)},
+            argv,
+            {},
+            {
+                "huge integer": "digits",
+                "lone surrogate": "lone surrogate",
+                "NaN": "NaN is not",
+                "Infinity": "Infinity is not",
+            }[name],
+        )
+        for name, raw in ODD.items()
+        for command, argv in (
+            ("finetune", ["finetune", "-d", "in.jsonl", "--backend", "local"]),  # its local check is validate's
+            ("prepare seed", ["prepare", "-i", "in.json", "-o", "o.jsonl"]),
+            ("prepare chat", ["prepare", "-i", "in.jsonl", "-o", "o.jsonl"]),
+        )
+    },
     "validation output is the input": (
         {"in.jsonl": GOOD},
         ["prepare", "-i", "in.jsonl", "-o", "out.jsonl", "--split", "0.5", "--validation-output", "in.jsonl"],

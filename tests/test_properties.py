@@ -113,3 +113,81 @@ def test_config_files_parse_or_give_a_config_error(pairs):
         pass
     finally:
         path.unlink()
+
+
+class Raw(str):
+    """JSON text written as it is (what json.dumps would not write, or not quickly)."""
+
+
+ODD_VALUES = st.one_of(
+    st.text(max_size=12),
+    st.sampled_from(["\ud800", "a\udfffb", "\ud83d\ude00", "\x00", "\u2028"]),  # lone surrogates, a pair, controls
+    st.integers(),
+    st.integers(min_value=4290, max_value=4310).map(lambda n: Raw("-" * (n % 2) + "9" * n)),  # Python's digit limit
+    st.sampled_from([float("nan"), float("inf"), float("-inf"), 1e308, -0.0]),
+    st.integers(min_value=1, max_value=3000).map(lambda depth: Raw("[" * depth + "]" * depth)),  # deep nesting
+)
+
+
+def _odd_line(where: str, value) -> bytes:
+    import json
+
+    raw = value if isinstance(value, Raw) else json.dumps(value)  # NaN, Infinity, \\ud800 escapes: as json writes them
+    base = {"role": "user", "content": "PLACEHOLDER"}
+    if where == "content":
+        text = json.dumps(base).replace('"PLACEHOLDER"', raw)
+    elif where == "extra":
+        text = json.dumps({**base, "content": "q"}).replace("}", f', "weight_note": {raw}}}')
+    else:
+        text = json.dumps({**base, "content": "q"}).replace("}", f', "name": {raw}}}')
+    return ('{"messages": [' + text + ', {"role": "assistant", "content": "\'a\'"}]}').encode()
+
+
+@pytest.fixture(scope="module")
+def local_counter():
+    pytest.importorskip("transformers")
+    from gpt_finetune.local.tokenizer import local_counter
+
+    return local_counter()
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
+@given(value=ODD_VALUES, where=st.sampled_from(["content", "extra", "name"]), at=st.integers(min_value=0, max_value=11))
+def test_what_validate_accepts_every_later_step_handles(local_counter, value, where, at, tmp_path_factory):
+    """The rule: a file validate accepts never fails prepare, stats (local counts included) or a
+    job's file check for a data reason; and what prepare writes is JSON."""
+    import json
+
+    from gpt_finetune.data.analysis import analyze_file
+    from gpt_finetune.data.prepare import prepare
+    from gpt_finetune.data.readers import loads
+    from gpt_finetune.services.jobs import JobService
+
+    d = tmp_path_factory.mktemp("odd")
+    good = [
+        json.dumps(
+            {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "'a'"}]}
+        ).encode()
+        for i in range(12)
+    ]
+    good[at] = _odd_line(where, value)
+    path = d / "data.jsonl"
+    path.write_bytes(b"\n".join(good) + b"\n")
+    accepted = analyze_file(path, None, workers=1).n_errors == 0
+    steps = {}
+    for name, step in (
+        ("prepare", lambda: prepare(path, d / "out.jsonl", workers=1)),
+        ("stats", lambda: analyze_file(path, "gpt-4o-mini", workers=1, local=local_counter)),
+        ("labels", lambda: JobService._label_sets(str(path))),
+    ):
+        try:
+            step()
+            steps[name] = True
+        except DataError:
+            steps[name] = False
+    if accepted:
+        assert all(steps.values()), steps
+        for line in (d / "out.jsonl").read_text(encoding="utf-8").splitlines():
+            loads(line)  # strict JSON, UTF-8 text

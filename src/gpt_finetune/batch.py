@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .data.readers import TOO_DEEP, loads
 from .errors import DataError, GptFinetuneError
 
 RETRIABLE = {"rate_limit_exceeded", "server_error", "connection_error", "timeout"}
@@ -49,9 +50,11 @@ def read_requests(path: str | Path, model: str | None) -> list[tuple[str, dict[s
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise DataError(f"not JSON: {exc}", path=path, line=n) from None
+                row = loads(line)
+            except (ValueError, RecursionError) as exc:
+                raise DataError(
+                    f"not JSON: {exc}" if isinstance(exc, ValueError) else TOO_DEEP, path=path, line=n
+                ) from None
             if not isinstance(row, dict):
                 raise DataError("a line must be a JSON object", path=path, line=n)
             if "body" in row:

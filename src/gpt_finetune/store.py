@@ -8,6 +8,7 @@ thread gets its own connection.
 from __future__ import annotations
 
 import json
+import math
 import secrets
 import sqlite3
 import threading
@@ -164,7 +165,20 @@ class Store:
 
 def _enc(key: str, value: Any) -> Any:
     if key in JSON_COLUMNS and value is not None:
-        return json.dumps(value)
+        try:
+            return json.dumps(value, allow_nan=False)
+        except ValueError:  # a NaN loss: stored as null, so that what is served stays JSON
+            return json.dumps(_finite(value))
+    return value
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
     return value
 
 

@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from .readers import JsonValueError, loads
 from .tokens import count_message_tokens, get_encoding
 
 MESSAGE_KEYS = frozenset({"role", "content", "name", "function_call", "tool_calls", "tool_call_id", "weight"})
@@ -52,6 +53,37 @@ class LineResult:
         return not any(f.severity == "error" for f in self.findings)
 
 
+def _check_parts(parts: list[Any], lineno: int, i: int, findings: list[Finding]) -> None:
+    """Content parts: objects with a type; a text part's text a string. Other parts (images, for
+    OpenAI's vision fine-tuning) pass, with a warning that the local engine reads text only."""
+    for j, part in enumerate(parts):
+        where = f"messages[{i}].content[{j}]"
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            findings.append(
+                Finding(
+                    "error",
+                    "invalid_content",
+                    lineno,
+                    where,
+                    'a content part must be an object {"type": "text", "text": "..."}',
+                )
+            )
+        elif part["type"] == "text" and not isinstance(part.get("text"), str):
+            findings.append(
+                Finding("error", "invalid_content", lineno, f"{where}.text", "a text part needs its text as a string")
+            )
+        elif part["type"] != "text":
+            findings.append(
+                Finding(
+                    "warning",
+                    "non_text_part",
+                    lineno,
+                    where,
+                    f"a {part['type'][:40]!r} part: the local engine trains on text only",
+                )
+            )
+
+
 def check_line(lineno: int, raw: bytes, encoding: str | None, first: bool = False) -> LineResult:
     """Decode and check one JSONL line; count its tokens with ``encoding`` when given.
 
@@ -60,7 +92,10 @@ def check_line(lineno: int, raw: bytes, encoding: str | None, first: bool = Fals
     findings = result.findings
 
     try:
-        example = json.loads(raw)
+        example = loads(raw.decode("utf-8-sig" if first else "utf-8"))
+    except JsonValueError as exc:
+        findings.append(Finding("error", "invalid_json", lineno, None, str(exc)))
+        return result
     except RecursionError:
         from .readers import TOO_DEEP
 
@@ -173,6 +208,8 @@ def check_line(lineno: int, raw: bytes, encoding: str | None, first: bool = Fals
                     "assistant content must be text, not a list of parts",
                 )
             )
+        else:
+            _check_parts(content, lineno, i, findings)
         if "weight" in message:
             weight = message["weight"]
             if isinstance(weight, bool) or weight not in (0, 1):

@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .messages import content_text, text_messages
+
 _PROBES = ("alpha", "beta gamma")
 # Unicode White_Space, which is what the tokenizer's regex means by \s (Python's \s also takes
 # the control characters \x1c-\x1f, which the tokenizer treats as punctuation)
@@ -232,7 +234,10 @@ class LocalCounter:
         overheads: list[int] = []
         shapes, overhead_of = self._shapes, self._overhead
         for messages in examples:
-            texts = [m.get("content") or "" for m in messages]
+            texts = [
+                m.get("content") or "" if isinstance(m.get("content"), str) else content_text(m.get("content"))
+                for m in messages
+            ]
             roles = tuple([str(m.get("role")) for m in messages])
             overhead = shapes[roles] if roles in shapes else overhead_of(roles)
             # str.strip returns the string itself when there is nothing to strip: no copy
@@ -263,6 +268,7 @@ class LocalCounter:
         return out
 
     def _slow(self, messages: list[dict[str, Any]]) -> tuple[int, int, int]:
+        messages = text_messages(messages)
         clean = [{k: v for k, v in m.items() if k != "weight"} for m in messages]
         total = len(self._encode(self._render(clean)))
         trained = sum(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import csv
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -20,6 +21,43 @@ from ..errors import DataError
 MAX_RECORD_BYTES = 8 * 1024 * 1024  # one example; OpenAI's largest context is ~65k tokens (~300 kB)
 _CHUNK = 1 << 20
 _WS = " \t\r\n"
+MAX_INT_DIGITS = 4300  # Python's own limit for int(str): past it int() raises a bare ValueError
+
+
+class JsonValueError(ValueError):
+    """Valid to Python's json module, but not JSON a later step (or another parser) can use:
+    NaN and Infinity, integers past Python's digit limit, lone surrogates in strings."""
+
+
+def _constant(name: str) -> Any:
+    raise JsonValueError(f"invalid JSON: {name} is not a JSON value (write null or a number)")
+
+
+def _integer(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise JsonValueError(f"invalid JSON: an integer of {len(text):,} digits (at most {MAX_INT_DIGITS:,})")
+    return int(text)
+
+
+# the standard decoder with the rule that what is read here can be written back as JSON and as UTF-8
+DECODER = json.JSONDecoder(parse_constant=_constant, parse_int=_integer)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def check_text(value: Any, text: str) -> Any:
+    """Refuse a decoded value holding a lone surrogate (``"\\ud800"``), which cannot be written as
+    UTF-8. Only text with such an escape is checked, so the common case costs one regex scan."""
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise JsonValueError("invalid JSON: a lone surrogate (\\ud800-\\udfff) is not text") from None
+    return value
+
+
+def loads(text: str) -> Any:
+    """``json.loads`` by the rule above: raises JSONDecodeError, JsonValueError or RecursionError."""
+    return check_text(DECODER.decode(text), text)
 
 
 def sniff(path: str | Path) -> str:
@@ -147,9 +185,11 @@ def decode_line(path: str | Path, lineno: int, line: bytes) -> Any:
             hint="convert the file to UTF-8, for example with iconv",
         ) from None
     try:
-        return json.loads(text)
+        return loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(json_error_message(exc, text, lineno == 1), path=path, line=lineno) from None
+    except JsonValueError as exc:
+        raise DataError(str(exc), path=path, line=lineno) from None
     except RecursionError:
         raise DataError(TOO_DEEP, path=path, line=lineno) from None
 
@@ -173,7 +213,7 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
 
 def iter_json_array(path: str | Path) -> Iterator[tuple[int, Any]]:
     """Elements of a top-level JSON array (or a single object) with the line each starts on."""
-    decoder = json.JSONDecoder()
+    decoder = DECODER
     with open(path, "rb") as fh:
         reader = _TextWindow(fh, path)
         reader.skip_ws()
@@ -275,8 +315,11 @@ class _TextWindow:
         while True:
             try:
                 obj, end = decoder.raw_decode(self.buf, self.pos)
+                check_text(obj, self.buf[self.pos : end])
             except RecursionError:
                 raise DataError(TOO_DEEP, path=self.path, line=start_line) from None
+            except JsonValueError as exc:
+                raise DataError(str(exc), path=self.path, line=start_line) from None
             except json.JSONDecodeError as exc:
                 incomplete = exc.pos >= len(self.buf) - 1 or exc.msg.startswith("Unterminated string")
                 if incomplete and not self.eof:

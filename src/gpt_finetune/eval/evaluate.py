@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.labels import LabelError, format_labels, guess_format, label_sets, labels_sidecar_path, parse_labels
+from ..data.readers import loads
 from ..errors import DataError
 
 
@@ -52,8 +53,8 @@ def read_examples(path: str | Path, *, labels_file: str | None = None, task: str
             if not line.strip():
                 continue
             try:
-                messages = json.loads(line)["messages"]
-            except (ValueError, KeyError, TypeError):
+                messages = loads(line)["messages"]
+            except (ValueError, KeyError, TypeError, RecursionError):
                 raise DataError("not a chat example with messages", path=path, line=n) from None
             last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
             if last is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..data.messages import text_messages
 from ..errors import DataError
 
 IGNORE = -100
@@ -139,7 +140,7 @@ def tokenize_file(tokenizer: Any, path: str, max_length: int | None = None) -> T
             if not line.strip():
                 continue
             example = json.loads(line)
-            row = tokenize_example(tokenizer, example["messages"], max_length)
+            row = tokenize_example(tokenizer, text_messages(example["messages"]), max_length)
             if row is None:
                 out.n_too_long += 1
                 continue

@@ -27,6 +27,7 @@ from typing import Any
 
 from ..atomic import write_text_atomic
 from ..batch import call_with_retries, completed_lines
+from ..data.readers import TOO_DEEP, loads
 from ..errors import BackendError, DataError, GptFinetuneError, NotFoundError
 from ..store import now
 from . import manifest as mf
@@ -80,9 +81,11 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise DataError(f"not JSON: {exc}", path=str(path), line=n) from None
+                row = loads(line)
+            except (ValueError, RecursionError) as exc:
+                raise DataError(
+                    f"not JSON: {exc}" if isinstance(exc, ValueError) else TOO_DEEP, path=str(path), line=n
+                ) from None
             messages = row.get("messages") if isinstance(row, dict) else None
             if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
                 raise DataError("not a chat example with a list of messages", path=str(path), line=n, field="messages")

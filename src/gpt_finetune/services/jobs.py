@@ -205,17 +205,16 @@ class JobService:
     @staticmethod
     def _label_sets(path: str) -> dict[str, Any] | None:
         """The label sets of a training file whose answers are all label lists, else None."""
-        import json
-
         from ..data.labels import label_sets
+        from ..data.readers import loads
 
         answers = []
         with open(path, encoding="utf-8") as fh:
             for line in fh:
                 if line.strip():
                     try:
-                        messages = json.loads(line).get("messages") or []
-                    except (ValueError, AttributeError):
+                        messages = loads(line).get("messages") or []
+                    except (ValueError, AttributeError, RecursionError):
                         return None
                     last = [m for m in messages if isinstance(m, dict) and m.get("role") == "assistant"]
                     if not last or not isinstance(last[-1].get("content"), str):
