@@ -189,3 +189,56 @@ def test_model_ids_are_names_never_paths_or_hub_ids(plain, tmp_path):
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", name
     assert {m["id"] for m in raw(plain, "GET", "/v1/models").json()["data"]} == before
     assert not raw(plain, "GET", "/v1/fine_tuning/jobs").json()["data"]  # no job was made
+
+
+def test_small_gaps(plain, tmp_path):
+    assert raw(plain, "HEAD", "/health").status_code == 200
+    rows = toy_examples(10)
+    up = raw(
+        plain,
+        "POST",
+        "/v1/files",
+        files={"file": ("t.jsonl", write_jsonl(tmp_path / "t.jsonl", rows).read_bytes())},
+        data={"purpose": "fine-tune"},
+    ).json()
+    batch = raw(
+        plain,
+        "POST",
+        "/v1/files",
+        files={"file": ("b.jsonl", (tmp_path / "t.jsonl").read_bytes())},
+        data={"purpose": "batch"},
+    ).json()
+    # a suffix that would add ':' parts to model ids, and a file uploaded for another purpose
+    r = raw(
+        plain, "POST", "/v1/fine_tuning/jobs", json={"model": "gpt-4o-mini", "training_file": up["id"], "suffix": "a:b"}
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "suffix"
+    r = raw(plain, "POST", "/v1/fine_tuning/jobs", json={"model": "gpt-4o-mini", "training_file": batch["id"]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_file_purpose"
+    # a message name of the wrong type
+    r = raw(
+        plain,
+        "POST",
+        "/v1/chat/completions",
+        json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x", "name": 5}]},
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].name"
+    # a file whose content was removed from disk behind the store's back
+    home = plain.home
+    next((home / "files").glob(f"{up['id']}*")).unlink()
+    r = raw(plain, "GET", f"/v1/files/{up['id']}/content")
+    assert r.status_code == 404 and str(home) not in r.text
+
+
+def test_home_is_taken_after_the_subcommand_too(tmp_path):
+    env = {"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"}
+    for argv in (["files", "list", "--home", str(tmp_path / "a")], ["files", "--home", str(tmp_path / "b"), "list"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "gpt_finetune", *argv, "--backend", "local"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+    assert (tmp_path / "a" / "gpt-finetune.db").is_file() and (tmp_path / "b" / "gpt-finetune.db").is_file()

@@ -21,6 +21,23 @@ from .errors import ConfigError
 
 AUTO = "auto"
 SEED_MAX = 2**31 - 1
+# a suffix becomes part of model ids (ft:<base>:<suffix>:<job>), whose ':' separate the parts
+SUFFIX_MAX = 64
+SUFFIX_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def suffix_problem(suffix: str) -> str | None:
+    """Why a suffix cannot be used, or None: up to 64 letters, digits and . _ - (no ':' or '/');
+    an empty one is no suffix."""
+    if not suffix:
+        return None
+    if len(suffix) > SUFFIX_MAX:
+        return f"suffix is longer than {SUFFIX_MAX} characters"
+    if not SUFFIX_PATTERN.fullmatch(suffix):
+        return "suffix may hold only letters, digits and . _ - (it becomes part of the model id)"
+    return None
+
+
 _ASCII_INT = re.compile(r"[0-9]+")
 _ASCII_FLOAT = re.compile(r"([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")
 

@@ -11,7 +11,7 @@ from openai.types import FileObject, Model
 from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
 
 from ..errors import BackendError, ConfigError, NotFoundError
-from ..settings import SEED_MAX, redact
+from ..settings import SEED_MAX, redact, suffix_problem
 from .base import Hyperparameters
 
 T = TypeVar("T")
@@ -141,8 +141,9 @@ class OpenAIBackend:
         """OpenAI checks the model itself; what its documented limits refuse is refused here first."""
         if not model:
             raise BackendError("no model name", code="invalid_model")
-        if suffix is not None and len(suffix) > 64:
-            raise BackendError("suffix is longer than 64 characters", code="invalid_suffix")
+        problem = suffix_problem(suffix) if suffix is not None else None
+        if problem:
+            raise BackendError(problem, code="invalid_suffix", param="suffix")
         if seed is not None and not 0 <= seed <= SEED_MAX:
             raise BackendError(f"seed must be from 0 to {SEED_MAX}, got {seed}", code="invalid_seed", param="seed")
 

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from .. import __version__
 from ..errors import GptFinetuneError
@@ -37,11 +38,23 @@ def _adder(name: str) -> Callable[[argparse.ArgumentParser], None]:
     return getattr(importlib.import_module(f"{__package__}.{module}"), func)  # type: ignore[no-any-return]
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+def _common(p: argparse.ArgumentParser, *, nested: bool = False) -> None:
+    """``--debug`` and ``--home`` on a command, and again on each of its subcommands (``files
+    list --home DIR`` as well as ``files --home DIR list``); there they default to SUPPRESS, so
+    a subcommand that is not given them keeps what the command was given."""
+    extra: dict[str, Any] = {"default": argparse.SUPPRESS} if nested else {}
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs", **extra)
     p.add_argument(
-        "--home", dest="home", metavar="DIR", help="data directory (default $GPT_FINETUNE_HOME or ~/.gpt-finetune)"
+        "--home",
+        dest="home",
+        metavar="DIR",
+        help="data directory (default $GPT_FINETUNE_HOME or ~/.gpt-finetune)",
+        **extra,
     )
+    for action in p._actions if not nested else []:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _common(sub, nested=True)
 
 
 def build_parser(prog: str = "gpt-finetune") -> argparse.ArgumentParser:
@@ -53,16 +66,16 @@ def build_parser(prog: str = "gpt-finetune") -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, text) in COMMANDS.items():
         p = sub.add_parser(name, help=text, description=text)
-        _common(p)
         _adder(name)(p)
+        _common(p)
     return parser
 
 
 def build_seed_parser(command: str, prog: str) -> argparse.ArgumentParser:
     text = COMMANDS[command][1]
     p = argparse.ArgumentParser(prog=prog, description=text)
-    _common(p)
     _adder(command)(p)
+    _common(p)
     return p
 
 

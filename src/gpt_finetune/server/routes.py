@@ -34,7 +34,7 @@ def _page(data: list[dict[str, Any]], has_more: bool, *, ids: bool = False) -> d
     return page
 
 
-@router.get("/health")
+@router.api_route("/health", methods=["GET", "HEAD"])
 def health(request: Request) -> dict[str, Any]:
     """Alive, and how many chat requests wait (no key needed)."""
     return {"status": "ok", "queued_requests": _services(request).chat.pending()}
@@ -87,6 +87,8 @@ def file_content(request: Request, file_id: str) -> FileResponse:
     path = files.path(file_id)
     if not path.resolve().is_relative_to(_services(request).home.root.resolve()):
         raise NotFoundError(f"No such File object: {file_id}", code="file_not_found")  # never outside the home
+    if not path.is_file():  # removed from the data directory behind the store's back
+        raise NotFoundError(f"The content of file {file_id} is gone from the server's disk", code="file_not_found")
     return FileResponse(path, media_type="application/octet-stream", filename=row["filename"])
 
 

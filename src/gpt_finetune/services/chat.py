@@ -113,6 +113,8 @@ def _messages(value: Any) -> list[dict[str, str]]:
             if key in ("tool_calls", "function_call", "audio", "refusal") and m[key] in (None, []):
                 continue
             raise bad(f"{where}.{key} is not supported", f"{where}.{key}", "unsupported_parameter")
+        if "name" in m and not isinstance(m["name"], str):
+            raise bad(f"{where}.name must be a string", f"{where}.name", "invalid_type")
         content = m.get("content")
         if isinstance(content, list):  # content parts: text only
             texts = []

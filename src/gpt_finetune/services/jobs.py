@@ -27,7 +27,7 @@ from ..data.analysis import MIN_EXAMPLES, analyze_file
 from ..errors import BackendError, NotFoundError
 from ..home import Home, safe_name
 from ..openai_models import default_epochs
-from ..settings import SEED_MAX
+from ..settings import SEED_MAX, suffix_problem
 from ..store import Store, new_id, now
 from .files import FileService
 from .models import ModelService
@@ -107,6 +107,13 @@ class JobService:
         hp = check_hyperparameters(hyperparameters or {})
         train = self.files.retrieve(training_file)
         valid = self.files.retrieve(validation_file) if validation_file else None
+        for param, file in (("training_file", train), ("validation_file", valid)):
+            if file is not None and file["purpose"] != "fine-tune":
+                raise BackendError(
+                    f"{param} {file['id']} was uploaded with purpose {file['purpose']!r}, not 'fine-tune'",
+                    code="invalid_file_purpose",
+                    param=param,
+                )
         job_id = new_id("ftjob")
         seed = seed if seed is not None else random.randint(0, SEED_MAX)
         meta = dict(metadata or {})
@@ -194,8 +201,9 @@ class JobService:
     def check_request(self, *, model: str, suffix: str | None = None, seed: int | None = None) -> Any:
         """What can be refused before a file is uploaded: the model (and whether this machine can
         train it), the suffix and the seed. Returns the base model."""
-        if suffix is not None and len(suffix) > 64:
-            raise BackendError("suffix is longer than 64 characters", code="invalid_suffix", param="suffix")
+        problem = suffix_problem(suffix) if suffix is not None else None
+        if problem:
+            raise BackendError(problem, code="invalid_suffix", param="suffix")
         if seed is not None and (isinstance(seed, bool) or not 0 <= seed <= SEED_MAX):
             raise BackendError(f"seed must be from 0 to {SEED_MAX}, got {seed}", code="invalid_seed", param="seed")
         base = self.models.trainable(model)
