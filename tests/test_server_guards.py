@@ -4,6 +4,7 @@ processes over raw HTTP (a browser's requests are what the rules are for, not th
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -242,3 +243,86 @@ def test_home_is_taken_after_the_subcommand_too(tmp_path):
         )
         assert done.returncode == 0, done.stderr
     assert (tmp_path / "a" / "gpt-finetune.db").is_file() and (tmp_path / "b" / "gpt-finetune.db").is_file()
+
+
+ODD_CHATS = {
+    "top_p 0": {"top_p": 0},
+    "the smallest top_p": {"top_p": 5e-324},
+    "a tiny temperature": {"temperature": 1e-39},
+    "the smallest temperature": {"temperature": 5e-324, "n": 3},
+    "hot and narrow": {"temperature": 2, "top_p": 0},
+    "the largest seed": {"seed": 2**63 - 1, "temperature": 1},
+    "top logprobs of a tiny temperature": {"temperature": 1e-39, "logprobs": True, "top_logprobs": 20},
+}
+
+
+@pytest.mark.parametrize("name", list(ODD_CHATS))
+def test_values_that_pass_type_checks_work_or_get_a_400_never_a_500(plain, name):
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, **ODD_CHATS[name]}
+    r = raw(plain, "POST", "/v1/chat/completions", json=body)
+    assert r.status_code in (200, 400), r.text
+    if r.status_code == 200:
+        assert all(c["message"]["content"] is not None for c in r.json()["choices"])
+    else:
+        assert r.json()["error"]["param"]
+
+
+@pytest.mark.parametrize(
+    "raw_body",
+    [
+        '{"model": "gpt-4o-mini", "max_tokens": 2, "messages": [{"role": "user", "content": "\\ud800 x"}]}',
+        '{"model": "gpt-4o-mini", "max_tokens": 2, "stop": ["\\udfff"], "messages": [{"role": "user", "content": "x"}]}',
+        '{"model": "gpt-4o-mini", "temperature": NaN, "messages": [{"role": "user", "content": "x"}]}',
+        '{"model": "gpt-4o-mini", "max_tokens": ' + "9" * 5000 + ', "messages": [{"role": "user", "content": "x"}]}',
+    ],
+)
+def test_json_no_later_step_could_use_is_a_400(plain, raw_body):
+    r = raw(plain, "POST", "/v1/chat/completions", content=raw_body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+
+
+def test_a_stream_the_engine_refuses_gets_its_http_error_before_any_200(plain):
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 10**9,
+        "stream": True,
+    }
+    r = raw(plain, "POST", "/v1/chat/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    ok = raw(plain, "POST", "/v1/chat/completions", json={**body, "max_tokens": 3})
+    assert ok.status_code == 200 and ok.text.rstrip().endswith("data: [DONE]")
+
+
+def test_errors_never_echo_a_huge_value_or_a_server_path(plain, tmp_path):
+    r = raw(
+        plain,
+        "POST",
+        "/v1/chat/completions",
+        json={"model": "gpt-4o-mini", "messages": [{"role": "x" * 15_000_000, "content": "hi"}]},
+    )
+    assert r.status_code == 400 and len(r.content) < 3000 and "more characters" in r.text
+    array = tmp_path / "array.jsonl"
+    array.write_text('[\n{"messages": [{"role": "user", "content": "q"}]}\n]\n')
+    up = raw(
+        plain, "POST", "/v1/files", files={"file": ("array.jsonl", array.read_bytes())}, data={"purpose": "fine-tune"}
+    ).json()
+    job = raw(plain, "POST", "/v1/fine_tuning/jobs", json={"model": "gpt-4o-mini", "training_file": up["id"]}).json()
+    deadline = time.time() + 60
+    while time.time() < deadline and job["status"] not in ("failed", "succeeded"):
+        time.sleep(0.5)
+        job = raw(plain, "GET", f"/v1/fine_tuning/jobs/{job['id']}").json()
+    assert job["status"] == "failed"
+    assert job["error"]["message"].startswith("array.jsonl: is a JSON array") and str(plain.home) not in json.dumps(job)
+
+
+def test_a_huge_config_value_is_not_printed_whole(tmp_path):
+    env = {"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"}
+    data = write_jsonl(tmp_path / "t.jsonl", toy_examples(10))
+    cfg = tmp_path / "train.cfg"
+    cfg.write_text("n_epochs = " + "7" * 1_000_000 + "\n")
+    argv = ["finetune", "-d", str(data), "-c", str(cfg), "--backend", "local", "--home", str(tmp_path / "h")]
+    done = subprocess.run(
+        [sys.executable, "-m", "gpt_finetune", *argv], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert done.returncode == 1 and "train.cfg:1: n_epochs" in done.stderr and len(done.stderr) < 2000

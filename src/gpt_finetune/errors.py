@@ -19,9 +19,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+MAX_MESSAGE = 1000  # characters: an error never echoes a 15 MB value back
+
+
+def shorten(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit:,} more characters)"
+
 
 class GptFinetuneError(Exception):
-    """Base class: a message for the user and an optional hint."""
+    """Base class: a message for the user and an optional hint (each at most MAX_MESSAGE
+    characters, whatever value they quote)."""
 
     code: str = "error"
     status: int = 400
@@ -36,9 +44,10 @@ class GptFinetuneError(Exception):
         status: int | None = None,
         param: str | None = None,
     ) -> None:
+        message = shorten(message)
         super().__init__(message)
         self.message = message
-        self.hint = hint
+        self.hint = shorten(hint) if hint else hint
         self.param = param
         if code is not None:
             self.code = code

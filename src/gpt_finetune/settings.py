@@ -286,7 +286,8 @@ def load_settings(
             try:
                 value = by_name[key].metadata["parse"](text)
             except ValueError as exc:
-                raise ConfigError(f"{origin}: {key} = {text!r}: {exc}") from None
+                shown = repr(text) if len(text) <= 80 else repr(text[:80]) + f"... ({len(text):,} characters)"
+                raise ConfigError(f"{origin}: {key} = {shown}: {exc}") from None
             setattr(settings, key, value)
             settings.origins[key] = origin
     for key, value in (flags or {}).items():

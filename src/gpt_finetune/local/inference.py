@@ -442,7 +442,9 @@ def _decode(
 
     eos = {int(t) for t in ([tokenizer.eos_token_id] if isinstance(tokenizer.eos_token_id, int) else [])}
     eos |= {int(t) for t in _as_list(getattr(model.generation_config, "eos_token_id", None))}
-    greedy = req.temperature == 0
+    # a temperature under float32's reach (5e-324 is 0.0 there: 0/0 is NaN) samples the top token
+    # anyway: below MIN_TEMPERATURE the answer is greedy
+    greedy = req.temperature is not None and req.temperature < MIN_TEMPERATURE
     ids: list[int] = []
     shown = 0  # characters of the answer already emitted
     text = ""
@@ -469,7 +471,10 @@ def _decode(
         if greedy:
             token = int(torch.argmax(logits))
         else:
-            probs = torch.softmax(logits / (req.temperature if req.temperature is not None else 1.0), dim=-1)
+            # from the largest logit down, so that a tiny temperature cannot overflow to inf (and
+            # softmax to NaN): the others go to -inf, the largest stays 0, as greedy would choose
+            scaled = (logits - logits.max()) / (req.temperature if req.temperature is not None else 1.0)
+            probs = torch.softmax(scaled, dim=-1)
             if req.top_p is not None and req.top_p < 1.0:
                 probs = _top_p(probs, req.top_p)
             token = int(torch.multinomial(probs, 1, generator=generator))
@@ -503,6 +508,9 @@ def _decode(
     return ChoiceEnd(choice, finish, text, ids)
 
 
+MIN_TEMPERATURE = 1e-5
+
+
 def _as_list(value: Any) -> list[int]:
     if value is None:
         return []
@@ -513,7 +521,8 @@ def _top_p(probs: Any, top_p: float) -> Any:
     import torch
 
     sorted_probs, order = torch.sort(probs, descending=True)
-    keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < top_p  # always keeps the first
+    keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < top_p
+    keep[0] = True  # the most likely token always stays (top_p 0 would keep none: NaN)
     filtered = torch.zeros_like(probs)
     filtered[order[keep]] = sorted_probs[keep]
     return filtered / filtered.sum()

@@ -8,6 +8,7 @@ handle, which stops its generation at the next token and frees its place in the 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,6 +21,7 @@ from ..services import Services
 from .protocol import CHAT_SCHEMA, body_doc, read_json
 
 router = APIRouter()
+log = logging.getLogger("gpt_finetune.server")
 
 
 @router.post("/v1/chat/completions", response_model=None, openapi_extra=body_doc(CHAT_SCHEMA))
@@ -30,17 +32,37 @@ async def create_chat_completion(request: Request) -> JSONResponse | StreamingRe
     run = await run_in_threadpool(services.chat.start, body)
     if not run.stream:
         return JSONResponse(await run.acompletion())
+    chunks = run.achunks()
+    # the first chunk before the headers: a request the engine refuses (max_tokens past the
+    # context, ...) gets its HTTP error, not a 200 whose stream then says it failed
+    try:
+        first = await chunks.__anext__()
+    except StopAsyncIteration:
+        first = None
     return StreamingResponse(
-        _sse(run.achunks()),
+        _sse(first, chunks),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
-async def _sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+async def _sse(first: dict[str, Any] | None, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
     try:
-        async for chunk in chunks:
-            yield f"data: {json.dumps(chunk)}\n\n"
+        if first is not None:
+            yield f"data: {json.dumps(first)}\n\n"
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk)}\n\n"
     except GptFinetuneError as exc:  # after the headers went out: an error event, as OpenAI sends
         yield f"data: {json.dumps(exc.to_openai())}\n\n"
+    except Exception:  # a fault of ours mid-stream still ends the stream as the protocol says
+        log.exception("a chat stream failed")
+        body = {
+            "error": {
+                "message": "The server had an error while processing your request.",
+                "type": "server_error",
+                "param": None,
+                "code": None,
+            }
+        }
+        yield f"data: {json.dumps(body)}\n\n"
     yield "data: [DONE]\n\n"

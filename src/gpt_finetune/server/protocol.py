@@ -7,7 +7,6 @@ never silently dropped. The chat request is checked by the chat service (the CLI
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fastapi import Request
@@ -34,8 +33,12 @@ def bad(message: str, param: str | None, code: str = "invalid_value") -> Backend
 
 async def read_json(request: Request) -> Any:
     raw = await request.body()
+    from ..data.readers import JsonValueError, loads
+
     try:
-        return json.loads(raw)
+        return loads(raw.decode("utf-8"))
+    except JsonValueError as exc:  # NaN, lone surrogates, giant integers: not values anything here can use
+        raise bad(str(exc), None, "invalid_json") from None
     except (ValueError, RecursionError):
         raise bad(
             "We could not parse the JSON body of your request. Send a JSON object with Content-Type: application/json.",

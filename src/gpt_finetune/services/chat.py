@@ -125,6 +125,12 @@ def _messages(value: Any) -> list[dict[str, str]]:
             content = "".join(texts)
         if not isinstance(content, str):
             raise bad(f"{where}.content must be a string or text parts", f"{where}.content", "invalid_type")
+        try:
+            content.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: not text a tokenizer can read
+            raise bad(
+                f"{where}.content is not valid text (a lone surrogate)", f"{where}.content", "invalid_value"
+            ) from None
         # the chat templates know no "developer": it is the system message of newer models
         out.append({"role": "system" if role == "developer" else role, "content": content})
     return out

@@ -24,7 +24,7 @@ from typing import Any
 
 from ..catalog import check_trainable
 from ..data.analysis import MIN_EXAMPLES, analyze_file
-from ..errors import BackendError, NotFoundError
+from ..errors import BackendError, DataError, NotFoundError
 from ..home import Home, safe_name
 from ..openai_models import default_epochs
 from ..settings import SEED_MAX, suffix_problem
@@ -235,10 +235,12 @@ class JobService:
         try:
             report = analyze_file(file["path"], None, count_tokens=False, workers=1)
         except Exception as exc:  # a whole-file problem: not JSONL, empty, unreadable
+            # named by the client's file name: the message must not show where it lies on the server
+            why = exc.detail if isinstance(exc, DataError) else str(exc).replace(str(file["path"]), file["filename"])
             return {
                 "code": "invalid_training_file" if param == "training_file" else "invalid_validation_file",
                 "param": param,
-                "message": f"{file['filename']}: {exc}",
+                "message": f"{file['filename']}: {why}",
             }, 0
         errors = report.errors
         if errors and errors[0].code != "invalid_n_examples":
