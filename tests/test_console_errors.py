@@ -44,6 +44,25 @@ ODD = {"huge integer": "9" * 5000, "lone surrogate": '"\\ud800 text"', "NaN": "N
 
 # name: (files to create, argv, extra environment, text the error must contain)
 CASES: dict[str, tuple[dict[str, str], list[str], dict[str, str], str]] = {
+    # the operating system's limits
+    "output on a full device": (
+        {"in.jsonl": GOOD},
+        ["prepare", "-i", "in.jsonl", "-o", "/dev/full"],
+        {},
+        "No space left",
+    ),
+    "output name too long": (
+        {"in.jsonl": GOOD},
+        ["prepare", "-i", "in.jsonl", "-o", "x" * 300 + ".jsonl"],
+        {},
+        "File name too long",
+    ),
+    "model name too long in a config file": (
+        {"in.jsonl": GOOD, "m.cfg": "model = " + "m" * 300 + "\n"},
+        ["finetune", "-d", "in.jsonl", "-c", "m.cfg", "--backend", "local"],
+        {},
+        "File name too long",
+    ),
     # values Python's json reads but no later step (or other JSON parser) can use
     **{
         f"{name}: {command}": (
@@ -367,3 +386,19 @@ def test_validate_reports_a_deeply_nested_record_as_a_finding(tmp_path):
     assert run.returncode == 1 and "Traceback" not in run.stderr + run.stdout
     out = run.stdout + run.stderr
     assert "deep.jsonl:13: error [invalid_json]: invalid JSON: nested too deeply" in out
+
+
+def test_standard_output_on_a_full_device_is_one_error_line(tmp_path):
+    (tmp_path / "in.jsonl").write_text(GOOD)
+    with open("/dev/full", "w") as full:
+        run = subprocess.run(
+            [CLI, "prepare", "-i", "in.jsonl", "-o", "-"],
+            cwd=tmp_path,
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    errors = [line for line in run.stderr.splitlines() if line.startswith("Error: ")]
+    assert run.returncode == 1 and len(errors) == 1 and "No space left" in errors[0], run.stderr
+    assert "Traceback" not in run.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]

@@ -103,6 +103,32 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as exc:  # the machine's limits (a full disk, a name too long, permissions): one line
+        if debug:
+            raise
+        print(f"Error: {os_error(exc)}", file=sys.stderr)
+        return 1
+    finally:
+        _flush_stdout()
+
+
+def os_error(exc: OSError) -> str:
+    where = f"{exc.filename}: " if exc.filename else ""
+    return where + (exc.strerror or str(exc))
+
+
+def _flush_stdout() -> None:
+    """Flush standard output now, inside the error handling: written to a full device, the
+    flush fails, and Python would otherwise report it as an ignored exception at exit."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        pass
+    except OSError as exc:
+        # nothing more can be written there: say it on stderr, and let no later flush fail again
+        print(f"Error: standard output: {exc.strerror or exc}", file=sys.stderr)
+        sys.stdout = open(os.devnull, "w")
+        raise SystemExit(1) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
