@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .data.readers import TOO_DEEP, loads
+from .data.readers import iter_jsonl
 from .errors import DataError, GptFinetuneError
 
 RETRIABLE = {"rate_limit_exceeded", "server_error", "connection_error", "timeout"}
@@ -45,43 +45,34 @@ def read_requests(path: str | Path, model: str | None) -> list[tuple[str, dict[s
     """(custom_id, chat request body) for each line; a bad line is an error naming it."""
     out: list[tuple[str, dict[str, Any]]] = []
     seen: set[str] = set()
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = loads(line)
-            except (ValueError, RecursionError) as exc:
-                raise DataError(
-                    f"not JSON: {exc}" if isinstance(exc, ValueError) else TOO_DEEP, path=path, line=n
-                ) from None
-            if not isinstance(row, dict):
-                raise DataError("a line must be a JSON object", path=path, line=n)
-            if "body" in row:
-                custom_id, body = row.get("custom_id"), row["body"]
-                if not isinstance(custom_id, str) or not custom_id:
-                    raise DataError("missing custom_id", path=path, line=n, field="custom_id")
-                if row.get("url", "/v1/chat/completions") != "/v1/chat/completions":
-                    raise DataError("only /v1/chat/completions is supported", path=path, line=n, field="url")
-                if not isinstance(body, dict):
-                    raise DataError("body must be an object", path=path, line=n, field="body")
-                body = dict(body)
-            elif isinstance(row.get("messages"), list):
-                custom_id = str(row.get("custom_id") or f"line-{n}")
-                messages = list(row["messages"])
-                while messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
-                    messages.pop()
-                body = {"messages": messages}
-            else:
-                raise DataError("neither a Batch API request nor a chat example", path=path, line=n)
-            if custom_id in seen:
-                raise DataError(f"custom_id {custom_id!r} appears twice", path=path, line=n, field="custom_id")
-            seen.add(custom_id)
-            if model:
-                body["model"] = model
-            if not body.get("model"):
-                raise DataError("no model: give --model or a model in the body", path=path, line=n, field="body.model")
-            out.append((custom_id, body))
+    for n, row in iter_jsonl(path):  # one line at a time, bounded, strict JSON (errors name the line)
+        if not isinstance(row, dict):
+            raise DataError("a line must be a JSON object", path=path, line=n)
+        if "body" in row:
+            custom_id, body = row.get("custom_id"), row["body"]
+            if not isinstance(custom_id, str) or not custom_id:
+                raise DataError("missing custom_id", path=path, line=n, field="custom_id")
+            if row.get("url", "/v1/chat/completions") != "/v1/chat/completions":
+                raise DataError("only /v1/chat/completions is supported", path=path, line=n, field="url")
+            if not isinstance(body, dict):
+                raise DataError("body must be an object", path=path, line=n, field="body")
+            body = dict(body)
+        elif isinstance(row.get("messages"), list):
+            custom_id = str(row.get("custom_id") or f"line-{n}")
+            messages = list(row["messages"])
+            while messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
+                messages.pop()
+            body = {"messages": messages}
+        else:
+            raise DataError("neither a Batch API request nor a chat example", path=path, line=n)
+        if custom_id in seen:
+            raise DataError(f"custom_id {custom_id!r} appears twice", path=path, line=n, field="custom_id")
+        seen.add(custom_id)
+        if model:
+            body["model"] = model
+        if not body.get("model"):
+            raise DataError("no model: give --model or a model in the body", path=path, line=n, field="body.model")
+        out.append((custom_id, body))
     return out
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from ..atomic import write_text_atomic
 from ..batch import call_with_retries, completed_lines
-from ..data.readers import TOO_DEEP, loads
+from ..data.readers import iter_jsonl
 from ..errors import BackendError, DataError, GptFinetuneError, NotFoundError
 from ..store import now
 from . import manifest as mf
@@ -72,30 +72,17 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
     """Chat JSONL as a prompt set: each line's messages before a trailing assistant message (which
     becomes the reference), in order."""
     out: list[dict[str, Any]] = []
-    try:
-        fh = open(path, encoding="utf-8")
-    except OSError as exc:
-        raise DataError(f"cannot be read: {exc.strerror}", path=str(path)) from None
-    with fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = loads(line)
-            except (ValueError, RecursionError) as exc:
-                raise DataError(
-                    f"not JSON: {exc}" if isinstance(exc, ValueError) else TOO_DEEP, path=str(path), line=n
-                ) from None
-            messages = row.get("messages") if isinstance(row, dict) else None
-            if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-                raise DataError("not a chat example with a list of messages", path=str(path), line=n, field="messages")
-            reference = None
-            if messages and messages[-1].get("role") == "assistant":
-                reference = messages[-1].get("content")
-                messages = messages[:-1]
-            if not messages:
-                raise DataError("no prompt before the assistant message", path=str(path), line=n, field="messages")
-            out.append({"custom_id": f"p{len(out) + 1:05d}", "messages": messages, "reference": reference})
+    for n, row in iter_jsonl(path):  # bounded lines, strict JSON, errors naming the line
+        messages = row.get("messages") if isinstance(row, dict) else None
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+            raise DataError("not a chat example with a list of messages", path=str(path), line=n, field="messages")
+        reference = None
+        if messages and messages[-1].get("role") == "assistant":
+            reference = messages[-1].get("content")
+            messages = messages[:-1]
+        if not messages:
+            raise DataError("no prompt before the assistant message", path=str(path), line=n, field="messages")
+        out.append({"custom_id": f"p{len(out) + 1:05d}", "messages": messages, "reference": reference})
     if not out:
         raise DataError("no prompts", path=str(path))
     return out
