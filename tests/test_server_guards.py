@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -326,3 +327,63 @@ def test_a_huge_config_value_is_not_printed_whole(tmp_path):
         [sys.executable, "-m", "gpt_finetune", *argv], capture_output=True, text=True, env=env, timeout=60
     )
     assert done.returncode == 1 and "train.cfg:1: n_epochs" in done.stderr and len(done.stderr) < 2000
+
+
+def test_a_request_is_bounded_by_what_it_costs(plain):
+    """A chat small in bytes but long in messages neither freezes the engine nor reaches the
+    model past its context: past 2,048 messages it is refused at once; within, its prompt is
+    fitted in linear time, or refused with 400 when even shortened it cannot fit."""
+    short = [{"role": "user", "content": "hi"}]
+    many = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"m{i}"} for i in range(10_001)]
+    r = raw(plain, "POST", "/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": many})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    long = [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i} of a long chat"} for i in range(2_001)
+    ]
+    results = {}
+
+    def ask_long():
+        results["long"] = raw(
+            plain, "POST", "/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": long, "max_tokens": 2}
+        )
+
+    thread = threading.Thread(target=ask_long)
+    started = time.monotonic()
+    thread.start()
+    time.sleep(0.2)
+    assert raw(plain, "GET", "/health").status_code == 200
+    assert (
+        raw(
+            plain, "POST", "/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": short, "max_tokens": 2}
+        ).status_code
+        == 200
+    )
+    thread.join(60)
+    assert time.monotonic() - started < 20  # minutes before prompt fitting was linear
+    error = results["long"].json()["error"]
+    assert (
+        results["long"].status_code == 400
+        and error["code"] == "context_length_exceeded"
+        and error["param"] == "messages"
+    )
+
+
+def test_a_client_that_hangs_up_on_a_whole_answer_frees_its_place(plain):
+    busy = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 512,
+        "n": 8,
+        "temperature": 1,
+    }
+    thread = threading.Thread(target=lambda: raw(plain, "POST", "/v1/chat/completions", json=busy))
+    thread.start()
+    time.sleep(0.5)
+    with pytest.raises(httpx.TimeoutException):  # waits in the queue, then hangs up
+        httpx.post(plain.url + "/v1/chat/completions", json={**busy, "n": 1}, timeout=1.0)
+    deadline = time.monotonic() + 5
+    while raw(plain, "GET", "/health").json()["queued_requests"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert raw(plain, "GET", "/health").json()["queued_requests"] == 0
+    assert thread.is_alive()  # its place was freed while the engine was still busy, not by its turn
+    thread.join(120)

@@ -294,8 +294,14 @@ class Engine:
         from .chat_data import fit_messages
 
         fitted = fit_messages(tokenizer, messages, limit, add_generation_prompt=True)
-        if fitted is not None:  # else not even the shortest prompt fits: let the model see it whole
-            messages = fitted[0]
+        if fitted is None:  # not even with every user message cut short: the rest alone is too long
+            raise BackendError(
+                f"the conversation does not fit this model's context of {limit} prompt tokens, even with its "
+                "user messages shortened: send fewer or shorter system and assistant messages",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        messages = fitted[0]
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
         return {k: v.to(device) for k, v in ids.items()}
 

@@ -7,6 +7,7 @@ handle, which stops its generation at the next token and frees its place in the 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -16,7 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ..errors import GptFinetuneError
+from ..errors import BackendError, GptFinetuneError
 from ..services import Services
 from .protocol import CHAT_SCHEMA, body_doc, read_json
 
@@ -31,7 +32,7 @@ async def create_chat_completion(request: Request) -> JSONResponse | StreamingRe
     # model lookup reads the store and may load the engine's code: off the event loop
     run = await run_in_threadpool(services.chat.start, body)
     if not run.stream:
-        return JSONResponse(await run.acompletion())
+        return JSONResponse(await _unless_gone(request, run))
     chunks = run.achunks()
     # the first chunk before the headers: a request the engine refuses (max_tokens past the
     # context, ...) gets its HTTP error, not a 200 whose stream then says it failed
@@ -44,6 +45,25 @@ async def create_chat_completion(request: Request) -> JSONResponse | StreamingRe
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+async def _unless_gone(request: Request, run: Any) -> dict[str, Any]:
+    """The whole completion; a client that hangs up first cancels it, which frees its place in
+    the engine's queue (or stops its generation) as a dropped stream does."""
+    task = asyncio.ensure_future(run.acompletion())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                run.cancel()
+                task.cancel()
+                raise BackendError("the client closed the request", code="client_closed", status=499)
+    finally:
+        if not task.done():
+            run.cancel()
+            task.cancel()
 
 
 async def _sse(first: dict[str, Any] | None, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:

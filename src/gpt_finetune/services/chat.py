@@ -92,9 +92,14 @@ def _bool(req: dict[str, Any], key: str) -> bool:
     return bool(value)
 
 
+MAX_MESSAGES = 2048  # more cannot fit any local model's context (each message costs template tokens)
+
+
 def _messages(value: Any) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
         raise bad("messages must be a non-empty array", "messages", "invalid_type")
+    if len(value) > MAX_MESSAGES:
+        raise bad(f"messages holds {len(value):,} messages; at most {MAX_MESSAGES:,} are accepted", "messages")
     out = []
     for i, m in enumerate(value):
         where = f"messages[{i}]"
