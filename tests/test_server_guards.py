@@ -387,3 +387,23 @@ def test_a_client_that_hangs_up_on_a_whole_answer_frees_its_place(plain):
     assert raw(plain, "GET", "/health").json()["queued_requests"] == 0
     assert thread.is_alive()  # its place was freed while the engine was still busy, not by its turn
     thread.join(120)
+
+
+def test_a_chunked_upload_over_the_limit_is_413(tmp_path_factory, tiny_model_dir):
+    s = Server(tmp_path_factory.mktemp("small-uploads") / "home", tiny_model_dir, "--max-upload-mb", "1")
+
+    def body():
+        yield b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
+        yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.jsonl"\r\n\r\n'
+        for _ in range(40):
+            yield b"x" * 65536
+        yield b"\r\n--b--\r\n"
+
+    try:
+        r = httpx.post(
+            s.url + "/v1/files", content=body(), headers={"content-type": "multipart/form-data; boundary=b"}, timeout=30
+        )
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        assert not (s.home / "files").exists() or not list((s.home / "files").iterdir())  # nothing kept
+    finally:
+        s.stop()

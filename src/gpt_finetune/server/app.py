@@ -165,6 +165,10 @@ def create_app(services: Services, config: ServerConfig | None = None) -> FastAP
 
     @app.exception_handler(StarletteHTTPException)
     async def http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc.__cause__, GptFinetuneError):
+            # FastAPI turns any error while it parses a form into a 400; one of ours (a chunked
+            # upload past the size limit: 413) keeps its own status
+            return await known(request, exc.__cause__)
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         if exc.status_code == 404 and message == "Not Found":
             message = f"Invalid URL ({request.method} {request.url.path})"
