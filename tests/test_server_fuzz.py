@@ -63,3 +63,31 @@ def test_an_upload_over_the_limit_is_refused_and_nothing_is_kept(fuzz_server, tm
     listed = httpx.get(fuzz_server.url + "/v1/files").json()["data"]
     assert "big.jsonl" not in [f["filename"] for f in listed]
     assert not any(p.stat().st_size > 1_000_000 for p in (fuzz_server.home / "files").glob("*"))
+
+
+def test_no_generated_request_is_answered_from_a_foreign_host_or_as_a_simple_body(fuzz_server):
+    """The same operations from a web page's point of view: with another Host (DNS rebinding),
+    every one is 400 invalid_host; with its body as text/plain (a CORS-simple request), every one
+    that takes a body is 415."""
+    from hypothesis import given
+
+    api = schemathesis.openapi.from_url(fuzz_server.url + "/openapi.json")
+    for operation in [result.ok() for result in api.get_all_operations()]:
+
+        @given(case=operation.as_strategy())
+        @settings(
+            max_examples=2, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck), database=None
+        )
+        def call(case):
+            where = f"{case.method} {case.formatted_path}"
+            foreign = case.call(headers={"host": "attacker.example"}, timeout=60)
+            assert foreign.status_code == 400, f"{where}: {foreign.status_code}"
+            if case.method.upper() != "HEAD":  # a HEAD answer has no body
+                assert foreign.json()["error"]["code"] == "invalid_host", where
+            if case.method.upper() == "POST" and case.body is not None and "multipart" not in str(case.media_type):
+                plain = case.call(headers={"content-type": "text/plain"}, timeout=60)
+                sent = plain.request.body or b""
+                if sent:  # an operation with no request body sends none: nothing to refuse
+                    assert plain.status_code == 415, f"{where}: {plain.status_code} {plain.text}"
+
+        call()
