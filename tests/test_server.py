@@ -243,6 +243,12 @@ def test_pause_and_resume(server, tmp_path):
         time.sleep(0.3)
     step = client.fine_tuning.jobs.checkpoints.list(job.id).data[0].step_number  # saved where it stopped
     assert f"paused at step {step}" in stopped[0].message and 0 < step < 240
+    saved = [
+        e
+        for e in client.fine_tuning.jobs.list_events(job.id, limit=1000).data
+        if e.message == f"Checkpoint created at step {step}"
+    ]
+    assert len(saved) == 1  # saved once (the Trainer ends the epoch a pause stops in: no second save)
     assert client.fine_tuning.jobs.retrieve(job.id).status == "paused"
     with pytest.raises(openai.ConflictError):
         client.fine_tuning.jobs.pause(job.id)

@@ -353,6 +353,7 @@ def train(spec: TrainSpec, hooks: Hooks, extra_callbacks: list[Any] | None = Non
 
         last: dict[str, Any] = {}
         stopped = False
+        saved_step = -1  # the step of the latest checkpoint
         evaluated: tuple[int, dict[str, Any]] | None = None  # (step, metrics) of the latest evaluation
 
         def on_evaluate(
@@ -378,9 +379,12 @@ def train(spec: TrainSpec, hooks: Hooks, extra_callbacks: list[Any] | None = Non
                 hooks.on_metrics(metrics)
 
         def on_epoch_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            control.should_save = True  # one checkpoint per epoch, whatever save_steps says
+            # one checkpoint per epoch, whatever save_steps says; but not a second one of the step
+            # a pause just saved (the Trainer ends the epoch it stops in)
+            control.should_save = state.global_step != self.saved_step
 
         def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.saved_step = state.global_step
             if state.is_world_process_zero:
                 path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
                 hooks.on_checkpoint(state.global_step, path, dict(self.last))
