@@ -159,6 +159,27 @@ def test_the_whole_move_survives_kills_and_the_old_id_answers_through_the_server
     finally:
         server.stop()
 
+    # and through infer, batch files and eval on this machine
+    def gpt_finetune(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "gpt_finetune", *args], env=env, capture_output=True, text=True, timeout=300
+        )
+
+    asked = gpt_finetune("infer", "-m", old_id, "--backend", "local", "-q", "thing 1 case 1", "-t", "0")
+    assert asked.returncode == 0 and asked.stdout.strip(), asked.stderr
+    requests = write_jsonl(tmp_path / "requests.jsonl", [case(i) for i in range(3)])
+    batch = gpt_finetune(
+        "infer", "-m", old_id, "--backend", "local", "--input", str(requests), "--output", str(tmp_path / "out.jsonl")
+    )
+    assert batch.returncode == 0, batch.stderr
+    assert [json.loads(x)["response"]["body"]["model"] for x in (tmp_path / "out.jsonl").read_text().splitlines()] == [
+        old_id
+    ] * 3
+    scored = gpt_finetune(
+        "eval", "-m", old_id, "-d", str(valid), "--backend", "local", "--baseline", "none", "--mode", "free", "--json"
+    )
+    assert scored.returncode == 0 and old_id in json.loads(scored.stdout)["results"], scored.stderr
+
     done = cli(env, "compare", str(d), timeout=300)
     assert done.returncode == 0, done.stderr
     result = json.loads((d / "compare" / job["id"] / "compare.json").read_text())
