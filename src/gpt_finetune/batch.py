@@ -20,7 +20,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +74,31 @@ def read_requests(path: str | Path, model: str | None) -> list[tuple[str, dict[s
             raise DataError("no model: give --model or a model in the body", path=path, line=n, field="body.model")
         out.append((custom_id, body))
     return out
+
+
+def run_bounded(
+    fn: Callable[[Any], Any], items: Iterable[Any], *, concurrency: int, stop: threading.Event | None = None
+) -> None:
+    """``fn(item)`` for each item on ``concurrency`` threads, submitted a few at a time so that
+    Ctrl-C (or ``stop``) ends the run soon; an exception of ``fn`` is raised here."""
+    pool = ThreadPoolExecutor(max_workers=max(1, concurrency))
+    pending: set[Future[Any]] = set()
+    it = iter(items)
+    end = object()
+    try:
+        while stop is None or not stop.is_set():
+            while len(pending) < max(1, concurrency) and (stop is None or not stop.is_set()):
+                nxt = next(it, end)
+                if nxt is end:
+                    break
+                pending.add(pool.submit(fn, nxt))
+            if not pending:
+                break
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for f in finished:
+                f.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def retriable(exc: GptFinetuneError) -> bool:
@@ -175,23 +200,7 @@ def run_batch(
         except GptFinetuneError as exc:
             return write(custom_id, exc)
 
-    pool = ThreadPoolExecutor(max_workers=max(1, concurrency))
-    pending: set[Future[str]] = set()
-    it = iter(todo if chat_many is None else [])
-    try:
-        while True:
-            while len(pending) < max(1, concurrency):  # submit a few at a time: Ctrl-C stops quickly
-                nxt = next(it, None)
-                if nxt is None:
-                    break
-                pending.add(pool.submit(one, *nxt))
-            if not pending:
-                break
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for f in finished:
-                f.result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    run_bounded(lambda item: one(*item), todo if chat_many is None else [], concurrency=concurrency)
     done = completed_lines(partial)
     failed = sum(1 for line in done.values() if json.loads(line)["error"] is not None)
     from .atomic import write_text_atomic

@@ -20,13 +20,12 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..atomic import write_text_atomic
-from ..batch import call_with_retries, completed_lines
+from ..batch import call_with_retries, completed_lines, run_bounded
 from ..data.readers import iter_jsonl
 from ..errors import BackendError, DataError, GptFinetuneError, NotFoundError
 from ..store import now
@@ -198,23 +197,7 @@ def record_live(
         if progress:
             progress(1)
 
-    pool = ThreadPoolExecutor(max_workers=max(1, concurrency))
-    pending: set[Future[None]] = set()
-    it = iter(todo)
-    try:
-        while not stop.is_set():
-            while len(pending) < max(1, concurrency) and not stop.is_set():  # a few at a time: Ctrl-C stops soon
-                nxt = next(it, None)
-                if nxt is None:
-                    break
-                pending.add(pool.submit(one, nxt))
-            if not pending:
-                break
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for f in finished:
-                f.result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    run_bounded(one, todo, concurrency=concurrency, stop=stop)
     if fatal:
         raise fatal[0]
     return result
