@@ -274,13 +274,14 @@ def _record(ctx: Context) -> int:
     from tqdm import tqdm
 
     from ..migrate import record as rec
+    from ..migrate.status import days_left
 
     m = ctx.manifest()
     rec.check_organization(ctx.source, m)
     problems = 0
     for model in ctx.selected(m):
-        left = model.stops_serving and (model.stops_serving - ctx.today).days
-        if model.stops_serving is not None and left is not None and left < 0:
+        left = days_left(model.stops_serving, ctx.today)
+        if left is not None and left < 0:
             warn(
                 f"{model.id} stopped serving on {model.stops_serving}: it cannot be recorded, only retrained from its data"
             )
