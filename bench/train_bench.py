@@ -271,8 +271,8 @@ def main() -> None:
     from gpt_finetune.data.convert import ConvertOptions
     from gpt_finetune.data.prepare import prepare
     from gpt_finetune.home import Home
-    from gpt_finetune.local.base_models import model_dir as base_dir
-    from gpt_finetune.local.base_models import resolve_base
+    from gpt_finetune.local.base_weights import model_dir as base_dir
+    from gpt_finetune.local.base_weights import resolve_base
     from gpt_finetune.settings import load_settings
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="train-bench-"))

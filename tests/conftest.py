@@ -85,7 +85,7 @@ def smol_tokenizer_dir(model_cache):
     """The default model's real tokenizer and chat template, read from its GGUF file (no Hub)."""
     pytest.importorskip("transformers")
     from gpt_finetune.home import Home
-    from gpt_finetune.local.base_models import DEFAULT_BASE_MODEL, resolve_base, tokenizer_dir
+    from gpt_finetune.local.base_weights import DEFAULT_BASE_MODEL, resolve_base, tokenizer_dir
 
     os.environ["GPT_FINETUNE_MODEL_CACHE"] = str(model_cache)
     return tokenizer_dir(resolve_base(DEFAULT_BASE_MODEL), Home(model_cache / "home"))

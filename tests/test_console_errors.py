@@ -348,7 +348,7 @@ def test_a_failed_commit_puts_every_replaced_output_back(tmp_path, monkeypatch):
 
 def test_auto_backend_without_the_local_engine_fails_before_uploading(tmp_path, monkeypatch, capsys):
     """The seed's install (core only, no torch) and no API key: not a local job that cannot train."""
-    from gpt_finetune import catalog
+    from gpt_finetune import base_catalog as catalog
     from gpt_finetune.cli.main import main
 
     monkeypatch.setattr(catalog, "missing_engine_packages", lambda: ["torch", "trl"])
@@ -362,7 +362,7 @@ def test_auto_backend_without_the_local_engine_fails_before_uploading(tmp_path, 
 
 
 def test_a_local_job_whose_engine_is_missing_is_refused_at_creation(tmp_path, monkeypatch):
-    from gpt_finetune import catalog
+    from gpt_finetune import base_catalog as catalog
     from gpt_finetune.errors import DependencyError
     from gpt_finetune.services import Services
 

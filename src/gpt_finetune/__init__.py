@@ -15,7 +15,7 @@ from .data.labels import format_labels, parse_labels
 from .data.prepare import PrepareResult, prepare
 from .data.stats import job_cost, stats_dict
 from .errors import BackendError, ConfigError, DataError, DependencyError, GptFinetuneError, NotFoundError
-from .openai_models import default_epochs, model_info
+from .openai_facts import default_epochs, model_info
 from .settings import Settings, load_settings, redact
 
 __all__ = [

@@ -69,7 +69,7 @@ def get_backend(settings: Settings, *, announce: bool = True) -> Any:
     if choice == "auto":
         choice = "openai" if (settings.openai_api_key or settings.base_url) else "local"
         if choice == "local":
-            from ..catalog import missing_engine_packages
+            from ..base_catalog import missing_engine_packages
 
             missing = missing_engine_packages()
             if missing:  # only the core is installed (the seed's pip3 install -r requirements.txt)
@@ -99,7 +99,7 @@ def require(value: Any, what: str, hint: str) -> Any:
 
 def plot_job(backend: Any, job_id: str, out: str | Path, title: str) -> Path:
     """Draw a job's loss and accuracy curves from its metrics events (oldest first) as a PNG."""
-    from ..report import plot_metrics
+    from ..curves import plot_metrics
 
     events = backend.list_events(job_id, limit=10_000)
     data = [e.data for e in reversed(events) if e.type == "metrics" and isinstance(e.data, dict)]

@@ -114,7 +114,7 @@ class Context:
     """What the steps share: settings, dates, the directory, and the two sides of the move."""
 
     def __init__(self, ns: argparse.Namespace) -> None:
-        from ..openai_models import load_shutdown_table
+        from ..openai_facts import load_shutdown_table
 
         self.ns = ns
         self.settings = settings_from(ns)

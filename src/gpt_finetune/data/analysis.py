@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataError
-from ..openai_models import ModelInfo, model_info
+from ..openai_facts import ModelInfo, model_info
 from . import local_tokens
 from .checks import ChunkResult, Finding, check_block
 from .labels import LabelError, parse_labels

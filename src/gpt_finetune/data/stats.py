@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..openai_models import default_epochs
+from ..openai_facts import default_epochs
 from .analysis import FileReport
 
 

@@ -102,7 +102,7 @@ def write_report(
             plt.close(fig)
             parts.append(f"![confusion matrix of {name}]({png})\n")
     if curves:
-        from ..report import plot_metrics
+        from ..curves import plot_metrics
 
         plot_metrics(curves, out / "loss.png", title="training and validation loss")
         parts.append("![loss curves](loss.png)\n")

@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..catalog import resolve_base
+from ..base_catalog import resolve_base
 from ..errors import BackendError, GptFinetuneError
 from ..home import Home
-from .base_models import model_dir
+from .base_weights import model_dir
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_QUEUE = 64

@@ -12,7 +12,7 @@ from typing import Any
 from ..data.local_tokens import LocalCounter, LocalCounts
 from ..data.stats import distribution
 from ..home import Home
-from .base_models import DEFAULT_BASE_MODEL, resolve_base, tokenizer_dir
+from .base_weights import DEFAULT_BASE_MODEL, resolve_base, tokenizer_dir
 
 DEFAULT_MAX_LENGTH = 2048  # the trainer's default (TrainSpec.max_length)
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from ..atomic import write_text_atomic
 from ..data.labels import LabelError, label_sets, parse_labels
-from ..openai_models import BATCH_DISCOUNT, model_info
+from ..openai_facts import BATCH_DISCOUNT, model_info
 from . import manifest as mf
 from .record import prompts_path, recordings
 

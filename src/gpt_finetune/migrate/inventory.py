@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BackendError, ConfigError, DataError, NotFoundError
-from ..openai_models import base_of, stops_serving
+from ..openai_facts import base_of, stops_serving
 from ..store import now
 from . import manifest as mf
 

@@ -179,10 +179,10 @@ def create_app(services: Services, config: ServerConfig | None = None) -> FastAP
         log.exception("%s %s failed", request.method, request.url.path)
         return error_response(500, "The server had an error while processing your request.", type="server_error")
 
-    from . import chat, routes
+    from . import chat_routes, routes
 
     app.include_router(routes.router)
-    app.include_router(chat.router)
+    app.include_router(chat_routes.router)
     # outermost last: the guards (and the access log) see every request first, then CORS answers
     # the preflights of the origins the operator allows, before keys and limits
     app.add_middleware(ApiKeys, keys=config.api_keys)  # type: ignore[arg-type]

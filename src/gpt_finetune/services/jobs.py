@@ -22,11 +22,11 @@ import sys
 import time
 from typing import Any
 
-from ..catalog import check_trainable
+from ..base_catalog import check_trainable
 from ..data.analysis import MIN_EXAMPLES, analyze_file
 from ..errors import BackendError, DataError, NotFoundError
 from ..home import Home, safe_name
-from ..openai_models import default_epochs
+from ..openai_facts import default_epochs
 from ..settings import SEED_MAX, suffix_problem
 from ..store import Store, new_id, now
 from .files import FileService

@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..catalog import DEFAULT_BASE_MODEL, gguf_path, is_openai_name, resolve_base
+from ..base_catalog import DEFAULT_BASE_MODEL, gguf_path, is_openai_name, resolve_base
 from ..errors import BackendError, NotFoundError
 from ..home import Home
 from ..store import Store, now

@@ -20,10 +20,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from ..catalog import resolve_base
+from ..base_catalog import resolve_base
 from ..errors import GptFinetuneError
-from ..local.base_models import model_dir as base_model_dir
-from ..local.base_models import needs_conversion
+from ..local.base_weights import model_dir as base_model_dir
+from ..local.base_weights import needs_conversion
 from ..services import Services
 from ..services.jobs import BASE_LEARNING_RATE
 from ..services.models import fine_tuned_id

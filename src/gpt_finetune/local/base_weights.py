@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..catalog import (  # noqa: F401  (re-exported: the engine's callers name them here)
+from ..base_catalog import (  # noqa: F401  (re-exported: the engine's callers name them here)
     DEFAULT_BASE_MODEL,
     BaseModel,
     check_trainable,

