@@ -13,7 +13,7 @@ from gpt_finetune.errors import (
     NotFoundError,
     StoreError,
 )
-from gpt_finetune.services.jobs import check_hyperparameters
+from gpt_finetune.request_rules import check_hyperparameters
 
 
 @pytest.mark.parametrize(

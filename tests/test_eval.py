@@ -173,10 +173,11 @@ def test_a_classification_job_records_its_label_sets_when_its_files_are_checked(
         for p in (labelled, free)
     ]
     services.jobs.validate_pending(0)
-    recorded = services.jobs.row(jobs[0])["options"]["labels"]
-    assert recorded == {"labels": ["ovs", "proxy", "windows"], "label_format": "seed", "label_sets": answers}
+    recorded = services.jobs.spec(jobs[0]).labels
+    assert recorded is not None
+    assert recorded.to_json() == {"labels": ["ovs", "proxy", "windows"], "label_format": "seed", "label_sets": answers}
     # free answers (each its own) are not labels, although "comma" would read them as such
-    assert "labels" not in services.jobs.row(jobs[1])["options"]
+    assert services.jobs.spec(jobs[1]).labels is None
     assert services.jobs.row(jobs[1])["status"] == "queued"
     assert label_sets(["red", "blue", "red", "blue"]) == {
         "labels": ["blue", "red"],

@@ -91,8 +91,8 @@ def test_a_full_disk_while_saving_a_checkpoint_fails_the_job_clearly(tmp_path, t
     (inject / "sitecustomize.py").write_text(
         textwrap.dedent(
             """
-            import errno, os
-            if os.environ.get("GPT_FINETUNE_RUNNER_PID"):  # set by the runner for its training child only
+            import errno, os, sys
+            if "gpt_finetune.worker.train_job" in sys.orig_argv:  # the runner's training child only
                 import torch
 
                 def no_space(*args, **kwargs):

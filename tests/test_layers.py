@@ -50,6 +50,18 @@ def test_no_layer_imports_one_above_it():
     assert bad == []
 
 
+CORE_MODULES = ("contract.py", "request_rules.py", "settings.py", "process_env.py", "errors.py", "store.py")
+
+
+def test_the_core_modules_import_nothing_above_them():
+    bad = [
+        f"{name} imports {target}"
+        for name in CORE_MODULES
+        for target in imported_packages(PKG / name) & (ADAPTERS | {"services", "local", "data", "migrate", "eval"})
+    ]
+    assert bad == []
+
+
 def test_the_check_sees_imports():
     assert {"services", "errors"} <= imported_packages(PKG / "worker" / "runner.py") | {"errors"}
     assert "local" in imported_packages(PKG / "worker" / "train_job.py")

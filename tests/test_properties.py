@@ -106,7 +106,7 @@ def test_config_files_parse_or_give_a_config_error(pairs):
     try:
         settings_ = load_settings({}, config_file=path, env={}, default_config=path.with_suffix(".none"))
         for key in KEYS:
-            value = getattr(settings_, key)
+            value = settings_.value(key)
             if isinstance(value, float):
                 assert value == value and value not in (float("inf"), float("-inf"))  # finite: jobs print JSON
     except ConfigError:

@@ -14,6 +14,7 @@ from gpt_finetune.backends import openai_backend
 from gpt_finetune.cli.main import run_seed
 from gpt_finetune.data.convert import ConvertOptions
 from gpt_finetune.data.prepare import prepare
+from gpt_finetune.errors import BackendError
 
 KEY = "sk-test-1234567890"
 
@@ -224,3 +225,24 @@ def test_empty_ids_on_the_openai_backend_are_an_error_not_a_traceback(fake, caps
     assert main(["jobs", "get", "", "--backend", "openai"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("Error: job : Expected a non-empty value") and err.count("\n") == 1
+
+
+def test_the_openai_backend_answers_the_protocol_verbs_commands_use(fake):
+    """chat_many sends each request as the SDK would (extension fields in the body), returns JSON
+    answers and errors in order; a job's local description is not OpenAI's to give."""
+    backend = openai_backend.OpenAIBackend(KEY, None)
+    assert not backend.traits.batched_chat and backend.traits.concurrency > 1
+    answers = backend.chat_many(
+        [
+            {"model": "ft:a", "messages": [{"role": "user", "content": "q"}], "temperature": 0, "guided_choice": ["x"]},
+            {"model": "ft:b", "messages": [{"role": "user", "content": "r"}], "max_tokens": 3},
+        ]
+    )
+    assert [a["model"] for a in answers] == ["ft:a", "ft:b"]
+    assert answers[0]["choices"][0]["message"]["content"] == fake.answer
+    sent = fake.bodies("POST", "/v1/chat/completions")
+    assert sent[0]["guided_choice"] == ["x"] and sent[0]["temperature"] == 0 and sent[1]["max_tokens"] == 3
+    fake.failures[("POST", "/v1/chat/completions")] = (500, "server_error", {})
+    failed = backend.chat_many([{"model": "ft:a", "messages": [{"role": "user", "content": "q"}]}])
+    assert len(failed) == 1 and isinstance(failed[0], BackendError)
+    assert backend.job_spec("ftjob-1") is None and backend.job_label_sets("ftjob-1") is None

@@ -58,8 +58,14 @@ class GptFinetuneError(Exception):
         return self.message
 
     def to_openai(self) -> dict[str, dict[str, str | None]]:
-        """OpenAI's error body: ``{"error": {message, type, param, code}}``."""
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return error_body(self.message, type=self.type, param=self.param, code=self.code)
+
+
+def error_body(
+    message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict[str, dict[str, str | None]]:
+    """OpenAI's error body: ``{"error": {message, type, param, code}}``, the one builder of it."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 class ConfigError(GptFinetuneError):

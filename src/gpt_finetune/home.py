@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 from .errors import NotFoundError, StoreError
-from .settings import default_home
+from .settings import default_home, from_env
 
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -29,8 +29,11 @@ def safe_name(identifier: str, what: str = "id") -> str:
 
 
 class Home:
-    def __init__(self, root: str | Path | None = None) -> None:
+    def __init__(self, root: str | Path | None = None, model_cache: str | Path | None = None) -> None:
         self.root = Path(root).expanduser() if root else default_home()
+        # converted base models: shared between data directories when set (``model_cache``)
+        cache = model_cache or from_env("model_cache")
+        self.model_cache = Path(cache).expanduser() if cache else None
         hint = "set GPT_FINETUNE_HOME (or --home) to a directory you can write"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -57,8 +60,7 @@ class Home:
 
     @property
     def base_models(self) -> Path:
-        override = os.environ.get("GPT_FINETUNE_MODEL_CACHE")
-        path = Path(override).expanduser() if override else self.root / "models" / "base"
+        path = self.model_cache or self.root / "models" / "base"
         path.mkdir(parents=True, exist_ok=True)
         return path
 

@@ -17,26 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from .cfgfile import read_cfg
+from .contract import AUTO, SEED_MAX, TEMPERATURE_RANGE, LocalOptions, Spec, SupervisedHyperparameters, spec_of
 from .errors import ConfigError
-
-AUTO = "auto"
-SEED_MAX = 2**31 - 1
-# a suffix becomes part of model ids (ft:<base>:<suffix>:<job>), whose ':' separate the parts
-SUFFIX_MAX = 64
-SUFFIX_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
-
-
-def suffix_problem(suffix: str) -> str | None:
-    """Why a suffix cannot be used, or None: up to 64 letters, digits and . _ - (no ':' or '/');
-    an empty one is no suffix."""
-    if not suffix:
-        return None
-    if len(suffix) > SUFFIX_MAX:
-        return f"suffix is longer than {SUFFIX_MAX} characters"
-    if not SUFFIX_PATTERN.fullmatch(suffix):
-        return "suffix may hold only letters, digits and . _ - (it becomes part of the model id)"
-    return None
-
 
 _ASCII_INT = re.compile(r"[0-9]+")
 _ASCII_FLOAT = re.compile(r"([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")
@@ -101,6 +83,54 @@ def _float_range(lo: float, hi: float) -> Callable[[str], float]:
     return parse
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = _number(text)
+    except ValueError:
+        raise ValueError("expected a positive number") from None
+    if not value > 0:
+        raise ValueError("must be greater than 0")
+    return value
+
+
+def _whole_from(lo: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = _whole(text)
+        except ValueError:
+            raise ValueError("expected a positive whole number" if lo >= 1 else "expected a whole number") from None
+        if value < lo:
+            raise ValueError(f"must be at least {lo}")
+        return value
+
+    return parse
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def parser_for(spec: Spec) -> Callable[[str], Any]:
+    """The config-file/flag parser of a declared setting (``contract.Spec``)."""
+    if spec.kind == "bool":
+        return _bool
+    if spec.kind == "choice":
+        return _choice(*spec.choices)
+    if spec.kind == "list":
+        return _names
+    lo, hi = spec.lo, spec.hi
+    if spec.kind == "int":
+        if spec.auto and lo is not None and hi is not None:
+            return _int_or_auto(int(lo), int(hi))
+        if hi is None:
+            return _whole_from(int(lo or 0))
+    elif spec.lo_open and lo == 0 and hi is None:
+        return _positive_float_or_auto if spec.auto else _positive_float
+    elif lo is not None and hi is not None and not spec.auto:
+        return _float_range(lo, hi)
+    raise TypeError(f"no parser for {spec}")  # a declaration this module cannot read yet
+
+
 def _positive_int(text: str) -> int:
     try:
         value = _whole(text)
@@ -162,6 +192,18 @@ def _opt(parse: Callable[[str], Any], env: tuple[str, ...] = (), secret: bool = 
     return field(default=None, metadata={"parse": parse, "env": env, "secret": secret})
 
 
+def _declared(group: Any, name: str) -> Any:
+    """A setting whose rules a contract group declares (the hyperparameters)."""
+    f = next(f for f in group.declared() if f[0] == name)[1]
+    return _opt(parser_for(spec_of(f)))
+
+
+# the local training options: declared in contract.LocalOptions, read into ``Settings.local``
+LOCAL_KEYS: dict[str, Callable[[str], Any]] = {
+    key: parser_for(spec_of(f)) for key, (_group, f) in LocalOptions.keys().items()
+}
+
+
 @dataclass
 class Settings:
     """Every setting any command reads. Names are the seed's config keys."""
@@ -179,31 +221,20 @@ class Settings:
     training_file: str | None = _opt(_str)
     validation_file: str | None = _opt(_str)
     model: str | None = _opt(_str)
-    n_epochs: int | str | None = _opt(_int_or_auto(1, 50))
-    batch_size: int | str | None = _opt(_int_or_auto(1, 256))
-    learning_rate_multiplier: float | str | None = _opt(_positive_float_or_auto)
+    n_epochs: int | str | None = _declared(SupervisedHyperparameters, "n_epochs")
+    batch_size: int | str | None = _declared(SupervisedHyperparameters, "batch_size")
+    learning_rate_multiplier: float | str | None = _declared(SupervisedHyperparameters, "learning_rate_multiplier")
     suffix: str | None = _opt(_str)
     seed: int | None = _opt(_seed)
     validate_first: bool | None = _opt(_bool)
-    # local engine (ignored by the openai backend)
+    # local engine (ignored by the openai backend); its training options are ``local`` below
     local_base_model: str | None = _opt(_str)
-    training_type: str | None = _opt(_choice("lora", "full"))
-    lora_r: int | None = _opt(_positive_int)
-    lora_alpha: int | None = _opt(_positive_int)
-    lora_dropout: float | None = _opt(_float_range(0.0, 0.9))
-    lora_target_modules: list[str] | None = _opt(lambda t: [x.strip() for x in t.split(",") if x.strip()])
-    checkpoint_every_steps: int | None = _opt(_positive_int)
-    log_every_steps: int | None = _opt(_positive_int)
-    num_processes: int | None = _opt(_positive_int)
-    max_length: int | None = _opt(_positive_int)
-    torch_compile: bool | None = _opt(_bool)
-    gradient_checkpointing: bool | None = _opt(_bool)  # unset: on when the memory plan needs it
-    memory_limit_gb: float | None = _opt(_float_range(0.5, 100_000.0))
-    micro_batch_tokens: int | None = _opt(_positive_int)
+    model_cache: str | None = _opt(_str)  # where converted base models are kept (default: in the home)
+    malloc: str | None = _opt(_str)  # training's allocator: auto, system, or a library's path
     # inference (infer.cfg)
     ft_job_id: str | None = _opt(_str)
     max_tokens: int | None = _opt(_positive_int)
-    temperature: float | None = _opt(_float_range(0.0, 2.0))
+    temperature: float | None = _opt(_float_range(*TEMPERATURE_RANGE))
     user_input: str | None = _opt(_str)
     # listing (jobs list, events)
     limit: int | None = _opt(_positive_int)
@@ -216,6 +247,9 @@ class Settings:
     server_cors_origins: list[str] | None = _opt(lambda t: [x.strip() for x in t.split(",") if x.strip()])
     max_queue: int | None = _opt(_positive_int)
     max_upload_mb: float | None = _opt(_float_range(0.001, 1_000_000.0))
+    debug: bool | None = _opt(_bool)  # tracebacks and debug logs (--debug)
+    # local training options given (settings key -> value), each declared in contract.LocalOptions
+    local: dict[str, Any] = field(default_factory=dict, repr=False)
     # where each value came from: key -> "flag --x", "file.cfg:3", "env VAR", "default"
     origins: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
@@ -225,8 +259,21 @@ class Settings:
     def api_key_display(self) -> str:
         return redact(self.openai_api_key)
 
+    def value(self, key: str) -> Any:
+        """Any setting by its key (a local training option's included); None when unset."""
+        if key in LOCAL_KEYS:
+            return self.local.get(key)
+        if key not in KEYS:
+            raise KeyError(f"unknown setting {key!r}")
+        return getattr(self, key)
 
-KEYS: frozenset[str] = frozenset(f.name for f in fields(Settings) if f.name != "origins")
+    def local_options(self) -> LocalOptions:
+        """The local training options: those given, defaults for the rest."""
+        return LocalOptions.from_settings(self.local)
+
+
+_NOT_KEYS = ("origins", "local")
+KEYS: frozenset[str] = frozenset([f.name for f in fields(Settings) if f.name not in _NOT_KEYS] + list(LOCAL_KEYS))
 DEFAULTS: dict[str, Any] = {"backend": "auto", "task_type": "answering", "label_format": "seed", "validate_first": True}
 
 
@@ -258,18 +305,17 @@ def load_settings(
     warn = warn or (lambda _msg: None)
     layers: list[tuple[str, dict[str, tuple[str, str]]]] = []  # lowest precedence first
 
-    if default_config is None:
-        default_config = default_home(env) / "config.cfg"
+    if default_config is None:  # in the data directory given (--home), else the default one
+        home = (flags or {}).get("home")
+        default_config = (Path(home).expanduser() if home else default_home(env)) / "config.cfg"
     if Path(default_config).is_file() and Path(default_config) != (Path(config_file) if config_file else None):
         layers.append(("default config", _cfg_layer(default_config, warn)))
 
     env_layer: dict[str, tuple[str, str]] = {}
-    for f in fields(Settings):
-        if f.name == "origins":
-            continue
-        for var in (*f.metadata["env"], "GPT_FINETUNE_" + f.name.upper()):
+    for key in sorted(KEYS):
+        for var in (*_env_names(key), "GPT_FINETUNE_" + key.upper()):
             if env.get(var):
-                env_layer[f.name] = (env[var], f"environment variable {var}")
+                env_layer[key] = (env[var], f"environment variable {var}")
     layers.append(("env", env_layer))
 
     if config_file is not None:
@@ -278,26 +324,51 @@ def load_settings(
     settings = Settings()
     for key, value in DEFAULTS.items():
         setattr(settings, key, value)
-    by_name = {f.name: f for f in fields(Settings)}
     for _layer_name, layer in layers:
         for key, (text, origin) in layer.items():
             if text == "":
                 continue
             try:
-                value = by_name[key].metadata["parse"](text)
+                value = parse_value(key, text)
             except ValueError as exc:
                 shown = repr(text) if len(text) <= 80 else repr(text[:80]) + f"... ({len(text):,} characters)"
                 raise ConfigError(f"{origin}: {key} = {shown}: {exc}") from None
-            setattr(settings, key, value)
+            _set(settings, key, value)
             settings.origins[key] = origin
     for key, value in (flags or {}).items():
         if value is None:
             continue
-        if key not in by_name:
+        if key not in KEYS:
             raise KeyError(f"unknown setting {key!r}")  # a programming error, not a user error
-        setattr(settings, key, value)
+        _set(settings, key, value)
         settings.origins[key] = "command line"
     return settings
+
+
+def _set(settings: Settings, key: str, value: Any) -> None:
+    if key in LOCAL_KEYS:
+        settings.local[key] = value
+    else:
+        setattr(settings, key, value)
+
+
+def _env_names(key: str) -> tuple[str, ...]:
+    """Other names of a setting's variable (OPENAI_API_KEY), besides GPT_FINETUNE_<KEY>."""
+    f = _FIELDS.get(key)
+    return tuple(f.metadata["env"]) if f is not None else ()
+
+
+def from_env(key: str, env: Mapping[str, str] | None = None) -> Any:
+    """One setting from the environment alone (``GPT_FINETUNE_<KEY>``), parsed, else None: for
+    what is needed before the rest is read (``debug``, while the command line is parsed)."""
+    env = os.environ if env is None else env
+    for var in (*_env_names(key), "GPT_FINETUNE_" + key.upper()):
+        if env.get(var):
+            try:
+                return parse_value(key, env[var])
+            except ValueError as exc:
+                raise ConfigError(f"environment variable {var} = {env[var]!r}: {exc}") from None
+    return None
 
 
 def _cfg_layer(path: str | Path, warn: Callable[[str], None]) -> dict[str, tuple[str, str]]:
@@ -307,7 +378,11 @@ def _cfg_layer(path: str | Path, warn: Callable[[str], None]) -> dict[str, tuple
     return {key: (v.value, v.origin) for key, v in cfg.values.items()}
 
 
+_FIELDS = {f.name: f for f in fields(Settings) if f.name not in _NOT_KEYS}
+
+
 def parse_value(key: str, text: str) -> Any:
     """Parse one value as a config file would; used by argparse ``type=`` so flags share rules."""
-    by_name = {f.name: f for f in fields(Settings)}
-    return by_name[key].metadata["parse"](text)
+    if key in LOCAL_KEYS:
+        return LOCAL_KEYS[key](text)
+    return _FIELDS[key].metadata["parse"](text)

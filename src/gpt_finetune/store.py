@@ -60,9 +60,23 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX aliases_model ON aliases(model);
     """,
+    # a job's resolved description (contract.JobSpec), stored when its files are checked; rows
+    # from before keep their options and load through JobSpec.from_row
+    "ALTER TABLE jobs ADD COLUMN spec TEXT;",
 ]
 
-JSON_COLUMNS = {"hyperparameters", "method", "error", "result_files", "metadata", "options", "data", "metrics", "plan"}
+JSON_COLUMNS = {
+    "hyperparameters",
+    "method",
+    "error",
+    "result_files",
+    "metadata",
+    "options",
+    "data",
+    "metrics",
+    "plan",
+    "spec",
+}
 
 
 def new_id(prefix: str) -> str:
@@ -140,7 +154,7 @@ class Store:
             conn.execute(f"INSERT INTO {table} ({cols}) VALUES ({marks})", [_enc(k, v) for k, v in row.items()])
 
     def update(self, table: str, key: str, changes: dict[str, Any], *, where: str = "", params: tuple = ()) -> bool:
-        """Update one row; ``where`` adds a condition (``status = 'running'``). True if it changed."""
+        """Update one row; ``where`` adds a condition (a ``contract.sql_in`` clause). True if it changed."""
         sets = ", ".join(f"{k} = ?" for k in changes)
         sql = f"UPDATE {table} SET {sets} WHERE id = ?" + (f" AND ({where})" if where else "")
         with self.tx() as conn:

@@ -7,26 +7,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ..contract import JobSpec, LabelSets, SupervisedHyperparameters
+from ..errors import GptFinetuneError
+
 if TYPE_CHECKING:  # the openai SDK takes ~0.7 s to import; data commands never need it
     from openai.types import FileObject, Model
     from openai.types.chat import ChatCompletion, ChatCompletionChunk
     from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
 
 
-@dataclass
-class Hyperparameters:
-    """OpenAI's three knobs; ``"auto"`` (or None) lets the backend choose."""
+# OpenAI's three knobs (``auto`` or None lets the backend choose), declared in the contract
+Hyperparameters = SupervisedHyperparameters
 
-    n_epochs: int | str | None = None
-    batch_size: int | str | None = None
-    learning_rate_multiplier: float | str | None = None
 
-    def explicit(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if v is not None and v != "auto"}
+@dataclass(frozen=True)
+class Traits:
+    """What a backend does best, so that commands choose without asking which backend it is."""
+
+    batched_chat: bool  # answers several greedy requests at once (chat_many) faster than one by one
+    guided_choice: bool  # label-constrained answers (the guided_choice extension) are expected to work
+    concurrency: int  # requests at once a batch file is sent with by default
 
 
 class Backend(Protocol):
-    name: str
+    name: str  # for messages only: no command branches on it (``traits`` says what differs)
+    traits: Traits
 
     def describe(self) -> str: ...
 
@@ -61,6 +66,17 @@ class Backend(Protocol):
     def resume_job(self, job_id: str) -> FineTuningJob: ...
     def list_events(self, job_id: str, *, limit: int = 100, after: str | None = None) -> list[FineTuningJobEvent]: ...
     def list_checkpoints(self, job_id: str) -> list[Any]: ...
+    def job_spec(self, job_id: str) -> JobSpec | None:
+        """The job's resolved description, where this backend trains it (None: OpenAI's)."""
+        ...
+
+    def job_label_sets(self, job_id: str) -> LabelSets | None:
+        """The label sets a classification job was trained on (None: not one, or not known)."""
+        ...
+
+    def job_training_data(self, job_id: str) -> Path | None:
+        """The job's training file on this machine (None: not here)."""
+        ...
 
     # models
     def list_models(self) -> list[Model]: ...
@@ -78,6 +94,13 @@ class Backend(Protocol):
     ) -> ChatCompletion | Iterator[ChatCompletionChunk]:
         """``chat.completions.create``: ``params`` are its other fields (max_tokens, temperature,
         stop, seed, n, logprobs, ...). A ``ChatCompletion``, or its chunks when ``stream``."""
+        ...
+
+    def chat_many(
+        self, requests: list[dict[str, Any]], *, batch_size: int = 8
+    ) -> list[dict[str, Any] | GptFinetuneError]:
+        """Several non-streaming requests (request bodies, extension fields inline): each answer as
+        a JSON ``ChatCompletion``, or the error that refused it, in order."""
         ...
 
 

@@ -13,40 +13,41 @@ from openai.types import FileObject, Model
 from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
 from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
 
+from ..contract import JobSpec, LabelSets, LocalOptions
+from ..errors import GptFinetuneError
 from ..services import Services
 from ..settings import Settings
-from .base import Hyperparameters
+from ..worker.launch import start_runner
+from .base import Hyperparameters, Traits
 
-LOCAL_OPTION_KEYS = (
-    "training_type",
-    "lora_r",
-    "lora_alpha",
-    "lora_dropout",
-    "lora_target_modules",
-    "checkpoint_every_steps",
-    "num_processes",
-    "max_length",
-    "log_every_steps",
-    "torch_compile",
-    "gradient_checkpointing",
-    "memory_limit_gb",
-    "micro_batch_tokens",
-)
+
+def open_services(settings: Settings, **kw: Any) -> Services:
+    """The services of the configured data directory, with the runner's launcher: what every
+    adapter that creates or follows jobs opens."""
+    return Services.open(
+        settings.home,
+        local_base_model=settings.local_base_model,
+        model_cache=settings.model_cache,
+        launcher=start_runner,
+        **kw,
+    )
 
 
 class LocalBackend:
     name = "local"
+    # the engine batches greedy requests itself; one at a time keeps the cores for it
+    traits = Traits(batched_chat=True, guided_choice=True, concurrency=1)
 
-    def __init__(self, services: Services, options: dict[str, Any] | None = None) -> None:
+    def __init__(self, services: Services, options: LocalOptions | dict[str, Any] | None = None) -> None:
         self.services = services
-        self.options = options or {}
+        if services.jobs.launcher is None:
+            services.jobs.launcher = start_runner
+        self.options = options if isinstance(options, LocalOptions) else LocalOptions.from_settings(options or {})
         services.jobs.kick()  # resume what a dead worker left
 
     @classmethod
     def from_settings(cls, settings: Settings) -> LocalBackend:
-        services = Services.open(settings.home, local_base_model=settings.local_base_model)
-        options = {k: getattr(settings, k) for k in LOCAL_OPTION_KEYS if getattr(settings, k, None) is not None}
-        return cls(services, options)
+        return cls(open_services(settings), settings.local_options())
 
     def describe(self) -> str:
         return f"local backend (data in {self.services.home.root})"
@@ -83,7 +84,7 @@ class LocalBackend:
             model=model,
             training_file=training_file,
             validation_file=validation_file,
-            hyperparameters=hyperparameters.explicit() if hyperparameters else {},
+            hyperparameters=hyperparameters,
             suffix=suffix,
             seed=seed,
             metadata=metadata,
@@ -116,6 +117,15 @@ class LocalBackend:
     def list_checkpoints(self, job_id: str) -> list[Any]:
         return [FineTuningJobCheckpoint(**c) for c in self.services.jobs.list_checkpoints(job_id, limit=100)[0]]
 
+    def job_spec(self, job_id: str) -> JobSpec | None:
+        return self.services.jobs.spec(job_id)
+
+    def job_label_sets(self, job_id: str) -> LabelSets | None:
+        return self.services.jobs.spec(job_id).labels
+
+    def job_training_data(self, job_id: str) -> Path | None:
+        return self.services.files.path(self.services.jobs.row(job_id)["training_file"])
+
     # models
     def list_models(self) -> list[Model]:
         return [Model(**m) for m in self.services.models.list()]
@@ -142,3 +152,8 @@ class LocalBackend:
             request["stream"] = True
             return (ChatCompletionChunk(**c) for c in self.services.chat.start(request).chunks())
         return ChatCompletion(**self.services.chat.start(request).completion())
+
+    def chat_many(
+        self, requests: list[dict[str, Any]], *, batch_size: int = 8
+    ) -> list[dict[str, Any] | GptFinetuneError]:
+        return self.services.chat.create_many(requests, batch_size=batch_size)

@@ -10,9 +10,11 @@ import openai
 from openai.types import FileObject, Model
 from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
 
-from ..errors import BackendError, ConfigError, NotFoundError
-from ..settings import SEED_MAX, redact, suffix_problem
-from .base import Hyperparameters
+from ..contract import JobSpec, LabelSets
+from ..errors import BackendError, ConfigError, GptFinetuneError, NotFoundError
+from ..request_rules import check_names
+from ..settings import redact
+from .base import Hyperparameters, Traits
 
 T = TypeVar("T")
 
@@ -23,6 +25,7 @@ MAX_RETRIES = 2  # the SDK's own retries (with back-off, honouring Retry-After) 
 
 class OpenAIBackend:
     name = "openai"
+    traits = Traits(batched_chat=False, guided_choice=False, concurrency=4)
 
     def __init__(
         self, api_key: str | None, base_url: str | None = None, *, client: openai.OpenAI | None = None
@@ -141,11 +144,7 @@ class OpenAIBackend:
         """OpenAI checks the model itself; what its documented limits refuse is refused here first."""
         if not model:
             raise BackendError("no model name", code="invalid_model")
-        problem = suffix_problem(suffix) if suffix is not None else None
-        if problem:
-            raise BackendError(problem, code="invalid_suffix", param="suffix")
-        if seed is not None and not 0 <= seed <= SEED_MAX:
-            raise BackendError(f"seed must be from 0 to {SEED_MAX}, got {seed}", code="invalid_seed", param="seed")
+        check_names(suffix=suffix, seed=seed)
 
     def create_job(
         self,
@@ -241,6 +240,34 @@ class OpenAIBackend:
             return response
         return self._stream_chunks(response, model)
 
+    def chat_many(
+        self, requests: list[dict[str, Any]], *, batch_size: int = 8
+    ) -> list[dict[str, Any] | GptFinetuneError]:
+        """One by one: OpenAI batches on its side (its Batch API is ``migrate record --batch-api``)."""
+        out: list[dict[str, Any] | GptFinetuneError] = []
+        known = {"model", "messages", "stream"}
+        for body in requests:
+            extra = {k: v for k, v in body.items() if k not in known and k not in _SDK_FIELDS}
+            params = {k: v for k, v in body.items() if k in _SDK_FIELDS}
+            extra = {**(params.pop("extra_body", None) or {}), **extra}
+            if extra:
+                params["extra_body"] = extra
+            try:
+                response = self.chat(model=body["model"], messages=body["messages"], **params)
+                out.append(response.model_dump(mode="json", exclude_unset=True))
+            except GptFinetuneError as exc:
+                out.append(exc)
+        return out
+
+    def job_spec(self, job_id: str) -> JobSpec | None:
+        return None  # OpenAI's jobs are described by the job object itself (retrieve_job)
+
+    def job_label_sets(self, job_id: str) -> LabelSets | None:
+        return None  # OpenAI keeps no such record; eval finds them in the training data
+
+    def job_training_data(self, job_id: str) -> Path | None:
+        return None  # it lies at OpenAI (``files content`` downloads it)
+
     def _stream_chunks(self, stream: Any, model: str) -> Iterator[Any]:
         it = iter(stream)
         while True:  # errors in the middle of a stream are reported like any other
@@ -249,6 +276,34 @@ class OpenAIBackend:
             except StopIteration:
                 return
             yield chunk
+
+
+# what ``chat.completions.create`` takes as keywords (anything else goes in ``extra_body``)
+_SDK_FIELDS = frozenset(
+    {
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "stop",
+        "seed",
+        "n",
+        "logprobs",
+        "top_logprobs",
+        "stream_options",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "user",
+        "response_format",
+        "tools",
+        "tool_choice",
+        "metadata",
+        "store",
+        "service_tier",
+        "extra_body",
+    }
+)
 
 
 def _seconds(header: str | None) -> float | None:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..backends.base import Backend
 from ..errors import BackendError, ConfigError
 from ..settings import KEYS, Settings, load_settings, parse_value
 
@@ -34,6 +35,46 @@ def typed(key: str, flag: str | None = None) -> Any:
 
     parse.__name__ = key
     return parse
+
+
+def declared_help(spec: Any) -> str:
+    """A flag's help from its declaration (``contract.Spec``): what it does and what it takes."""
+    if spec.kind == "choice":
+        takes = " or ".join(spec.choices)
+    elif spec.kind == "bool":
+        takes = "true or false"
+    elif spec.kind == "list":
+        takes = "comma-separated names"
+    elif spec.lo is not None and spec.hi is not None:
+        takes = f"{spec.lo:g}..{spec.hi:g}"
+    elif spec.lo is not None:
+        takes = f"> {spec.lo:g}" if spec.lo_open else f">= {spec.lo:g}"
+    else:
+        takes = "a number"
+    return f"{spec.help}: {takes}" + (" or auto" if spec.auto else "")
+
+
+def add_hyperparameter_flags(p: argparse.ArgumentParser) -> None:
+    """OpenAI's hyperparameters as flags (--n-epochs, ...), from their declarations."""
+    from ..contract import SupervisedHyperparameters, spec_of
+
+    for key, f in SupervisedHyperparameters.declared():
+        p.add_argument("--" + key.replace("_", "-"), dest=key, type=typed(key), help=declared_help(spec_of(f)))
+
+
+def add_local_option_flags(p: argparse.ArgumentParser) -> None:
+    """Every declared local training option as a flag (--lora-r 16, --max-length 4096, ...):
+    the same keys as the config file, parsed by the same rules. Ignored by the openai backend."""
+    from ..contract import LocalOptions, spec_of
+
+    g = p.add_argument_group("local engine (config keys of the same names; ignored by the openai backend)")
+    for key, (_group, f) in LocalOptions.keys().items():
+        spec = spec_of(f)
+        if spec.flag:
+            flag = "--" + key.replace("_", "-")
+            default = f.default if not isinstance(f.default, tuple) else ",".join(f.default)
+            shown = "" if default is None else f" (default {default})"
+            g.add_argument(flag, dest=key, type=typed(key, flag), metavar="VALUE", help=declared_help(spec) + shown)
 
 
 def add_config_flag(p: argparse.ArgumentParser) -> None:
@@ -64,7 +105,7 @@ def settings_from(ns: argparse.Namespace) -> Settings:
     return settings
 
 
-def get_backend(settings: Settings, *, announce: bool = True) -> Any:
+def get_backend(settings: Settings, *, announce: bool = True) -> Backend:
     choice = settings.backend or "auto"
     if choice == "auto":
         choice = "openai" if (settings.openai_api_key or settings.base_url) else "local"
@@ -81,7 +122,7 @@ def get_backend(settings: Settings, *, announce: bool = True) -> Any:
     if choice == "openai":
         from ..backends.openai_backend import OpenAIBackend
 
-        backend: Any = OpenAIBackend(settings.openai_api_key, settings.base_url)
+        backend: Backend = OpenAIBackend(settings.openai_api_key, settings.base_url)
     else:
         from ..backends.local import LocalBackend
 

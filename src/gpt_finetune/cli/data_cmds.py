@@ -6,6 +6,7 @@ import argparse
 import json
 from typing import Any
 
+from ..contract import DEFAULT_MAX_LENGTH
 from ..data.analysis import FileReport, analyze_file
 from ..data.checks import Finding
 from ..data.convert import RECORD_FORMATS, ConvertOptions
@@ -235,7 +236,7 @@ def add_stats(p: argparse.ArgumentParser) -> None:
         "--max-length",
         type=typed("max_length"),
         default=None,
-        help="the local trainer's max_length, for the count of examples it shortens (default 2048)",
+        help=f"the local trainer's max_length, for the count of examples it shortens (default {DEFAULT_MAX_LENGTH})",
     )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument(
@@ -269,7 +270,7 @@ def _local_counter(ns: argparse.Namespace) -> Any:
     except ImportError:
         return None
     try:
-        return local_counter(ns.local_model)
+        return local_counter(ns.local_model, home=getattr(ns, "home", None))
     except (ImportError, DependencyError) as exc:
         info(f"(local token count skipped: {exc})")
         return None

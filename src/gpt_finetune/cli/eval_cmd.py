@@ -100,19 +100,19 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     backend = get_backend(s, announce=not ns.json)
     recorded = None
     train_path = ns.train
-    if ns.eval_job and backend.name == "local":  # the job's training file and its recorded label sets
-        row = backend.services.jobs.row(ns.eval_job)
-        recorded = row["options"].get("labels")
-        train_path = train_path or str(backend.services.files.path(row["training_file"]))
+    if ns.eval_job:  # the job's training file and its recorded label sets, where the backend has them
+        recorded = backend.job_label_sets(ns.eval_job)
+        found = backend.job_training_data(ns.eval_job)
+        train_path = train_path or (str(found) if found else None)
     train = ev.read_examples(train_path, task=ex.task, labels_file=ns.labels) if train_path else None
     results: dict[str, dict[str, Any]] = {}
     predictions: dict[str, list[Any]] = {}
     if ex.task == "classification":
         refs = ex.reference_labels()
-        mode = ns.mode or ("both" if backend.name == "local" else "free")
+        mode = ns.mode or ("both" if backend.traits.guided_choice else "free")
         choices = None
         if mode != "free":
-            choices = list(recorded["label_sets"]) if recorded and not ns.train else ev.candidates(ex, train)
+            choices = list(recorded.label_sets) if recorded and not ns.train else ev.candidates(ex, train)
         if choices and not ns.json:
             info(
                 f"Constrained to {len(choices)} label sets: {', '.join(choices[:8])}{' ...' if len(choices) > 8 else ''}"

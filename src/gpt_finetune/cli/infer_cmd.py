@@ -6,7 +6,8 @@ import argparse
 import sys
 from typing import Any
 
-from ..backends.base import chat_text
+from ..backends.base import Backend, chat_text
+from ..contract import UNSUCCESSFUL, JobStatus
 from ..errors import BackendError, ConfigError
 from .common import add_config_flag, add_connection_flags, get_backend, settings_from, typed
 
@@ -52,7 +53,7 @@ def label_choices(path: str) -> list[str]:
     return [format_labels([x], style) for x in labels]
 
 
-def cmd_batch(ns: argparse.Namespace, backend: Any, model: str | None) -> int:
+def cmd_batch(ns: argparse.Namespace, backend: Backend, model: str | None) -> int:
     from tqdm import tqdm
 
     from ..batch import run_batch
@@ -68,11 +69,11 @@ def cmd_batch(ns: argparse.Namespace, backend: Any, model: str | None) -> int:
         body = dict(body)
         if choices:
             body["extra_body"] = {**(body.get("extra_body") or {}), "guided_choice": choices}
-        response = backend.chat(**body)
+        response: Any = backend.chat(**body)
         return response.model_dump(mode="json", exclude_unset=True)  # type: ignore[no-any-return]
 
     def chat_many(bodies: list[dict[str, Any]]) -> list[Any]:
-        """Local models: greedy lines answered several at a time (batched generation)."""
+        """Greedy lines answered several at a time, where the backend batches (local models)."""
         out: list[Any] = [None] * len(bodies)
         todo = []
         for i, body in enumerate(bodies):
@@ -80,12 +81,12 @@ def cmd_batch(ns: argparse.Namespace, backend: Any, model: str | None) -> int:
                 out[i] = BackendError("stream is not supported in batch requests", param="body.stream")
             else:
                 todo.append((i, {**body, **({"guided_choice": choices} if choices else {})}))
-        for (i, _), answer in zip(todo, backend.services.chat.create_many([b for _, b in todo]), strict=True):
+        for (i, _), answer in zip(todo, backend.chat_many([b for _, b in todo]), strict=True):
             out[i] = answer
         return out
 
     bar = tqdm(unit="req", file=sys.stderr, dynamic_ncols=True, desc="batch")
-    concurrency = ns.concurrency or (1 if backend.name == "local" else 4)
+    concurrency = ns.concurrency or backend.traits.concurrency
 
     def start(total: int, skipped: int) -> None:
         bar.reset(total=total - skipped)
@@ -101,7 +102,7 @@ def cmd_batch(ns: argparse.Namespace, backend: Any, model: str | None) -> int:
             concurrency=concurrency,
             progress=bar.update,
             on_start=start,
-            chat_many=chat_many if backend.name == "local" else None,
+            chat_many=chat_many if backend.traits.batched_chat else None,
             group=default_batch(),
         )
     finally:
@@ -114,7 +115,7 @@ def cmd_batch(ns: argparse.Namespace, backend: Any, model: str | None) -> int:
     return 1 if result.failed else 0
 
 
-def resolve_model(backend: Any, model: str | None, job_id: str | None) -> str:
+def resolve_model(backend: Backend, model: str | None, job_id: str | None) -> str:
     """The model to call: ``model`` if given, else the one job ``job_id`` produced."""
     if model:
         return model
@@ -124,13 +125,11 @@ def resolve_model(backend: Any, model: str | None, job_id: str | None) -> str:
             hint="pass --model MODEL or --job JOB_ID (or set model / ft_job_id in the -c config file)",
         )
     job = backend.retrieve_job(job_id)
-    if job.status != "succeeded" or not job.fine_tuned_model:
-        detail = f" ({job.error.message})" if getattr(job, "error", None) and job.error.message else ""
+    if job.status != JobStatus.SUCCEEDED or not job.fine_tuned_model:
+        detail = f" ({job.error.message})" if job.error is not None and job.error.message else ""
         raise BackendError(
             f"job {job_id} is {job.status}{detail}; it has no fine-tuned model yet",
-            hint=f"follow it with: gpt-finetune jobs wait {job_id}"
-            if job.status not in ("failed", "cancelled")
-            else None,
+            hint=f"follow it with: gpt-finetune jobs wait {job_id}" if job.status not in UNSUCCESSFUL else None,
             code="job_not_ready",
         )
     return str(job.fine_tuned_model)

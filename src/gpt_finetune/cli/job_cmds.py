@@ -9,11 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from ..backends.base import Hyperparameters
+from ..contract import SUFFIX_MAX, JobStatus
 from ..data.analysis import analyze_file
 from ..errors import BackendError, DataError
 from .common import (
     add_config_flag,
     add_connection_flags,
+    add_hyperparameter_flags,
+    add_local_option_flags,
     get_backend,
     info,
     plot_job,
@@ -33,15 +36,10 @@ def add_finetune(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-v", "--validation-file", dest="validation_file", metavar="FILE", help="validation data (chat JSONL)"
     )
-    p.add_argument("--n-epochs", dest="n_epochs", type=typed("n_epochs"), help="1..50 or auto")
-    p.add_argument("--batch-size", dest="batch_size", type=typed("batch_size"), help="1..256 or auto")
+    add_hyperparameter_flags(p)
     p.add_argument(
-        "--learning-rate-multiplier",
-        dest="learning_rate_multiplier",
-        type=typed("learning_rate_multiplier"),
-        help="> 0 or auto",
+        "--suffix", dest="suffix", help=f"up to {SUFFIX_MAX} characters added to the fine-tuned model's name"
     )
-    p.add_argument("--suffix", dest="suffix", help="up to 64 characters added to the fine-tuned model's name")
     p.add_argument("--seed", dest="seed", type=typed("seed"), help="training seed")
     p.add_argument(
         "--no-validate",
@@ -51,6 +49,7 @@ def add_finetune(p: argparse.ArgumentParser) -> None:
         help="skip the local check of the data before uploading",
     )
     p.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    add_local_option_flags(p)
     p.set_defaults(func=cmd_finetune)
 
 
@@ -90,7 +89,9 @@ def cmd_finetune(ns: argparse.Namespace) -> int:
         model=model,
         training_file=ids["training"],
         validation_file=ids.get("validation"),
-        hyperparameters=Hyperparameters(s.n_epochs, s.batch_size, s.learning_rate_multiplier),
+        hyperparameters=Hyperparameters.from_values(
+            {"n_epochs": s.n_epochs, "batch_size": s.batch_size, "learning_rate_multiplier": s.learning_rate_multiplier}
+        ),
         suffix=s.suffix,
         seed=s.seed,
     )
@@ -103,7 +104,7 @@ def cmd_finetune(ns: argparse.Namespace) -> int:
 
 
 def _exit_for(job: Any) -> int:
-    return 0 if job.status == "succeeded" else 1
+    return 0 if job.status == JobStatus.SUCCEEDED else 1
 
 
 def add_files(p: argparse.ArgumentParser) -> None:

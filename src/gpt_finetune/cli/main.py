@@ -11,6 +11,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import GptFinetuneError
+from ..settings import from_env
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module attribute that adds arguments, help)
@@ -85,10 +86,12 @@ def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     except GptFinetuneError as exc:  # a bad flag value (cli.common.typed)
         print(f"Error: {exc.message}", file=sys.stderr)
         return 1
-    debug = ns.debug or os.environ.get("GPT_FINETUNE_DEBUG") == "1"
+    try:
+        debug = bool(ns.debug or from_env("debug"))
+    except GptFinetuneError as exc:
+        print(f"Error: {exc.message}", file=sys.stderr)
+        return 1
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if ns.home:
-        os.environ["GPT_FINETUNE_HOME"] = ns.home
     try:
         return int(ns.func(ns) or 0)
     except GptFinetuneError as exc:
@@ -144,15 +147,16 @@ def run_seed(command: str, argv: Sequence[str] | None = None) -> int:
 def passive_openmp_threads() -> None:
     """Let torch's OpenMP threads sleep, not spin, while they wait for work (unless the user chose).
 
-    Measured here: answering while a training job shares the 2 cores, one decoding step of the
-    default model took 2.4 s with spinning threads and 0.13 s with sleeping ones (a prompt of 1,500
-    tokens: 12.5 s and 6.5 s). Spinning threads fight the other process's threads for the cores.
+    Spinning threads fight another process's threads for the cores: answering while a training
+    job shares them was many times slower with spinning threads (bench/README.md, "The server
+    answers while a job trains").
     Set before torch loads (it reads the variable once). Training processes started from here are
-    given the user's own setting back (services.jobs.kick), so their benchmarked speed is unchanged.
+    given the user's own setting back (``process_env.user_environ``, which the runner's launcher
+    uses), so their benchmarked speed is unchanged.
     """
-    if "OMP_WAIT_POLICY" not in os.environ:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        os.environ["GPT_FINETUNE_SET_OMP_WAIT_POLICY"] = "1"
+    from ..process_env import set_default
+
+    set_default("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def console() -> None:

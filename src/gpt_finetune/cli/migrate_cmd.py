@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..contract import TERMINAL, UNSUCCESSFUL, JobStatus
 from ..errors import BackendError, GptFinetuneError
 from .common import add_config_flag, add_connection_flags, info, settings_from, typed, warn
 
@@ -123,6 +124,7 @@ class Context:
         self.training_ends, self.table = load_shutdown_table(self.settings.shutdown_table)
         self._source: Any = None
         self._local: Any = None
+        self._services: Any = None
 
     @property
     def source(self) -> Any:
@@ -135,12 +137,22 @@ class Context:
         return self._source
 
     @property
+    def services(self) -> Any:
+        """This machine's services (with the runner's launcher): the migration writes jobs and
+        aliases through them."""
+        if self._services is None:
+            from ..backends.local import open_services
+
+            self._services = open_services(self.settings)
+        return self._services
+
+    @property
     def local(self) -> Any:
-        """This machine's backend: its services, and the local training settings."""
+        """This machine's backend, over the same services, for following jobs."""
         if self._local is None:
             from ..backends.local import LocalBackend
 
-            self._local = LocalBackend.from_settings(self.settings)
+            self._local = LocalBackend(self.services, self.settings.local_options())
         return self._local
 
     def manifest(self) -> Any:
@@ -337,17 +349,17 @@ def _retrain(ctx: Context, *, wait: bool | None = None) -> int:
 
     m = ctx.manifest()
     local = ctx.local
-    base = ctx.settings.model or ctx.settings.local_base_model or local.services.models.local_base_model
+    base = ctx.settings.model or ctx.settings.local_base_model or ctx.services.models.local_base_model
     problems = 0
     to_follow = []
     for model in ctx.selected(m):
         outcome = rt.retrain_one(
-            local.services,
+            ctx.services,
             ctx.root,
             m,
             model,
             base_model=base,
-            options=local.options,
+            options=ctx.settings.local_options(),
             from_recordings=ctx.ns.from_recordings,
             retry_failed=ctx.ns.retry_failed,
         )
@@ -359,12 +371,12 @@ def _retrain(ctx: Context, *, wait: bool | None = None) -> int:
     wait = ctx.ns.wait if wait is None else wait
     for model, job_id in to_follow:
         job = local.retrieve_job(job_id)
-        if wait and job.status not in ("succeeded", "failed", "cancelled"):
+        if wait and job.status not in TERMINAL:
             job = watch_job(local, job_id)
-        if job.status == "succeeded":
-            target = rt.link(local.services, m, model)
+        if job.status == JobStatus.SUCCEEDED:
+            target = rt.link(ctx.services, m, model)
             info(f"{model.id} now answers as {target} (gpt-finetune serve, infer, eval, batch files)")
-        elif job.status in ("failed", "cancelled"):
+        elif job.status in UNSUCCESSFUL:
             problems += 1
         elif not wait:
             info(f"{model.id}: local job {job_id} is {job.status}; follow it with: gpt-finetune jobs wait {job_id}")
@@ -378,7 +390,7 @@ def _compare(ctx: Context) -> int:
     from ..migrate.record import recordings
 
     m = ctx.manifest()
-    services = ctx.local.services
+    services = ctx.services
     problems = 0
     chosen = ctx.selected(m)
     for model in chosen:
@@ -413,7 +425,7 @@ def _status(ctx: Context) -> int:
     from ..migrate import status as st
 
     m = ctx.manifest()
-    services = ctx.local.services
+    services = ctx.services
     found = st.steps(services, ctx.root, m, ctx.today)
     if getattr(ctx.ns, "json", False):
         print(
@@ -452,7 +464,7 @@ def _status(ctx: Context) -> int:
             ]
         )
     _table(rows)
-    skipped = [j for j in m.jobs if j.status != "succeeded"]
+    skipped = [j for j in m.jobs if j.status != JobStatus.SUCCEEDED]
     if skipped:
         info(f"Not moved: {', '.join(f'{j.id} ({j.status})' for j in skipped)}")
     return 0

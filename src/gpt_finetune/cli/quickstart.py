@@ -8,6 +8,7 @@ import argparse
 import time
 from pathlib import Path
 
+from ..contract import JobStatus
 from ..data.convert import ConvertOptions
 from ..data.prepare import prepare
 from ..settings import load_settings
@@ -72,7 +73,7 @@ def cmd_quickstart(ns: argparse.Namespace) -> int:
     )
     info(f"    job {job.id}")
     job = watch_job(backend, job.id, poll=1.0)
-    if job.status != "succeeded":
+    if job.status != JobStatus.SUCCEEDED:
         return 1
     info(f"    loss curve: {plot_job(backend, job.id, work / 'loss.png', title=str(job.fine_tuned_model))}")
 

@@ -80,10 +80,9 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from ..backends.local import LOCAL_OPTION_KEYS
+        from ..backends.local import open_services
         from ..server import ServerConfig, create_app
         from ..server.app import MIN_KEY_LENGTH
-        from ..services import Services
     except ImportError as exc:
         raise DependencyError(
             f"the server is not installed ({exc.name} is missing)", hint="pip install 'gpt-finetune[server,local]'"
@@ -111,11 +110,11 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         loopback=is_loopback(ns.host),
         allowed_hosts=list(s.server_allowed_hosts or []),
         cors_origins=list(s.server_cors_origins or []),
-        job_options={k: getattr(s, k) for k in LOCAL_OPTION_KEYS if getattr(s, k, None) is not None},
+        job_options=s.local_options(),
     )
     if s.max_upload_mb:
         config.max_upload_bytes = int(s.max_upload_mb * (1 << 20))
-    services = Services.open(s.home, local_base_model=s.local_base_model, max_queue=s.max_queue, name_paths=False)
+    services = open_services(s, max_queue=s.max_queue, name_paths=False)
     services.jobs.kick()  # resume what a dead worker left
     app = create_app(services, config)
     shown = ", ".join(redact(k) for k in keys) if keys else "none (loopback only)"

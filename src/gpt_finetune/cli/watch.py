@@ -10,8 +10,7 @@ import sys
 import time
 from typing import Any
 
-TERMINAL = ("succeeded", "failed", "cancelled")
-STOPPED = (*TERMINAL, "paused")  # a paused job waits for `jobs resume`: following it would wait forever
+from ..contract import STOPPED, JobStatus  # STOPPED: a paused job waits for `jobs resume`
 
 
 def watch_job(backend: Any, job_id: str, *, poll: float = 2.0, out: Any = None) -> Any:
@@ -57,7 +56,7 @@ def watch_job(backend: Any, job_id: str, *, poll: float = 2.0, out: Any = None) 
     finally:
         if bar is not None:
             bar.close()
-    if job.status == "succeeded":
+    if job.status == JobStatus.SUCCEEDED:
         print(f"Job {job.id} succeeded: {job.fine_tuned_model}", file=out)
     else:
         err = f": {job.error.message}" if getattr(job, "error", None) and job.error.message else ""

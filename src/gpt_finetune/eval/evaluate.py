@@ -17,8 +17,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+if TYPE_CHECKING:
+    from ..backends.base import Backend
 from ..data.labels import LabelError, format_labels, guess_format, label_sets, labels_sidecar_path, parse_labels
 from ..data.readers import loads
 from ..errors import DataError
@@ -106,7 +108,7 @@ def candidates(ex: Examples, train: Examples | None = None) -> list[str]:
 
 
 def predict(
-    backend: Any,
+    backend: Backend,
     model: str,
     ex: Examples,
     *,
@@ -117,7 +119,7 @@ def predict(
 ) -> list[str]:
     """The model's answer to each prompt: greedy, or constrained to ``choices``. Free answers of
     local models are generated ``batch_size`` prompts at a time."""
-    if not choices and batch_size > 1 and getattr(backend, "name", "") == "local":
+    if not choices and batch_size > 1 and backend.traits.batched_chat:
         return _predict_batched(backend, model, ex, max_tokens, batch_size, progress)
     out = []
     for prompt in ex.prompts:
@@ -126,7 +128,7 @@ def predict(
             params["extra_body"] = {"guided_choice": choices}
         else:
             params["max_tokens"] = max_tokens
-        response = backend.chat(model=model, messages=prompt, **params)
+        response: Any = backend.chat(model=model, messages=prompt, **params)
         out.append((response.choices[0].message.content or "").strip())
         if progress is not None:
             progress.update(1)
@@ -134,12 +136,12 @@ def predict(
 
 
 def _predict_batched(
-    backend: Any, model: str, ex: Examples, max_tokens: int, batch_size: int, progress: Any
+    backend: Backend, model: str, ex: Examples, max_tokens: int, batch_size: int, progress: Any
 ) -> list[str]:
     """Through the chat service's batched path (as batch files are), ``batch_size`` at a time."""
     requests = [{"model": model, "messages": p, "max_tokens": max_tokens, "temperature": 0} for p in ex.prompts]
     out: list[str] = []
-    for answer in backend.services.chat.create_many(requests, batch_size=batch_size):
+    for answer in backend.chat_many(requests, batch_size=batch_size):
         if isinstance(answer, Exception):
             raise answer
         out.append((answer["choices"][0]["message"]["content"] or "").strip())

@@ -39,6 +39,13 @@ from ..home import Home
 from .base_weights import model_dir
 
 DEFAULT_MAX_TOKENS = 256
+UNKNOWN_CONTEXT = 2048  # a model whose config states no context length (Llama's first models had this)
+
+
+def _context_length(model: Any) -> int:
+    return int(getattr(model.config, "max_position_embeddings", 0) or 0) or UNKNOWN_CONTEXT
+
+
 DEFAULT_QUEUE = 64
 log = logging.getLogger("gpt_finetune.engine")
 
@@ -312,7 +319,7 @@ class Engine:
         less the tokens to generate."""
         from .chat_data import TRAINING_SHAPE
 
-        context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 2048
+        context = _context_length(model)
         limit = context
         if adapter is not None and (Path(adapter) / TRAINING_SHAPE).is_file():
             limit = min(context, int(json.loads((Path(adapter) / TRAINING_SHAPE).read_text())["max_length"]))
@@ -324,7 +331,7 @@ class Engine:
         req = handle.request
         model, tokenizer, ctx = self._load(req.base, req.adapter)
         max_new = req.max_tokens or DEFAULT_MAX_TOKENS
-        context = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 2048
+        context = _context_length(model)
         if max_new > context:  # as OpenAI: never more new tokens than the model can attend to
             raise BackendError(
                 f"max_tokens is too large: {max_new}. This model supports at most {context} completion tokens",

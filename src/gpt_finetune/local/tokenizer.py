@@ -9,17 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..contract import DEFAULT_MAX_LENGTH
 from ..data.local_tokens import LocalCounter, LocalCounts
 from ..data.stats import distribution
 from ..home import Home
 from .base_weights import DEFAULT_BASE_MODEL, resolve_base, tokenizer_dir
 
-DEFAULT_MAX_LENGTH = 2048  # the trainer's default (TrainSpec.max_length)
 
-
-def local_counter(model: str | None = None) -> LocalCounter:
+def local_counter(model: str | None = None, home: str | None = None) -> LocalCounter:
     base = resolve_base(model or DEFAULT_BASE_MODEL)
-    return LocalCounter(tokenizer_dir(base, Home()), base.id)
+    return LocalCounter(tokenizer_dir(base, Home(home)), base.id)
 
 
 def summarize(counter: LocalCounter, counts: LocalCounts, max_length: int | None = None) -> dict[str, Any]:

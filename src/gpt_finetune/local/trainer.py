@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..contract import DEFAULT_MAX_LENGTH
 from .chat_data import IGNORE, TRAINING_SHAPE
 
 DEFAULT_LORA = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
@@ -45,7 +46,7 @@ class TrainSpec:
     seed: int
     training_type: str = "lora"  # or "full"
     lora: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_LORA))
-    max_length: int = 2048  # a longer example's prompt is shortened to fit (chat_data.fit_messages)
+    max_length: int = DEFAULT_MAX_LENGTH  # a longer example's prompt is shortened to fit (chat_data.fit_messages)
     checkpoint_every_steps: int = 0  # 0: only at each epoch's end
     log_every_steps: int = 0  # 0: about 100 metrics events over the job
     resume_from: str | None = None

@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..contract import UNFINISHED, JobStatus
 from ..errors import BackendError, ConfigError, DataError, NotFoundError
 from ..openai_facts import base_of, stops_serving
 from ..store import now
 from . import manifest as mf
 
-# what a job's status means for the move
-SKIPPED = {"failed": "the job failed", "cancelled": "the job was cancelled"}
-UNFINISHED = ("validating_files", "queued", "running", "paused")
+# what a job's status means for the move (OpenAI's job states are the contract's)
+SKIPPED = {JobStatus.FAILED: "the job failed", JobStatus.CANCELLED: "the job was cancelled"}
 
 
 @dataclass
@@ -138,7 +138,7 @@ def take(
         if not skip:
             for file_id in job.result_files or []:
                 entry.result_files.append(_file(source, root, file_id, before.get(file_id), ".csv", say))
-            if status == "succeeded":
+            if status == JobStatus.SUCCEEDED:
                 entry.checkpoints = _checkpoints(source, job.id)
         inv.manifest.jobs.append(entry)
     _match(inv, root, given)
@@ -146,7 +146,7 @@ def take(
     for job in inv.manifest.jobs:
         for name in ("training_file", "validation_file"):
             ref = getattr(job, name)
-            if job.status == "succeeded" and ref is not None and ref.local is None:
+            if job.status == JobStatus.SUCCEEDED and ref is not None and ref.local is None:
                 why = f"OpenAI refused its content ({ref.refused})" if ref.refused else "its content was not served"
                 inv.notes.append(
                     f"{job.id}: {name.replace('_', ' ')} {ref.id} ({ref.filename or '?'}, "
@@ -279,7 +279,7 @@ def _models(inv: Inventory, fine_tunes: dict[str, Any], table: dict[str, dt.date
     """One entry per fine-tuned model: each succeeded job's, and each one listed without a job."""
     seen = set()
     for job in inv.manifest.jobs:
-        if job.status != "succeeded" or not job.fine_tuned_model:
+        if job.status != JobStatus.SUCCEEDED or not job.fine_tuned_model:
             continue
         listed = fine_tunes.get(job.fine_tuned_model)
         inv.manifest.models.append(

@@ -2,7 +2,7 @@
 
 Each local job keeps OpenAI's epochs, batch size, learning-rate multiplier, seed and suffix.
 OpenAI's multiplier scales OpenAI's own base learning rate, which it does not publish; here it
-scales the local engine's base rate for the training type (``services.jobs.BASE_LEARNING_RATE``:
+scales the local engine's base rate for the training type (``contract.BASE_LEARNING_RATE``:
 1e-3 for LoRA, 5e-5 for full training), so ``2.0`` still means "twice the default".
 
 A local job carries the OpenAI job it replaces in its metadata (``migrated_from``): that is how a
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import write_text_atomic
+from ..contract import UNSUCCESSFUL, JobStatus, LocalOptions
 from ..data.analysis import MIN_EXAMPLES
 from ..errors import BackendError
 from . import manifest as mf
@@ -75,7 +76,7 @@ def retrain_one(
     model: mf.Model,
     *,
     base_model: str,
-    options: dict[str, Any],
+    options: LocalOptions,
     from_recordings: bool = False,
     retry_failed: bool = False,
 ) -> Retrained:
@@ -92,7 +93,7 @@ def retrain_one(
     if job is not None and job.method != "supervised":
         return Retrained(model.key, "unsupported", f"method {job.method!r} cannot be trained here")
     found = local_jobs(services, job.id if job else model.key)
-    live = [j for j in found if j["status"] not in ("failed", "cancelled")]
+    live = [j for j in found if j["status"] not in UNSUCCESSFUL]
     if live:
         j = live[0]
         return Retrained(model.key, "exists", f"local job {j['id']} is {j['status']}", j["id"], j["fine_tuned_model"])
@@ -112,7 +113,7 @@ def _create(
     model: mf.Model,
     job: mf.Job | None,
     base_model: str,
-    options: dict[str, Any],
+    options: LocalOptions,
     from_recordings: bool,
 ) -> Retrained:
     train = job.training_file if job else None
@@ -173,7 +174,7 @@ def link(services: Any, manifest: mf.Manifest, model: mf.Model) -> str | None:
     """Let the OpenAI id name the newest succeeded local model that replaces it. Returns the
     local model id, or None while there is none. A later retrain moves a migration's alias;
     an alias the user made by hand is left alone (BackendError)."""
-    jobs = [j for j in local_jobs(services, model.job or model.key) if j["status"] == "succeeded"]
+    jobs = [j for j in local_jobs(services, model.job or model.key) if j["status"] == JobStatus.SUCCEEDED]
     if not jobs:
         return None
     target = jobs[0]["fine_tuned_model"]

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..contract import UNSUCCESSFUL, JobStatus
 from . import manifest as mf
 from .record import batches_path, prompts_path, recordings
 from .retrain import local_jobs
@@ -33,7 +34,9 @@ class Step:
             return "aliased"
         if self.local_job is not None:
             return (
-                "retrained" if self.local_job["status"] == "succeeded" else f"retraining ({self.local_job['status']})"
+                "retrained"
+                if self.local_job["status"] == JobStatus.SUCCEEDED
+                else f"retraining ({self.local_job['status']})"
             )
         if self.recorded:
             return f"recorded {self.recorded}/{self.prompts}"
@@ -63,7 +66,7 @@ def steps(services: Any | None, root: Path, manifest: mf.Manifest, today: dt.dat
         alias = None
         if services is not None:
             found = local_jobs(services, model.job or model.key)
-            local = next((j for j in found if j["status"] not in ("failed", "cancelled")), found[0] if found else None)
+            local = next((j for j in found if j["status"] not in UNSUCCESSFUL), found[0] if found else None)
             target = services.models.resolve(model.id)
             alias = target if target != model.id else None
         step = Step(
@@ -92,9 +95,9 @@ def steps(services: Any | None, root: Path, manifest: mf.Manifest, today: dt.dat
             step.missing.append("training file: give --data")
         if local is None:
             step.missing.append("retrain")
-        elif local["status"] in ("failed", "cancelled"):
+        elif local["status"] in UNSUCCESSFUL:
             step.missing.append(f"retrain again (local job {local['status']})")
-        elif local["status"] == "succeeded" and not alias:
+        elif local["status"] == JobStatus.SUCCEEDED and not alias:
             step.missing.append("alias (migrate retrain)")
         if not step.compared and n_recorded:
             step.missing.append("compare")

@@ -21,7 +21,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
-from ..errors import GptFinetuneError
+from ..contract import LocalOptions
+from ..errors import GptFinetuneError, error_body
 from ..services import Services
 from ..settings import redact
 
@@ -43,15 +44,11 @@ class ServerConfig:
     cors_origins: list[str] = field(default_factory=list)  # web origins that may call it (CORS)
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_MB << 20
     max_body_bytes: int = DEFAULT_MAX_BODY_MB << 20
-    job_options: dict[str, Any] = field(default_factory=dict)  # local training settings for new jobs
-
-
-def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None):
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    job_options: LocalOptions = field(default_factory=LocalOptions)  # local training settings for new jobs
 
 
 def error_response(status: int, message: str, **kw: Any) -> JSONResponse:
-    return JSONResponse(error_body(message, **kw), status_code=status)
+    return JSONResponse(error_body(message, **kw), status_code=status)  # OpenAI's shape, as every error
 
 
 class BodyLimit:

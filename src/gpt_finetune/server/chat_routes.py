@@ -18,14 +18,15 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..errors import BackendError, GptFinetuneError
+from ..request_rules import body_doc, chat_schema
 from ..services import Services
-from .protocol import CHAT_SCHEMA, body_doc, read_json
+from .protocol import read_json
 
 router = APIRouter()
 log = logging.getLogger("gpt_finetune.server")
 
 
-@router.post("/v1/chat/completions", response_model=None, openapi_extra=body_doc(CHAT_SCHEMA))
+@router.post("/v1/chat/completions", response_model=None, openapi_extra=body_doc(chat_schema()))
 async def create_chat_completion(request: Request) -> JSONResponse | StreamingResponse:
     services: Services = request.app.state.services
     body = await read_json(request)

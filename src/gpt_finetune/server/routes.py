@@ -14,8 +14,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
 from ..errors import BackendError, NotFoundError
+from ..request_rules import body_doc, job_request, job_schema
 from ..services import Services
-from .protocol import JOB_SCHEMA, body_doc, job_request, read_json
+from .protocol import read_json
 
 router = APIRouter()
 MAX_LIMIT = 10_000
@@ -93,10 +94,10 @@ def file_content(request: Request, file_id: str) -> FileResponse:
 
 
 # ---- fine-tuning jobs ---------------------------------------------------------------------------
-@router.post("/v1/fine_tuning/jobs", openapi_extra=body_doc(JOB_SCHEMA))
+@router.post("/v1/fine_tuning/jobs", openapi_extra=body_doc(job_schema()))
 async def create_job(request: Request) -> dict[str, Any]:
     services = _services(request)
-    kwargs = job_request(await read_json(request))
+    kwargs = job_request(await read_json(request)).create_kwargs()
     options = request.app.state.config.job_options
     return await run_in_threadpool(lambda: services.jobs.create(**kwargs, options=options))
 

@@ -11,7 +11,7 @@ from ..home import Home
 from ..store import Store
 from .chat import ChatService
 from .files import FileService
-from .jobs import JobService
+from .jobs import JobService, Launcher
 from .models import ModelService
 
 
@@ -32,13 +32,17 @@ class Services:
         local_base_model: str | None = None,
         max_queue: int | None = None,
         name_paths: bool = True,
+        model_cache: str | Path | None = None,
+        launcher: Launcher | None = None,
     ) -> Services:
-        """``name_paths=False`` for a server: its clients name models, never directories."""
-        home = Home(root)
+        """``name_paths=False`` for a server: its clients name models, never directories.
+        ``launcher`` starts the training runner when jobs wait (the adapters give
+        ``worker.launch.start_runner``; without one, nothing is started)."""
+        home = Home(root, model_cache=model_cache)
         store = Store(home.db)
         files = FileService(store, home)
         models = ModelService(store, home, local_base_model=local_base_model, name_paths=name_paths)
-        jobs = JobService(store, home, files, models)
+        jobs = JobService(store, home, files, models, launcher=launcher)
 
         def engine() -> Any:  # loaded at the first chat request: torch is not needed before
             from ..local.inference import DEFAULT_QUEUE, Engine

@@ -1,10 +1,11 @@
 """Chat completions: an OpenAI chat-completion request in, OpenAI's ``ChatCompletion`` or its
 chunks out. The local backend, the server and evaluation all call this.
 
-The request is checked here, once, field by field: what the engine supports is used; the neutral
-values that clients always send (``n=1``, ``presence_penalty=0``, ``logit_bias={}`` as LangChain
-and others do) are accepted; anything else the engine cannot honour (tools, penalties, JSON mode,
-audio, ...) is refused with a 400 that names the field, never silently ignored.
+The request is checked by ``request_rules.parse_chat``, once, field by field: what the engine
+supports is used; the neutral values that clients always send (``n=1``, ``presence_penalty=0``,
+``logit_bias={}`` as LangChain and others do) are accepted; anything else the engine cannot honour
+(tools, penalties, JSON mode, audio, ...) is refused with a 400 that names the field, never
+silently ignored.
 """
 
 from __future__ import annotations
@@ -14,202 +15,12 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-from ..errors import BackendError, GptFinetuneError
+from ..errors import GptFinetuneError
+from ..request_rules import parse_chat
 from .models import ModelService
 
-ROLES = ("system", "developer", "user", "assistant")
-MAX_N = 8
-MAX_STOP = 4
-MAX_TOP_LOGPROBS = 20
-SUPPORTED = {
-    "model",
-    "messages",
-    "max_tokens",
-    "max_completion_tokens",
-    "temperature",
-    "top_p",
-    "stop",
-    "seed",
-    "n",
-    "logprobs",
-    "top_logprobs",
-    "stream",
-    "stream_options",
-    "guided_choice",  # extension (as vLLM's): answer with the most likely of these strings
-}
-MAX_CHOICES = 256
-# fields accepted only with the value that changes nothing
-NEUTRAL: dict[str, Callable[[Any], bool]] = {
-    "presence_penalty": lambda v: v in (None, 0),
-    "frequency_penalty": lambda v: v in (None, 0),
-    "logit_bias": lambda v: v in (None, {}),
-    "user": lambda v: v is None or isinstance(v, str),
-    "safety_identifier": lambda v: v is None or isinstance(v, str),
-    "prompt_cache_key": lambda v: v is None or isinstance(v, str),
-    "metadata": lambda v: v is None or isinstance(v, dict),
-    "store": lambda v: v in (None, False),
-    "response_format": lambda v: v is None or v == {"type": "text"},
-    "tools": lambda v: v in (None, []),
-    "tool_choice": lambda v: v in (None, "none", "auto"),
-    "functions": lambda v: v in (None, []),
-    "function_call": lambda v: v in (None, "none", "auto"),
-    "parallel_tool_calls": lambda v: v is None or isinstance(v, bool),
-    "service_tier": lambda v: v in (None, "auto", "default"),
-    "modalities": lambda v: v in (None, ["text"]),
-}
-
-
-def bad(message: str, param: str, code: str = "invalid_value") -> BackendError:
-    return BackendError(message, param=param, code=code)
-
-
-def _int(req: dict[str, Any], key: str, lo: int, hi: int | None = None) -> int | None:
-    value = req.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise bad(f"{key} must be an integer, got {value!r}", key, "invalid_type")
-    if value < lo or (hi is not None and value > hi):
-        raise bad(f"{key} must be from {lo}" + (f" to {hi}" if hi is not None else " up") + f", got {value}", key)
-    return value
-
-
-def _float(req: dict[str, Any], key: str, lo: float, hi: float) -> float | None:
-    value = req.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise bad(f"{key} must be a number, got {value!r}", key, "invalid_type")
-    if not lo <= value <= hi:
-        raise bad(f"{key} must be from {lo:g} to {hi:g}, got {value}", key)
-    return float(value)
-
-
-def _bool(req: dict[str, Any], key: str) -> bool:
-    value = req.get(key)
-    if value is not None and not isinstance(value, bool):
-        raise bad(f"{key} must be true or false, got {value!r}", key, "invalid_type")
-    return bool(value)
-
-
-MAX_MESSAGES = 2048  # more cannot fit any local model's context (each message costs template tokens)
-
-
-def _messages(value: Any) -> list[dict[str, str]]:
-    if not isinstance(value, list) or not value:
-        raise bad("messages must be a non-empty array", "messages", "invalid_type")
-    if len(value) > MAX_MESSAGES:
-        raise bad(f"messages holds {len(value):,} messages; at most {MAX_MESSAGES:,} are accepted", "messages")
-    out = []
-    for i, m in enumerate(value):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise bad(f"{where} must be an object", where, "invalid_type")
-        role = m.get("role")
-        if role not in ROLES:
-            raise bad(
-                f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}"
-                + (" (tools are not supported)" if role in ("tool", "function") else ""),
-                f"{where}.role",
-            )
-        for key in m:
-            if key in ("role", "content", "name"):
-                continue
-            if key in ("tool_calls", "function_call", "audio", "refusal") and m[key] in (None, []):
-                continue
-            raise bad(f"{where}.{key} is not supported", f"{where}.{key}", "unsupported_parameter")
-        if "name" in m and not isinstance(m["name"], str):
-            raise bad(f"{where}.name must be a string", f"{where}.name", "invalid_type")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: text only
-            texts = []
-            for j, part in enumerate(content):
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise bad("only text content parts are supported", f"{where}.content[{j}]", "unsupported_parameter")
-                texts.append(part["text"])
-            content = "".join(texts)
-        if not isinstance(content, str):
-            raise bad(f"{where}.content must be a string or text parts", f"{where}.content", "invalid_type")
-        try:
-            content.encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate: not text a tokenizer can read
-            raise bad(
-                f"{where}.content is not valid text (a lone surrogate)", f"{where}.content", "invalid_value"
-            ) from None
-        # the chat templates know no "developer": it is the system message of newer models
-        out.append({"role": "system" if role == "developer" else role, "content": content})
-    return out
-
-
-def parse_request(req: Any) -> dict[str, Any]:
-    """The checked request, as the engine takes it (plus ``model``, ``stream``, ``include_usage``)."""
-    if not isinstance(req, dict):
-        raise bad("the request body must be a JSON object", "body", "invalid_type")
-    for key, value in req.items():
-        if key in SUPPORTED:
-            continue
-        if key in NEUTRAL:
-            if not NEUTRAL[key](value):
-                raise bad(f"{key}={value!r} is not supported by this server", key, "unsupported_value")
-            continue
-        raise bad(f"unknown or unsupported field: {key}", key, "unsupported_parameter")
-    model = req.get("model")
-    if not isinstance(model, str) or not model:
-        raise bad("model must be a model id", "model", "invalid_type")
-    max_tokens = _int(req, "max_tokens", 1)
-    max_completion = _int(req, "max_completion_tokens", 1)
-    if max_tokens is not None and max_completion is not None and max_tokens != max_completion:
-        raise bad("give max_completion_tokens or max_tokens, not both", "max_tokens")
-    stop = req.get("stop")
-    if stop is None:
-        stops: list[str] = []
-    elif isinstance(stop, str):
-        stops = [stop]
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= MAX_STOP:
-        stops = list(stop)
-    else:
-        raise bad(f"stop must be a string or up to {MAX_STOP} strings", "stop", "invalid_type")
-    logprobs = _bool(req, "logprobs")
-    top = _int(req, "top_logprobs", 0, MAX_TOP_LOGPROBS) or 0
-    if top and not logprobs:
-        raise bad("top_logprobs needs logprobs=true", "top_logprobs")
-    stream = _bool(req, "stream")
-    options = req.get("stream_options")
-    if options is not None:
-        if not stream:
-            raise bad("stream_options is only allowed with stream=true", "stream_options")
-        if not isinstance(options, dict) or set(options) - {"include_usage", "include_obfuscation"}:
-            raise bad("stream_options supports include_usage only", "stream_options", "unsupported_parameter")
-        if options.get("include_obfuscation"):
-            raise bad("include_obfuscation is not supported", "stream_options.include_obfuscation", "unsupported_value")
-    choices = req.get("guided_choice")
-    if choices is not None:
-        if (
-            not isinstance(choices, list)
-            or not 1 <= len(choices) <= MAX_CHOICES
-            or not all(isinstance(c, str) and c for c in choices)
-        ):
-            raise bad(f"guided_choice must be 1 to {MAX_CHOICES} non-empty strings", "guided_choice", "invalid_type")
-        for key in ("logprobs", "stop"):
-            if req.get(key):
-                raise bad(f"{key} cannot be combined with guided_choice", key, "unsupported_value")
-        if (req.get("n") or 1) > 1:
-            raise bad("guided_choice gives one answer: n must be 1", "n", "unsupported_value")
-    return {
-        "model": model,
-        "choices": list(choices) if choices else None,
-        "messages": _messages(req.get("messages")),
-        "max_tokens": max_completion or max_tokens,
-        "temperature": _float(req, "temperature", 0, 2),
-        "top_p": _float(req, "top_p", 0, 1),
-        "stop": stops,
-        "seed": _int(req, "seed", -(2**63), 2**63 - 1),
-        "n": _int(req, "n", 1, MAX_N) or 1,
-        "logprobs": logprobs,
-        "top_logprobs": top,
-        "stream": stream,
-        "include_usage": bool((options or {}).get("include_usage")),
-    }
+# the request is checked by request_rules.parse_chat; kept under its old name for callers
+parse_request = parse_chat
 
 
 class ChatRun:

@@ -1,10 +1,12 @@
 """Fine-tuning jobs with OpenAI's semantics, trained by a local worker process.
 
-Lifecycle: ``validating_files`` -> ``queued`` -> ``running`` -> ``succeeded`` | ``failed`` |
-``cancelled``. Creating a job validates its files right away (a bad file fails the job with
-OpenAI's codes) and makes sure a runner is alive: a detached process (``worker.runner``) that
-holds ``runner.lock``, trains queued jobs one at a time, and exits when none are left. Nothing
-needs starting by hand: every start of the CLI's local backend or the server calls ``kick``.
+A job's states and the moves between them are the contract's (``contract.TRANSITIONS``; every
+update here is conditioned on the states it may come from). Creating a job stores what was asked
+(``contract.JobSpec``) and makes sure a runner is alive, through the launcher the adapters give
+(``worker.launch``): a detached process that holds ``runner.lock``, checks new jobs' files (a bad
+file fails the job with OpenAI's codes; a good one stores the resolved description and queues
+it), trains queued jobs one at a time, and exits when none are left. Nothing needs starting by
+hand: every start of the CLI's local backend or the server calls ``kick``.
 
 A job whose worker died is found by the next runner (it holds the lock, so any ``running`` job
 is orphaned) and resumed from its last checkpoint, at most ``MAX_ATTEMPTS`` times in all; then
@@ -13,79 +15,52 @@ it fails with ``worker_died``.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
-import math
-import os
 import random
-import subprocess
-import sys
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..base_catalog import check_trainable
-from ..data.analysis import MIN_EXAMPLES, analyze_file
+from ..contract import (
+    MIN_EXAMPLES,
+    NEEDS_RUNNER,
+    SEED_MAX,
+    TERMINAL,
+    JobSpec,
+    JobStatus,
+    LabelSets,
+    LocalOptions,
+    SupervisedHyperparameters,
+    sources,
+    sql_in,
+)
+from ..data.analysis import analyze_file
 from ..errors import BackendError, DataError, NotFoundError
 from ..home import Home, safe_name
-from ..openai_facts import default_epochs
-from ..settings import SEED_MAX, suffix_problem
+from ..request_rules import check_names
+from ..request_rules import hyperparameters as checked_hyperparameters
 from ..store import Store, new_id, now
 from .files import FileService
 from .models import ModelService
 
-ACTIVE = ("validating_files", "queued", "running", "paused")
-TERMINAL = ("succeeded", "failed", "cancelled")
+S = JobStatus
 MAX_ATTEMPTS = 3
-BASE_LEARNING_RATE = {"lora": 1e-3, "full": 5e-5}
-
-
-def auto_batch_size(n_examples: int) -> int:
-    """OpenAI does not publish its rule; ours: about 1 batch per 20 examples, from 1 to 8."""
-    return max(1, min(8, n_examples // 20))
-
-
-def resolve_hyperparameters(hp: dict[str, Any], n_examples: int) -> dict[str, Any]:
-    out = dict(hp)
-    if out.get("n_epochs", "auto") == "auto":
-        out["n_epochs"] = default_epochs(n_examples)
-    if out.get("batch_size", "auto") == "auto":
-        out["batch_size"] = auto_batch_size(n_examples)
-    if out.get("learning_rate_multiplier", "auto") == "auto":
-        out["learning_rate_multiplier"] = 1.0
-    return out
-
-
-def check_hyperparameters(hp: dict[str, Any]) -> dict[str, Any]:
-    """OpenAI's ranges: n_epochs 1..50, batch_size 1..256, learning_rate_multiplier > 0, or "auto"."""
-    out: dict[str, Any] = {}
-    for key, lo, hi in (("n_epochs", 1, 50), ("batch_size", 1, 256)):
-        value = hp.get(key, "auto")
-        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi):
-            raise BackendError(
-                f"{key} must be an integer from {lo} to {hi} or 'auto', got {value!r}",
-                code="invalid_hyperparameters",
-                param=f"hyperparameters.{key}",
-            )
-        out[key] = value
-    lr = hp.get("learning_rate_multiplier", "auto")
-    if lr != "auto" and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf):
-        raise BackendError(
-            f"learning_rate_multiplier must be a finite number > 0 or 'auto', got {lr!r}",
-            code="invalid_hyperparameters",
-            param="hyperparameters.learning_rate_multiplier",
-        )
-    out["learning_rate_multiplier"] = lr
-    unknown = set(hp) - set(out)
-    if unknown:
-        raise BackendError(f"unknown hyperparameters: {', '.join(sorted(unknown))}", code="invalid_hyperparameters")
-    return out
+Launcher = Callable[[Home], None]  # starts a runner for a data directory (worker.launch)
 
 
 class JobService:
-    def __init__(self, store: Store, home: Home, files: FileService, models: ModelService) -> None:
+    def __init__(
+        self, store: Store, home: Home, files: FileService, models: ModelService, launcher: Launcher | None = None
+    ) -> None:
         self.store = store
         self.home = home
         self.files = files
         self.models = models
+        # the adapters (the CLI's local backend, the server) give the launcher; without one (the
+        # worker's own processes, which never start a runner) ``kick`` starts nothing
+        self.launcher = launcher
         self._kicked_at = 0.0  # when retrieve last looked for a runner (time.monotonic)
 
     # ---- create -------------------------------------------------------------------------
@@ -95,16 +70,18 @@ class JobService:
         model: str,
         training_file: str,
         validation_file: str | None = None,
-        hyperparameters: dict[str, Any] | None = None,
+        hyperparameters: SupervisedHyperparameters | Mapping[str, Any] | None = None,
         suffix: str | None = None,
         seed: int | None = None,
         metadata: dict[str, str] | None = None,
-        options: dict[str, Any] | None = None,
+        options: LocalOptions | Mapping[str, Any] | None = None,
         start: bool = True,
     ) -> dict[str, Any]:
-        """Create a job. ``options`` are local-only settings (LoRA, checkpointing, processes)."""
+        """Create a job. ``options`` are local-only settings (LoRA, checkpointing, processes):
+        ``LocalOptions``, or settings keys (``lora_r``) with defaults for the rest."""
         base = self.check_request(model=model, suffix=suffix, seed=seed)
-        hp = check_hyperparameters(hyperparameters or {})
+        hp = checked_hyperparameters(hyperparameters)
+        local = options if isinstance(options, LocalOptions) else _local_options(options or {})
         train = self.files.retrieve(training_file)
         valid = self.files.retrieve(validation_file) if validation_file else None
         for param, file in (("training_file", train), ("validation_file", valid)):
@@ -122,15 +99,19 @@ class JobService:
             "created_at": now(),
             "model": model,
             "base_model": base.id,
-            "status": "validating_files",
+            "status": S.VALIDATING_FILES,
             "training_file": train["id"],
             "validation_file": valid["id"] if valid else None,
-            "hyperparameters": hp,
+            "hyperparameters": hp.to_json(),
             "method": {"type": "supervised"},
             "suffix": suffix,
             "seed": seed,
             "metadata": meta or None,
-            "options": {"base": base.location if base.source != "gguf" else base.id, **(options or {})},
+            # the description as asked; resolved (epochs, batch size, label sets) and stored
+            # again, once, when the files are checked
+            "spec": JobSpec(
+                base=base.location if base.source != "gguf" else base.id, hyperparameters=hp, local=local
+            ).to_json(),
         }
         self.store.insert("jobs", row)
         if model != base.id:
@@ -151,16 +132,12 @@ class JobService:
         ids it checked."""
         done: list[str] = []
         while True:
-            rows = self.store.query(
-                "SELECT id FROM jobs WHERE status = 'validating_files' AND worker_pid IS NULL "
-                "ORDER BY created_at, rowid LIMIT 1"
-            )
+            waiting = sql_in([S.VALIDATING_FILES]) + " AND worker_pid IS NULL"
+            rows = self.store.query(f"SELECT id FROM jobs WHERE {waiting} ORDER BY created_at, rowid LIMIT 1")
             if not rows:
                 return done
             job_id = rows[0]["id"]
-            if not self.store.update(
-                "jobs", job_id, {"worker_pid": pid}, where="status = 'validating_files' AND worker_pid IS NULL"
-            ):
+            if not self.store.update("jobs", job_id, {"worker_pid": pid}, where=waiting):
                 continue  # another process took it
             self._check_files(self._row(job_id))
             done.append(job_id)
@@ -178,40 +155,39 @@ class JobService:
             if error is None and valid:
                 error, _ = self._validate(valid, "validation_file")
         if error:
-            if self._finish(job_id, "failed", error=error, worker_pid=None):
+            if self._finish(job_id, S.FAILED, error=error, worker_pid=None):
                 self.event(job_id, f"Training file validation failed: {error['message']}", level="error")
             return
-        options = dict(row["options"])
-        found = self._label_sets(train["path"])
-        if found is not None:  # a classification job: what constrained prediction chooses among
-            options["labels"] = found
+        asked = JobSpec.from_row(row)
+        spec = dataclasses.replace(
+            asked,
+            hyperparameters=asked.hyperparameters.resolved(n_train),
+            # a classification job: what constrained prediction chooses among
+            labels=self._label_sets(train["path"]),
+        )
         if self.store.update(
             "jobs",
             job_id,
             {
-                "status": "queued",
+                "status": S.QUEUED,
                 "worker_pid": None,
-                "hyperparameters": resolve_hyperparameters(row["hyperparameters"], n_train),
-                "options": options,
+                "hyperparameters": spec.hyperparameters.to_json(),
+                "spec": spec.to_json(),
             },
-            where="status = 'validating_files'",
+            where=sql_in([S.VALIDATING_FILES]),
         ):
             self.event(job_id, "Files validated, moving job to queued state")
 
     def check_request(self, *, model: str, suffix: str | None = None, seed: int | None = None) -> Any:
         """What can be refused before a file is uploaded: the model (and whether this machine can
         train it), the suffix and the seed. Returns the base model."""
-        problem = suffix_problem(suffix) if suffix is not None else None
-        if problem:
-            raise BackendError(problem, code="invalid_suffix", param="suffix")
-        if seed is not None and (isinstance(seed, bool) or not 0 <= seed <= SEED_MAX):
-            raise BackendError(f"seed must be from 0 to {SEED_MAX}, got {seed}", code="invalid_seed", param="seed")
+        check_names(suffix=suffix, seed=seed)
         base = self.models.trainable(model)
         check_trainable(base)
         return base
 
     @staticmethod
-    def _label_sets(path: str) -> dict[str, Any] | None:
+    def _label_sets(path: str) -> LabelSets | None:
         """The label sets of a training file whose answers are all label lists, else None."""
         from ..data.labels import label_sets
         from ..data.readers import loads
@@ -228,7 +204,7 @@ class JobService:
                     if not last or not isinstance(last[-1].get("content"), str):
                         return None
                     answers.append(last[-1]["content"])
-        return label_sets(answers)
+        return LabelSets.from_json(label_sets(answers))
 
     def _validate(self, file: dict[str, Any], param: str) -> tuple[dict[str, Any] | None, int]:
         """(OpenAI-style error or None, number of valid examples)."""
@@ -272,13 +248,20 @@ class JobService:
         of its process group) would otherwise leave the job ``running`` until the next job was
         created, and one kick at start-up can fall just before a dying runner lets go of its lock."""
         row = self._row(job_id)
-        if row["status"] in ("validating_files", "queued", "running") and time.monotonic() - self._kicked_at > 2.0:
+        if row["status"] in NEEDS_RUNNER and time.monotonic() - self._kicked_at > 2.0:
             self._kicked_at = time.monotonic()
             self.kick()
         return self.to_openai(row)
 
     def row(self, job_id: str) -> dict[str, Any]:
         return self._row(job_id)
+
+    def status(self, job_id: str) -> JobStatus:
+        return JobStatus(self._row(job_id)["status"])
+
+    def spec(self, job_id: str) -> JobSpec:
+        """The job's description: resolved once its files were checked, as asked before."""
+        return JobSpec.from_row(self._row(job_id))
 
     def list_jobs(
         self, *, limit: int = 20, after: str | None = None, metadata: dict[str, str] | None = None
@@ -381,17 +364,14 @@ class JobService:
         row = self._row(job_id)
         if row["status"] in TERMINAL:
             raise BackendError(
-                f"Job {job_id} has already {'been ' if row['status'] == 'cancelled' else ''}"
+                f"Job {job_id} has already {'been ' if row['status'] == S.CANCELLED else ''}"
                 f"{row['status']}; it cannot be cancelled",
                 code="job_not_cancellable",
                 status=409,
             )
         # the worker polls the status and stops; the runner kills it if it does not stop in time
         if self.store.update(
-            "jobs",
-            job_id,
-            {"status": "cancelled", "finished_at": now()},
-            where="status IN ('validating_files', 'queued', 'running', 'paused')",
+            "jobs", job_id, {"status": S.CANCELLED, "finished_at": now()}, where=sql_in(sources(S.CANCELLED))
         ):
             self.event(job_id, "Job was cancelled")
         return self.to_openai(self._row(job_id))
@@ -400,19 +380,19 @@ class JobService:
         """Pause a queued or running job. A running job's worker saves a checkpoint and stops,
         which frees the runner for other jobs; ``resume`` continues from that checkpoint."""
         row = self._row(job_id)
-        if not self.store.update("jobs", job_id, {"status": "paused"}, where="status IN ('queued', 'running')"):
+        if not self.store.update("jobs", job_id, {"status": S.PAUSED}, where=sql_in(sources(S.PAUSED))):
             raise BackendError(
                 f"Job {job_id} is {row['status']}; only a queued or running job can be paused",
                 code="job_not_pausable",
                 status=409,
             )
-        self.event(job_id, "Job paused" + (": saving a checkpoint" if row["status"] == "running" else ""))
+        self.event(job_id, "Job paused" + (": saving a checkpoint" if row["status"] == S.RUNNING else ""))
         return self.to_openai(self._row(job_id))
 
     def resume(self, job_id: str) -> dict[str, Any]:
         """Queue a paused job again; it continues from its last checkpoint."""
         row = self._row(job_id)
-        if not self.store.update("jobs", job_id, {"status": "queued"}, where="status = 'paused'"):
+        if not self.store.update("jobs", job_id, {"status": S.QUEUED}, where=sql_in([S.PAUSED])):
             raise BackendError(
                 f"Job {job_id} is {row['status']}; only a paused job can be resumed",
                 code="job_not_resumable",
@@ -422,20 +402,20 @@ class JobService:
         self.kick()
         return self.to_openai(self._row(job_id))
 
-    def _finish(self, job_id: str, status: str, *, error: dict[str, Any] | None = None, **changes: Any) -> bool:
-        """Move a job to a terminal state, unless it already is in one (a cancel wins)."""
+    def _finish(self, job_id: str, status: JobStatus, *, error: dict[str, Any] | None = None, **changes: Any) -> bool:
+        """Move a job to a terminal state, from a state that may go there (a cancel wins)."""
         return self.store.update(
             "jobs",
             job_id,
             {"status": status, "finished_at": now(), "error": error, **changes},
-            where="status NOT IN ('succeeded', 'failed', 'cancelled')",
+            where=sql_in(sources(status)),
         )
 
     def succeed(self, job_id: str, **changes: Any) -> bool:
-        return self._finish(job_id, "succeeded", **changes)
+        return self._finish(job_id, S.SUCCEEDED, **changes)
 
     def fail(self, job_id: str, code: str, message: str) -> bool:
-        ok = self._finish(job_id, "failed", error={"code": code, "message": message, "param": None})
+        ok = self._finish(job_id, S.FAILED, error={"code": code, "message": message, "param": None})
         if ok:
             self.event(job_id, f"Job failed: {message}", level="error")
         return ok
@@ -505,13 +485,13 @@ class JobService:
         self.validate_pending(pid)
         with self.store.tx() as conn:
             row = conn.execute(
-                "SELECT id FROM jobs WHERE status = 'queued' ORDER BY created_at, rowid LIMIT 1"
+                f"SELECT id FROM jobs WHERE {sql_in([S.QUEUED])} ORDER BY created_at, rowid LIMIT 1"
             ).fetchone()
             if row is None:
                 return None
             conn.execute(
-                "UPDATE jobs SET status = 'running', attempts = attempts + 1, worker_pid = ? WHERE id = ?",
-                (pid, row["id"]),
+                "UPDATE jobs SET status = ?, attempts = attempts + 1, worker_pid = ? WHERE id = ?",
+                (S.RUNNING.value, pid, row["id"]),
             )
         return self._row(row["id"])
 
@@ -521,7 +501,7 @@ class JobService:
         if row["attempts"] >= MAX_ATTEMPTS:
             self.fail(row["id"], "worker_died", f"{what} {row['attempts']} times; giving up (see {log})")
             return False
-        if self.store.update("jobs", row["id"], {"status": "queued"}, where="status = 'running'"):
+        if self.store.update("jobs", row["id"], {"status": S.QUEUED}, where=sql_in([S.RUNNING])):
             self.event(
                 row["id"],
                 "The training worker stopped unexpectedly; the job will resume from its last checkpoint",
@@ -533,17 +513,15 @@ class JobService:
     def recover_orphans(self) -> list[str]:
         """Called by a runner that holds the lock: every ``running`` job lost its worker, and a
         job whose file check was cut short is checked again."""
-        self.store.execute("UPDATE jobs SET worker_pid = NULL WHERE status = 'validating_files'")
+        self.store.execute(f"UPDATE jobs SET worker_pid = NULL WHERE {sql_in([S.VALIDATING_FILES])}")
         return [
             row["id"]
-            for row in self.store.query("SELECT * FROM jobs WHERE status = 'running'")
+            for row in self.store.query(f"SELECT * FROM jobs WHERE {sql_in([S.RUNNING])}")
             if self.requeue_or_fail(row, "the training worker died", str(self.home.logs / "runner.log"))
         ]
 
     def has_active(self) -> bool:
-        return bool(
-            self.store.query("SELECT 1 FROM jobs WHERE status IN ('validating_files', 'queued', 'running') LIMIT 1")
-        )
+        return bool(self.store.query(f"SELECT 1 FROM jobs WHERE {sql_in(NEEDS_RUNNER)} LIMIT 1"))
 
     def runner_alive(self) -> bool:
         with open(self.home.runner_lock, "a+") as fh:
@@ -555,30 +533,15 @@ class JobService:
             return False
 
     def kick(self) -> bool:
-        """Start a runner if jobs wait and none is alive. True if one was started."""
-        if not self.has_active() or self.runner_alive():
+        """Start a runner (through the launcher) if jobs wait and none is alive. True if one was started."""
+        if self.launcher is None or not self.has_active() or self.runner_alive():
             return False
-        log = open(self.home.logs / "runner.log", "ab")
-        env = dict(os.environ)
-        if env.pop("GPT_FINETUNE_SET_OMP_WAIT_POLICY", None):  # ours, for inference: training keeps the default
-            env.pop("OMP_WAIT_POLICY", None)
-        src = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        subprocess.Popen(
-            [sys.executable, "-m", "gpt_finetune.worker.runner", "--home", str(self.home.root)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-            env=env,
-            close_fds=True,
-        )
-        log.close()
+        self.launcher(self.home)
         return True
 
     # ---- shapes -------------------------------------------------------------------------
     def to_openai(self, row: dict[str, Any]) -> dict[str, Any]:
-        hp = row["hyperparameters"]
+        hp = row["hyperparameters"]  # OpenAI's view of the spec's, kept with it (``_check_files``)
         return {
             "id": row["id"],
             "object": "fine_tuning.job",
@@ -600,3 +563,14 @@ class JobService:
             "metadata": {**(row["metadata"] or {}), "base_model": row["base_model"]},
             "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
         }
+
+
+def _local_options(flat: Mapping[str, Any]) -> LocalOptions:
+    """Local options given as settings keys, checked against their declarations."""
+    unknown = sorted(set(flat) - set(LocalOptions.keys()))
+    if unknown:
+        raise BackendError(f"unknown local training option: {unknown[0]}", code="invalid_config")
+    try:
+        return LocalOptions.from_settings(flat)
+    except ValueError as exc:
+        raise BackendError(f"local training option {exc}", code="invalid_config") from None

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..base_catalog import DEFAULT_BASE_MODEL, gguf_path, is_openai_name, resolve_base
+from ..contract import JobSpec, JobStatus, sql_in
 from ..errors import BackendError, NotFoundError
 from ..home import Home
 from ..store import Store, now
@@ -81,7 +82,7 @@ class ModelService:
                 ids.append(resolve_base(self.local_base_model).id)
             except NotFoundError:
                 pass  # a job naming it fails with the reason; listing does not
-        for row in self.store.query("SELECT DISTINCT base_model FROM jobs WHERE status = 'succeeded'"):
+        for row in self.store.query(f"SELECT DISTINCT base_model FROM jobs WHERE {sql_in([JobStatus.SUCCEEDED])}"):
             if row["base_model"] not in ids:
                 ids.append(row["base_model"])
         return ids
@@ -228,9 +229,9 @@ class ModelService:
                     return self.local_base_model
             except NotFoundError:
                 pass
-        query = "SELECT options FROM jobs WHERE base_model = ? AND status = 'succeeded' LIMIT 1"
+        query = f"SELECT * FROM jobs WHERE base_model = ? AND {sql_in([JobStatus.SUCCEEDED])} LIMIT 1"
         for row in self.store.query(query, (model_id,)):
-            return str(row["options"].get("base") or model_id)
+            return JobSpec.from_row(row).base or model_id
         return None
 
     def delete(self, model_id: str) -> bool:

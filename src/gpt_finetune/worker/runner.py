@@ -1,7 +1,7 @@
 """The training runner: a detached process that trains queued jobs one at a time.
 
-Started by ``JobService.kick`` whenever jobs wait and no runner holds ``runner.lock``; exits when
-the queue is empty. Each job trains in a child process of its own (``local.train_job``, through
+Started by ``worker.launch.start_runner`` (through ``JobService.kick``) whenever jobs wait and no runner holds ``runner.lock``; exits when
+the queue is empty. Each job trains in a child process of its own (``worker.train_job``, through
 ``accelerate launch`` when ``num_processes`` > 1), so a job's memory is freed when it ends, and a
 cancelled job that does not stop within ``CANCEL_GRACE`` seconds is killed (a paused one
 within ``PAUSE_GRACE``: it saves a checkpoint first). The child dies with
@@ -22,6 +22,7 @@ import sys
 import time
 from typing import IO, Any
 
+from ..contract import JobSpec, JobStatus
 from ..local.memory import allocator_env
 from ..services import Services
 
@@ -39,8 +40,8 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 
 def child_command(services: Services, job: dict[str, Any]) -> list[str]:
-    args = ["--home", str(services.home.root), job["id"]]
-    n = int(job["options"].get("num_processes") or 1)
+    args = ["--home", str(services.home.root), "--runner-pid", str(os.getpid()), job["id"]]
+    n = JobSpec.from_row(job).local.run.num_processes
     if n > 1:
         # the launcher as a module of this interpreter: works whether or not the venv is on PATH
         return [
@@ -61,7 +62,7 @@ def child_command(services: Services, job: dict[str, Any]) -> list[str]:
 
 def run_job(services: Services, job: dict[str, Any]) -> None:
     jobs = services.jobs
-    env = dict(os.environ, GPT_FINETUNE_RUNNER_PID=str(os.getpid()), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.update(allocator_env(env))  # tcmalloc/jemalloc when installed: faster steps, lower peak
     log_path = services.home.job_dir(job["id"])
     log_path.mkdir(parents=True, exist_ok=True)
@@ -78,14 +79,14 @@ def run_job(services: Services, job: dict[str, Any]) -> None:
         stop_by: float | None = None  # when a cancelled or paused job's process is killed
         while child.poll() is None:
             time.sleep(0.5)
-            status = jobs.row(job["id"])["status"]
-            if status in ("cancelled", "paused") and stop_by is None:
-                stop_by = time.time() + (CANCEL_GRACE if status == "cancelled" else PAUSE_GRACE)
+            status = jobs.status(job["id"])
+            if status in (JobStatus.CANCELLED, JobStatus.PAUSED) and stop_by is None:
+                stop_by = time.time() + (CANCEL_GRACE if status == JobStatus.CANCELLED else PAUSE_GRACE)
             if stop_by is not None and time.time() > stop_by:
                 child.kill()
                 child.wait()
     row = jobs.row(job["id"])
-    if row["status"] == "running":  # the child died without finishing the job
+    if row["status"] == JobStatus.RUNNING:  # the child died without finishing the job
         if child.returncode and child.returncode < 0:
             jobs.event(job["id"], f"The training process was killed by signal {-child.returncode}", level="warn")
         jobs.requeue_or_fail(

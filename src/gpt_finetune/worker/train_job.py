@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from ..base_catalog import resolve_base
+from ..contract import JobSpec, JobStatus
 from ..errors import GptFinetuneError
 from ..local.base_weights import model_dir as base_model_dir
 from ..local.base_weights import needs_conversion
 from ..services import Services
-from ..services.jobs import BASE_LEARNING_RATE
 from ..services.models import fine_tuned_id
 
 RESULT_COLUMNS = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
@@ -64,15 +64,16 @@ def result_csv(services: Services, job_id: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="gpt_finetune.worker.train_job")
     ap.add_argument("--home", required=True)
+    ap.add_argument("--runner-pid", type=int, default=0, help="stop when this process is gone")
     ap.add_argument("job_id")
     args = ap.parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    services = Services.open(args.home)
+    rank = int(os.environ.get("RANK", "0"))  # accelerate's launcher numbers the processes
+    services = Services.open(args.home)  # the model cache from the environment (settings.from_env)
     jobs = services.jobs
     job = jobs.row(args.job_id)
     is_main = rank == 0
     try:
-        return _run(services, job, is_main)
+        return _run(services, job, is_main, args.runner_pid)
     except GptFinetuneError as exc:  # a known reason (not enough memory, no trainable example)
         if is_main:
             jobs.fail(job["id"], exc.code, exc.message + (f" ({exc.hint})" if exc.hint else ""))
@@ -102,53 +103,50 @@ def _base_dir(base: Any, home: Any) -> str:
     return base_model_dir(base, home)
 
 
-def _run(services: Services, job: dict[str, Any], is_main: bool) -> int:
+def _run(services: Services, job: dict[str, Any], is_main: bool, runner_pid: int = 0) -> int:
     from ..local.trainer import Hooks, TrainSpec, train
 
     jobs, home = services.jobs, services.home
     job_id = job["id"]
-    opts = job["options"]
-    hp = job["hyperparameters"]
-    base = resolve_base(opts.get("base") or job["base_model"])
+    spec = JobSpec.from_row(job)  # resolved when the files were checked
+    hp, local = spec.hyperparameters, spec.local
+    base = resolve_base(spec.base)
     if is_main and job["attempts"] == 1:
         jobs.event(job_id, "Fine-tuning job started")
     mdir = _base_dir(base, home)
     out_dir = home.job_dir(job_id) / "checkpoints"
     final_dir = home.model_dir(job_id)
-    training_type = opts.get("training_type", "lora")
-    spec = TrainSpec(
+    train_spec = TrainSpec(
         model_dir=mdir,
         training_file=str(services.files.path(job["training_file"])),
         validation_file=str(services.files.path(job["validation_file"])) if job["validation_file"] else None,
         output_dir=str(out_dir),
         final_dir=str(final_dir),
-        n_epochs=int(hp["n_epochs"]),
-        batch_size=int(hp["batch_size"]),
-        learning_rate=float(opts.get("base_learning_rate") or BASE_LEARNING_RATE[training_type])
-        * float(hp["learning_rate_multiplier"]),
+        n_epochs=int(hp.n_epochs),
+        batch_size=int(hp.batch_size),
+        learning_rate=local.model.learning_rate * float(hp.learning_rate_multiplier),
         seed=int(job["seed"]),
-        training_type=training_type,
-        lora={k[5:]: v for k, v in opts.items() if k.startswith("lora_") and v is not None},
-        max_length=int(opts.get("max_length") or 2048),
-        checkpoint_every_steps=int(opts.get("checkpoint_every_steps") or 0),
-        log_every_steps=int(opts.get("log_every_steps") or 0),
+        training_type=local.model.training_type,
+        lora=local.lora.to_json(),
+        max_length=local.model.max_length,
+        checkpoint_every_steps=local.run.checkpoint_every_steps or 0,
+        log_every_steps=local.run.log_every_steps or 0,
         resume_from=latest_checkpoint(out_dir),
-        torch_compile=bool(opts.get("torch_compile")),
-        gradient_checkpointing=opts.get("gradient_checkpointing"),
-        memory_limit_gb=opts.get("memory_limit_gb"),
-        micro_batch_tokens=opts.get("micro_batch_tokens"),
+        torch_compile=local.model.torch_compile,
+        gradient_checkpointing=local.memory.gradient_checkpointing,
+        memory_limit_gb=local.memory.memory_limit_gb,
+        micro_batch_tokens=local.memory.micro_batch_tokens,
         plan=job.get("plan"),  # made at the first start; a resumed job keeps it
     )
     model_id = fine_tuned_id(base.id, job["suffix"], job_id)
-    base_name = opts.get("base") or job["base_model"]
-    runner_pid = int(os.environ.get("GPT_FINETUNE_RUNNER_PID") or 0)
+    base_name = spec.base
     last_poll = [0.0, False]
 
     def should_stop() -> bool:
         if time.time() - last_poll[0] < 1.0:
             return bool(last_poll[1])
         last_poll[0] = time.time()
-        stop = jobs.row(job_id)["status"] != "running"
+        stop = jobs.status(job_id) != JobStatus.RUNNING
         if runner_pid and not stop:
             try:
                 os.kill(runner_pid, 0)
@@ -172,16 +170,16 @@ def _run(services: Services, job: dict[str, Any], is_main: bool) -> int:
         on_checkpoint=on_checkpoint,
         on_message=lambda text: jobs.event(job_id, text),
         should_stop=should_stop,
-        save_on_stop=lambda: jobs.row(job_id)["status"] == "paused",
+        save_on_stop=lambda: jobs.status(job_id) == JobStatus.PAUSED,
         on_plan=lambda plan: jobs.set_plan(job_id, plan),
     )
     if not is_main:
         hooks = Hooks(should_stop=should_stop)
-    result = train(spec, hooks)
+    result = train(train_spec, hooks)
     if not is_main:
         return 0
     if result.stopped:  # cancelled or paused (the status says so already), or the runner went away
-        if jobs.row(job_id)["status"] == "paused":
+        if jobs.status(job_id) == JobStatus.PAUSED:
             jobs.event(job_id, f"Job paused at step {result.global_step}; resume continues from there")
         return 0
     if result.full_valid_loss is not None:
