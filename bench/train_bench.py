@@ -85,14 +85,13 @@ RUNS = {
 def child_env(name: str) -> dict[str, str]:
     """A run's environment: ours as jobs start it (tcmalloc/jemalloc preloaded when installed,
     ``allocator_env``), TRL as a user starts it, and the two crossed runs."""
-    from gpt_finetune.local.memory import ALLOCATOR_ENV, allocator_env
+    from gpt_finetune.worker.allocator import allocator_env
 
     kind, _ = split_kind(name)
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    if kind == "ours-glibc":
-        env[ALLOCATOR_ENV] = "system"
+    choice = "system" if kind == "ours-glibc" else os.environ.get("GPT_FINETUNE_MALLOC")
     if kind.startswith("ours") or kind == "trl-ga-fastmalloc":
-        env.update(allocator_env(env))
+        env.update(allocator_env(env, choice))
     return env
 
 
@@ -114,6 +113,7 @@ def run(name: str, model_dir: str, train_file: str, out: str, args: argparse.Nam
     extra: dict = {}
     if kind.startswith("ours"):
         from gpt_finetune.local.trainer import Hooks, TrainSpec, train
+        from gpt_finetune.worker.allocator import prepare_process
 
         spec = TrainSpec(
             model_dir=model_dir,
@@ -131,6 +131,7 @@ def run(name: str, model_dir: str, train_file: str, out: str, args: argparse.Nam
             gradient_checkpointing=True if kind == "ours-gc" else None,
             **({"lora": ALL_LINEAR} if kind == "ours-al" else {}),
             torch_compile=kind == "ours-compile",
+            allocator=prepare_process(),  # as a job's process does (glibc's heap limit when no tcmalloc)
         )
         t = time.perf_counter()
         result = train(spec, Hooks())
@@ -182,7 +183,7 @@ def run(name: str, model_dir: str, train_file: str, out: str, args: argparse.Nam
         steps, seen = trainer.state.global_step, int(trainer._total_train_tokens)
         trainer.model.save_pretrained(out + "/adapter")
     stop.set()
-    from gpt_finetune.local.memory import allocator_in_use
+    from gpt_finetune.worker.allocator import allocator_in_use
 
     extra["allocator"] = allocator_in_use()
     return {"seconds": seconds, "steps": steps, "tokens": seen, "peak_rss_mb": peak[0] / 1e6, **extra}

@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-from gpt_finetune.local.memory import ALLOCATOR_ENV, ALLOCATORS, allocator_env, allocator_in_use
+from gpt_finetune.worker.allocator import ALLOCATORS, allocator_env, allocator_in_use
+
+ALLOCATOR_ENV = "GPT_FINETUNE_MALLOC"  # the malloc setting
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux's")
 
@@ -38,18 +40,18 @@ def test_nothing_installed_system_requested_or_already_preloaded_changes_nothing
     none, _ = finder({})
     assert allocator_env({}, find=none) == {}
     some, asked = finder({name: f"lib{name}.so" for name in ALLOCATORS})
-    assert allocator_env({ALLOCATOR_ENV: "system"}, find=some) == {}
+    assert allocator_env({}, "system", find=some) == {}
     assert allocator_env({"LD_PRELOAD": "/usr/lib/libmimalloc.so"}, find=some) == {}
     assert asked == []
 
 
 def test_a_named_library_is_preloaded_as_given():
-    env = allocator_env({ALLOCATOR_ENV: "/opt/lib/libjemalloc.so.2"}, find=lambda name: pytest.fail(name))
+    env = allocator_env({}, "/opt/lib/libjemalloc.so.2", find=lambda name: pytest.fail(name))
     assert env["LD_PRELOAD"] == "/opt/lib/libjemalloc.so.2"
 
 
 def child_allocator(env: dict[str, str]) -> str:
-    code = "from gpt_finetune.local.memory import allocator_in_use; print(allocator_in_use())"
+    code = "from gpt_finetune.worker.allocator import allocator_in_use; print(allocator_in_use())"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return out.stdout.strip()
 
@@ -63,5 +65,5 @@ def test_a_process_started_with_it_runs_on_it():
         pytest.skip("no tcmalloc or jemalloc installed (apt install libtcmalloc-minimal4)")
     name = "tcmalloc" if "tcmalloc" in added["LD_PRELOAD"] else "jemalloc"
     assert child_allocator({**base, **added}) == name
-    assert child_allocator({**base, **allocator_env({**base, ALLOCATOR_ENV: "system"})}) == "system"
+    assert child_allocator({**base, **allocator_env(base, "system")}) == "system"
     assert allocator_in_use() in ("system", "tcmalloc", "jemalloc")

@@ -5,6 +5,7 @@ literal of them is left in src/."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import re
 from pathlib import Path
 
@@ -142,6 +143,16 @@ def test_a_job_description_round_trips_and_old_rows_still_load():
     assert JobSpec.from_row(old) == spec
     assert spec.local.changed() == {"lora_r": 4, "lora_target_modules": ["q_proj"], "micro_batch_tokens": 700}
     assert SupervisedHyperparameters().resolved(200).batch_size == c.auto_batch_size(200)
+
+
+def test_defaults_are_declared_once():
+    """The trainer's and the tokenizer's defaults are the contract's."""
+    from gpt_finetune.local.tokenizer import summarize  # noqa: F401  (imports DEFAULT_MAX_LENGTH)
+    from gpt_finetune.local.trainer import TrainSpec
+
+    fields = {f.name: f for f in dataclasses.fields(TrainSpec)}
+    assert fields["max_length"].default == c.DEFAULT_MAX_LENGTH == c.ModelOptions().max_length
+    assert fields["lora"].default_factory() == c.LoraOptions()  # type: ignore[misc]
 
 
 def _literals(path: Path) -> list[tuple[int, object]]:

@@ -58,7 +58,7 @@ def test_a_training_process_converts_the_gguf_in_a_child_and_keeps_none_of_its_m
     """The conversion's two float32 copies would stay in the training process's heap, and its
     memory plan would count them as the model's (smaller micro-batches for the whole job)."""
     from gpt_finetune.local import base_weights as base_models
-    from gpt_finetune.local.memory import resident_bytes
+    from gpt_finetune.local.machine import resident_bytes
     from gpt_finetune.worker import train_job
 
     monkeypatch.setenv("GPT_FINETUNE_MODEL_CACHE", str(tmp_path / "fresh-cache"))

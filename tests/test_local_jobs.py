@@ -19,8 +19,8 @@ from conftest import ROOT, chat_example, toy_examples, write_jsonl
 
 from gpt_finetune.backends.base import Hyperparameters
 from gpt_finetune.backends.local import LocalBackend
-from gpt_finetune.local.memory import allocator_env
 from gpt_finetune.services import Services
+from gpt_finetune.worker.allocator import allocator_env
 
 
 def backend(home, **options):

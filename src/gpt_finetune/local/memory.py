@@ -22,11 +22,10 @@ Activation checkpointing (keep only each layer's input, recompute the rest in th
 about 1.3x the compute, a tenth of the memory per token) is turned on only for the micro-batches
 that need it: examples that fit the budget without it are packed together and run at full speed,
 and an example too long for that trains alone, checkpointed. A job that does not fit even then
-fails before training, with the numbers. glibc is told to return large freed blocks to the system
-(``limit_heap_growth``), without which the resident size of a long run drifts far above what is
-live; where tcmalloc or jemalloc is installed the runner preloads it instead (``allocator_env``),
-which reuses freed blocks without that drift. ``MEASURED_SLACK`` was measured on glibc; tcmalloc's
-peaks are a few per cent lower, so there the plan errs on the safe side.
+fails before training, with the numbers. The allocator a training process runs on is the worker's
+business (``worker.allocator``: tcmalloc preloaded where installed, else glibc told to return
+large freed blocks); ``MEASURED_SLACK`` was measured on glibc, and tcmalloc's peaks are a few per
+cent lower, so there the plan errs on the safe side.
 
 On a CUDA device the same plan is made against the device's free memory instead of the
 process's resident memory; the 4 GB default applies to the CPU.
@@ -36,11 +35,11 @@ from __future__ import annotations
 
 import random
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from ..errors import GptFinetuneError
 from .chat_data import IGNORE
+from .machine import available_bytes, resident_bytes
 
 GB = 1_000_000_000
 DEFAULT_MEMORY_LIMIT_GB = 4.0
@@ -116,117 +115,6 @@ class MemoryPlan:
         big = [i for i, c in enumerate(costs) if c > self.budget_bytes]
         groups = [([small[k] for k in g], False) for g in split_by_budget([costs[i] for i in small], self.budget_bytes)]
         return groups + [([i], True) for i in big]
-
-
-def limit_heap_growth() -> None:
-    """Serve large allocations from mmap and give them back when freed.
-
-    glibc raises its mmap threshold as large blocks are freed, after which a training step's
-    activation tensors come from the heap and freed ones are kept: measured here, a step's
-    resident peak drifted to twice what was live (bench/README.md). A fixed threshold turns the
-    drift off for blocks of 2 MB and more (a micro-batch's activations: 2,304 bytes a token per
-    hidden-size vector). Measured here on SmolLM2, 1,480-token micro-batches, five steps: peak
-    3.3 GB instead of 5.1 GB (and growing), at 9 % less speed (a page fault per fresh page).
-    Lower thresholds cost more: 1 MB a quarter of the speed in a training run, 64 kB a third.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 2 << 20)  # M_MMAP_THRESHOLD: fixed, which also stops its growth
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to tune
-
-
-# Faster allocators for a training process, in order of preference, by the names their packages
-# install (Debian/Ubuntu: libtcmalloc-minimal4, libgoogle-perftools4, libjemalloc2).
-ALLOCATORS = ("tcmalloc_minimal", "tcmalloc", "jemalloc")
-ALLOCATOR_ENV = "GPT_FINETUNE_MALLOC"
-
-
-def allocator_env(environ: dict[str, str], find: Any = None) -> dict[str, str]:
-    """Environment additions that start a training process on a caching allocator.
-
-    glibc maps each large tensor fresh and unmaps it when freed (``limit_heap_growth``: without
-    that its heap drifts to twice the live size), so every step pays a page fault per fresh 4 kB
-    page: a fifth of a CPU step's time. tcmalloc (or jemalloc) keeps freed pages in size classes
-    and reuses them, without glibc's heap fragmentation: measured here on the default model, a
-    step 1.5x faster (tcmalloc; 1.3x jemalloc) at a lower peak (bench/README.md). It is used when
-    installed, by preloading it into the training process (the only way to replace the allocator
-    of an already-built torch). ``GPT_FINETUNE_MALLOC``: unset or ``auto`` picks the first of
-    ``ALLOCATORS`` found; ``system`` keeps glibc; anything else is a library name or path to
-    preload. torch's own launcher (``torch.backends.xeon.run_cpu``) does the same but looks only
-    for unversioned ``libtcmalloc.so``/``libjemalloc.so`` outside Debian's multiarch directories,
-    and also pins cores and threads, which a job on a shared laptop should not.
-    """
-    import sys
-
-    choice = environ.get(ALLOCATOR_ENV, "auto").strip() or "auto"
-    preload = environ.get("LD_PRELOAD", "")
-    if choice == "system" or not sys.platform.startswith("linux") or "malloc" in preload:
-        return {}
-    if choice == "auto":
-        if find is None:
-            from ctypes.util import find_library as find
-        lib = next((found for name in ALLOCATORS if (found := find(name))), None)
-        if lib is None:
-            return {}
-    else:
-        lib = choice
-    return {
-        "LD_PRELOAD": f"{lib} {preload}".strip(),
-        # tcmalloc reports every allocation over 1 GB on stderr (the job's train.log): not news here
-        "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": environ.get("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40)),
-    }
-
-
-def allocator_in_use() -> str:
-    """The allocator this process runs on: a preloaded tcmalloc or jemalloc, else the system's."""
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return "system"
-    for name in ("tcmalloc", "jemalloc"):
-        if f"lib{name}" in maps:
-            return name
-    return "system"
-
-
-def resident_bytes() -> int:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def available_bytes() -> int | None:
-    """What the machine can still give (MemAvailable, or the cgroup's limit if lower)."""
-    found: list[int] = []
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    found.append(int(line.split()[1]) * 1024)
-    except OSError:
-        pass
-    for path, used_path in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
-    ):
-        try:
-            limit = Path(path).read_text().strip()
-            used = int(Path(used_path).read_text().strip())
-            if limit != "max" and int(limit) < 1 << 60:
-                found.append(int(limit) - used)
-        except (OSError, ValueError):
-            continue
-    return min(found) if found else None
 
 
 def activation_bytes_per_token(config: Any, checkpointing: bool, dtype_bytes: int, measured: int | None = None) -> int:

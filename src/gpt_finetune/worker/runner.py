@@ -23,8 +23,9 @@ import time
 from typing import IO, Any
 
 from ..contract import JobSpec, JobStatus
-from ..local.memory import allocator_env
 from ..services import Services
+from ..settings import from_env
+from .allocator import allocator_env
 
 CANCEL_GRACE = 10.0
 PAUSE_GRACE = 120.0  # a paused job saves a checkpoint before it stops
@@ -60,10 +61,10 @@ def child_command(services: Services, job: dict[str, Any]) -> list[str]:
     return [sys.executable, "-m", "gpt_finetune.worker.train_job", *args]
 
 
-def run_job(services: Services, job: dict[str, Any]) -> None:
+def run_job(services: Services, job: dict[str, Any], malloc: str | None = None) -> None:
     jobs = services.jobs
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.update(allocator_env(env))  # tcmalloc/jemalloc when installed: faster steps, lower peak
+    env.update(allocator_env(env, malloc))  # tcmalloc/jemalloc when installed: faster steps, lower peak
     log_path = services.home.job_dir(job["id"])
     log_path.mkdir(parents=True, exist_ok=True)
     with open(log_path / "train.log", "ab") as out:
@@ -113,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--home", required=True)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s runner[%(process)d] %(message)s")
+    # what the user set for training, from the environment the launcher gave (settings.from_env)
+    malloc = from_env("malloc")
     services = Services.open(args.home)
     fh = open(services.home.runner_lock, "a+")
     if not _try_lock(fh):
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         job = services.jobs.claim_next(os.getpid())
         if job is not None:
             log.info("training %s (attempt %s)", job["id"], job["attempts"])
-            run_job(services, job)
+            run_job(services, job, malloc)
             continue
         # nothing queued: let go, then look once more, so a job queued meanwhile is not stranded
         fcntl.flock(fh, fcntl.LOCK_UN)

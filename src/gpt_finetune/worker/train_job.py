@@ -27,6 +27,7 @@ from ..local.base_weights import model_dir as base_model_dir
 from ..local.base_weights import needs_conversion
 from ..services import Services
 from ..services.models import fine_tuned_id
+from .allocator import prepare_process
 
 RESULT_COLUMNS = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
 
@@ -127,7 +128,7 @@ def _run(services: Services, job: dict[str, Any], is_main: bool, runner_pid: int
         learning_rate=local.model.learning_rate * float(hp.learning_rate_multiplier),
         seed=int(job["seed"]),
         training_type=local.model.training_type,
-        lora=local.lora.to_json(),
+        lora=local.lora,
         max_length=local.model.max_length,
         checkpoint_every_steps=local.run.checkpoint_every_steps or 0,
         log_every_steps=local.run.log_every_steps or 0,
@@ -137,6 +138,7 @@ def _run(services: Services, job: dict[str, Any], is_main: bool, runner_pid: int
         memory_limit_gb=local.memory.memory_limit_gb,
         micro_batch_tokens=local.memory.micro_batch_tokens,
         plan=job.get("plan"),  # made at the first start; a resumed job keeps it
+        allocator=prepare_process(),
     )
     model_id = fine_tuned_id(base.id, job["suffix"], job_id)
     base_name = spec.base
