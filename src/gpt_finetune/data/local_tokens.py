@@ -19,8 +19,8 @@ transformers import: a fraction of the memory) and its chat template with jinja2
 Runs inside the block-parallel pass of ``analysis`` (forked workers share the tokenizer).
 
 Why a count cache rather than only the library's batch encoder: byte-level BPE in ``tokenizers``
-runs at about 0.9 M tokens/s here, a tenth of the OpenAI counter's rate, which made default
-``stats`` 3.5 times slower than ``--no-local``. A byte-level BPE tokenizer with the GPT-2
+runs at a tenth of the OpenAI counter's rate, which made default ``stats`` several times slower
+than ``--no-local`` (bench/README.md, "`stats` with the local model's token counts"). A byte-level BPE tokenizer with the GPT-2
 pre-tokenizer (SmolLM2's, and most byte-level models') never merges across a point where
 whitespace follows a non-whitespace character: every pattern of its pre-tokenizer regex either
 stops before whitespace or starts with it. So a text splits at those points into pieces (a run
