@@ -285,14 +285,16 @@ class LoraOptions(Group):
     r: int = setting(8, "LoRA rank", "int", lo=1)
     alpha: int = setting(16, "LoRA alpha (the update is scaled by alpha / r)", "int", lo=1)
     dropout: float = setting(0.05, "dropout on the LoRA input", "float", lo=0.0, hi=0.9)
-    target_modules: tuple[str, ...] = setting(LORA_TARGETS, "the layers given adapters (comma-separated)", "list")
+    target_modules: tuple[str, ...] = setting(LORA_TARGETS, "the layers given adapters", "list")
 
 
 @dataclass(frozen=True)
 class ModelOptions(Group):
     """What is trained and on what examples."""
 
-    training_type: str = setting("lora", "lora (an adapter) or full (every weight)", "choice", choices=("lora", "full"))
+    training_type: str = setting(
+        "lora", "what is trained (lora: an adapter; full: every weight)", "choice", choices=("lora", "full")
+    )
     max_length: int = setting(DEFAULT_MAX_LENGTH, "tokens of one example; longer prompts are shortened", "int", lo=1)
     base_learning_rate: float | None = setting(
         None,

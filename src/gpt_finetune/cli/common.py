@@ -72,7 +72,11 @@ def add_local_option_flags(p: argparse.ArgumentParser) -> None:
         spec = spec_of(f)
         if spec.flag:
             flag = "--" + key.replace("_", "-")
-            default = f.default if not isinstance(f.default, tuple) else ",".join(f.default)
+            default = f.default
+            if isinstance(default, tuple):
+                default = ",".join(default)
+            elif isinstance(default, bool):
+                default = str(default).lower()
             shown = "" if default is None else f" (default {default})"
             g.add_argument(flag, dest=key, type=typed(key, flag), metavar="VALUE", help=declared_help(spec) + shown)
 
