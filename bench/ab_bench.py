@@ -101,8 +101,8 @@ def main() -> None:
 
     commits = [extract(c) for c in args.commits.split(",")]
     OUT.mkdir(parents=True, exist_ok=True)
-    work = OUT / "work"
-    work.mkdir(exist_ok=True)
+    work = OUT / "work" / Path(args.data).stem  # prepared once per data file
+    work.mkdir(parents=True, exist_ok=True)
     train_file = work / "train.jsonl"
     if not train_file.is_file():
         prepare(
