@@ -311,6 +311,7 @@ def test_quickstart_runs_on_the_local_backend_whatever_keys_are_set(tmp_path, ca
     assert "local backend" in err and "sk-quickstart" not in err + out
     assert "Job ftjob-" in err and "succeeded" in err
     assert "Exact label-set match on 20 held-out issues: base " in out and "Macro-F1: base " in out
+    assert "TF-IDF + logistic regression 0." in out or "TF-IDF + logistic regression 1." in out
     table = out.split("\n\n")[0].splitlines()
     assert table[0].split() == ["issue", "title", "true", "labels", "base", "model", "fine-tuned"]
     assert len(table) == 2 + 3  # header, rule, --show rows

@@ -90,6 +90,14 @@ def cmd_quickstart(ns: argparse.Namespace) -> int:
         name: classification_metrics(held_out.reference_labels(), ev.as_labels(a), held_out.labels)
         for name, a in answers.items()
     }
+    # the cheap alternative on the same split: what the fine-tune has to beat to be worth it
+    from ..eval.baseline import TfidfBaseline
+
+    train_ex = ev.read_examples(str(out), task="classification")
+    tfidf = TfidfBaseline().fit(train_ex.prompt_texts(), train_ex.reference_labels(), held_out.labels)
+    scores["tfidf"] = classification_metrics(
+        held_out.reference_labels(), list[list[str] | None](tfidf.predict(held_out.prompt_texts())), held_out.labels
+    )
     results = [
         (p[-1]["content"].split(" body:")[0].removeprefix("title: "), truth, base, tuned)
         for p, truth, base, tuned in zip(
@@ -101,9 +109,12 @@ def cmd_quickstart(ns: argparse.Namespace) -> int:
     n = len(results)
     exact = {name: round(m["accuracy"] * n) for name, m in scores.items()}
     print(f"\nExact label-set match on {n} held-out issues: base {exact['base']}/{n}, fine-tuned {exact['tuned']}/{n}")
-    print(f"Macro-F1: base {scores['base']['macro_f1']:.3f}, fine-tuned {scores['tuned']['macro_f1']:.3f}")
     print(
-        f"Compare more models and a TF-IDF baseline: gpt-finetune eval -m {job.fine_tuned_model} -d {prepared.validation_output} --train {out}"
+        f"Macro-F1: base {scores['base']['macro_f1']:.3f}, fine-tuned {scores['tuned']['macro_f1']:.3f}, "
+        f"TF-IDF + logistic regression {scores['tfidf']['macro_f1']:.3f} (trained on the same {prepared.n_train} issues)"
+    )
+    print(
+        f"Compare more models, with intervals: gpt-finetune eval -m {job.fine_tuned_model} -d {prepared.validation_output} --train {out} --baseline both"
     )
     print(f"Fine-tuned model: {job.fine_tuned_model}")
     print(f'Ask it yourself:  gpt-finetune infer --model "{job.fine_tuned_model}" -q "title: ... body: ..."')
