@@ -276,3 +276,43 @@ def test_create_many_batches_greedy_requests_and_keeps_each_answer_or_error_in_p
         assert out[k]["usage"] == alone["usage"]
     assert isinstance(out[2], GptFinetuneError) and out[2].param == "presence_penalty"
     assert isinstance(out[4], GptFinetuneError) and out[4].status == 404
+
+
+def test_structured_outputs_choice_is_guided_choice_under_its_current_name():
+    msgs = [{"role": "user", "content": "x"}]
+    old = parse_request({"model": "m", "messages": msgs, "guided_choice": ["a", "b"]})
+    new = parse_request({"model": "m", "messages": msgs, "structured_outputs": {"choice": ["a", "b"]}})
+    assert old == new and new["choices"] == ["a", "b"]
+    both = {"model": "m", "messages": msgs, "guided_choice": ["a", "b"], "structured_outputs": {"choice": ["a", "b"]}}
+    assert parse_request(both)["choices"] == ["a", "b"]  # the same list twice is one constraint
+    for body, param in [
+        ({"structured_outputs": {"choice": ["a"]}, "guided_choice": ["b"]}, "guided_choice"),
+        ({"structured_outputs": {"json": {}}}, "structured_outputs.json"),
+        ({"structured_outputs": {"choice": []}}, "structured_outputs.choice"),
+        ({"structured_outputs": ["a"]}, "structured_outputs"),
+        ({"structured_outputs": {"choice": ["a"]}, "n": 2}, "n"),
+    ]:
+        with pytest.raises(BackendError) as exc:
+            parse_request({"model": "m", "messages": msgs, **body})
+        assert exc.value.param == param
+
+
+def test_label_choice_is_checked_field_by_field():
+    msgs = [{"role": "user", "content": "x"}]
+    ok = parse_request({"model": "m", "messages": msgs, "label_choice": {"labels": ["a", "b"], "label_format": "json"}})
+    assert ok["label_choice"] == (["a", "b"], "json") and ok["choices"] is None
+    assert parse_request({"model": "m", "messages": msgs, "label_choice": {"labels": ["a"]}})["label_choice"] == (
+        ["a"],
+        "seed",
+    )
+    for extra, param in [
+        ({"label_choice": {"labels": ["a", "a"]}}, "label_choice.labels"),
+        ({"label_choice": {"labels": []}}, "label_choice.labels"),
+        ({"label_choice": {"labels": ["a"], "label_format": "yaml"}}, "label_choice.label_format"),
+        ({"label_choice": {"labels": ["a"], "other": 1}}, "label_choice"),
+        ({"label_choice": {"labels": ["a"]}, "guided_choice": ["a"]}, "guided_choice"),
+        ({"label_choice": {"labels": ["a"]}, "logprobs": True}, "logprobs"),
+    ]:
+        with pytest.raises(BackendError) as exc:
+            parse_request({"model": "m", "messages": msgs, **extra})
+        assert exc.value.param == param

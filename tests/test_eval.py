@@ -61,6 +61,24 @@ def test_tfidf_baseline_learns_separable_labels():
     assert multi.predict(["crash error please add support"]) == [["bug", "feature"]]
 
 
+def test_the_svm_baseline_reads_character_ngrams_words_miss():
+    """Labels carried by identifiers inside words (``NodePortLocal``, ``nplctl``): whole-word
+    features never see a shared token, character n-grams do."""
+    from gpt_finetune.eval.baseline import SvmBaseline, TfidfBaseline
+
+    prompts = [f"crashinNodePortLocalv{i}" for i in range(12)] + [f"slowWindowsHostv{i}" for i in range(12)]
+    labels = [["npl"]] * 12 + [["windows"]] * 12
+    svm = SvmBaseline().fit(prompts, labels, ["npl", "windows"])
+    held = ["pleasefixNodePortLocalnow", "aWindowsHostquestion"]
+    assert svm.predict(held) == [["npl"], ["windows"]]
+    words = TfidfBaseline().fit(prompts, labels, ["npl", "windows"])
+    assert words.predict(held) != [["npl"], ["windows"]]  # every held-out word is new to it
+    multi = SvmBaseline().fit(
+        prompts + ["NodePortLocalWindowsHost"] * 6, labels + [["npl", "windows"]] * 6, ["npl", "windows"]
+    )
+    assert multi.predict(["NodePortLocalWindowsHostagain"]) == [["npl", "windows"]]
+
+
 # ---- label-constrained prediction on a tiny model ---------------------------------------------
 MSGS = [{"role": "system", "content": "Label it."}, {"role": "user", "content": "title: the proxy drops packets"}]
 CHOICES = ["'bug'", "'feature'", "'question'", "'bug','feature'"]
@@ -119,6 +137,48 @@ def test_guided_choice_through_the_chat_service(tmp_path, tiny_model_dir):
     assert err.value.param == "n"
 
 
+def test_a_constrained_answer_carries_its_confidence_among_the_candidates(tmp_path, tiny_model_dir):
+    """logprobs of a constrained answer: each candidate's share of the probability the model
+    gives the candidates together, from the same scores as computed one by one; they sum to one."""
+    pytest.importorskip("torch")
+    import math
+
+    from gpt_finetune.services import Services
+
+    services = Services.open(tmp_path / "home")
+    req = {
+        "model": str(tiny_model_dir),
+        "messages": MSGS,
+        "structured_outputs": {"choice": CHOICES},
+        "logprobs": True,
+        "top_logprobs": len(CHOICES),
+    }
+    answer = services.chat.create(req)["choices"][0]
+    (entry,) = answer["logprobs"]["content"]
+    expected = separate_scores(tiny_model_dir, MSGS, CHOICES)
+    total = math.log(sum(math.exp(s) for s in expected))
+    by_choice = {t["token"]: t["logprob"] for t in entry["top_logprobs"]}
+    assert set(by_choice) == set(CHOICES)
+    for choice, score in zip(CHOICES, expected, strict=True):
+        assert by_choice[choice] == pytest.approx(score - total, abs=1e-3)
+    assert sum(math.exp(v) for v in by_choice.values()) == pytest.approx(1.0, abs=1e-6)
+    assert entry["token"] == answer["message"]["content"] and entry["logprob"] == max(by_choice.values())
+    assert [t["logprob"] for t in entry["top_logprobs"]] == sorted(by_choice.values(), reverse=True)
+
+
+def test_calibration_by_hand():
+    from gpt_finetune.eval.metrics import calibration
+
+    cal = calibration([True, True, False, True], [0.95, 0.85, 0.85, 0.35], bins=10, thresholds=(0.8, 0.9))
+    # bins: [0.3, 0.4): acc 1, conf 0.35; [0.8, 0.9): acc 0.5, conf 0.85; [0.9, 1.0]: acc 1, conf 0.95
+    assert cal["ece"] == pytest.approx(0.25 * 0.65 + 0.5 * 0.35 + 0.25 * 0.05)
+    assert [b["n"] for b in cal["bins"]] == [1, 2, 1]
+    assert cal["at_threshold"] == [
+        {"threshold": 0.8, "coverage": 0.75, "accuracy": pytest.approx(2 / 3)},
+        {"threshold": 0.9, "coverage": 0.25, "accuracy": 1.0},
+    ]
+
+
 def test_eval_command_reports_models_and_the_baseline(tmp_path, tiny_model_dir, capsys):
     import json
 
@@ -143,6 +203,9 @@ def test_eval_command_reports_models_and_the_baseline(tmp_path, tiny_model_dir, 
     assert constrained["out_of_set_rate"] == 0.0  # constrained answers are always known label sets
     assert constrained["multi_label"] and "samples_jaccard" in constrained
     assert len(constrained["vs_baseline"]) == 3
+    assert 0 <= constrained["calibration"]["ece"] <= 1 and "calibration" not in results[f"{tiny_model_dir} (free)"]
+    assert sum(b["n"] for b in constrained["calibration"]["bins"]) == constrained["n"]
+    assert (report / "reliability.png").stat().st_size > 1000
     md = (report / "report.md").read_text()
     assert f"{results['tfidf+logreg']['macro_f1']:.3f}" in md and f"{constrained['macro_f1']:.3f}" in md
     assert (report / "per_label_f1.png").stat().st_size > 1000
@@ -207,3 +270,94 @@ def test_the_task_is_found_from_a_label_file_or_from_answers_that_are_labels(tmp
     (tmp_path / "s.labels.json").write_text(json.dumps({"labels": ["x"], "label_format": "seed"}))
     assert read_examples(sentences, task="answering").task_from == "given"
     assert read_examples(labels, labels_file=str(tmp_path / "s.labels.json")).task_from == "labels"
+
+
+def test_label_by_label_answers_follow_a_direct_computation_from_the_logits(tmp_path, tiny_model_dir):
+    """choose_labels: the best single label, then one more label while that makes a more likely
+    complete answer; every score equal to the full sequence scored on its own."""
+    pytest.importorskip("torch")
+    from gpt_finetune.data.labels import format_labels
+    from gpt_finetune.services import Services
+
+    labels = ["bug", "feature", "question", "windows"]
+    chosen: list[str] = []
+    current = float("-inf")
+    while len(chosen) < len(labels):  # the rule, computed by hand from separate full sequences
+        rest = [x for x in labels if x not in chosen]
+        scores = separate_scores(tiny_model_dir, MSGS, [format_labels([*chosen, x], "seed") for x in rest])
+        best = max(range(len(rest)), key=lambda i: scores[i])
+        if chosen and scores[best] <= current:
+            break
+        chosen.append(rest[best])
+        current = scores[best]
+    services = Services.open(tmp_path / "home")
+    req = {"model": str(tiny_model_dir), "messages": MSGS, "label_choice": {"labels": labels, "label_format": "seed"}}
+    answer = services.chat.create(req)["choices"][0]
+    assert answer["message"]["content"] == format_labels(chosen, "seed") and answer["finish_reason"] == "stop"
+    json_answer = services.chat.create({**req, "label_choice": {"labels": labels, "label_format": "json"}})
+    assert json_answer["choices"][0]["message"]["content"].startswith('["')
+
+
+def test_eval_label_by_label_on_multi_label_data(tmp_path, tiny_model_dir, capsys):
+    import json
+
+    from conftest import chat_example, write_jsonl
+
+    from gpt_finetune.cli.main import main
+
+    answers = ["'proxy'", "'ovs'", "'proxy','windows'"]
+    valid = write_jsonl(tmp_path / "valid.jsonl", [chat_example(i, answers[i % 3]) for i in range(6)])
+    (tmp_path / "valid.labels.json").write_text(json.dumps({"labels": ["ovs", "proxy", "windows"]}))
+    args = ["eval", "--backend", "local", "-m", str(tiny_model_dir), "-d", str(valid), "--baseline", "none"]
+    assert main([*args, "--mode", "all", "--json", "--max-tokens", "4"]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert set(results) == {f"{tiny_model_dir} ({k})" for k in ("free", "constrained", "labels")}
+    assert results[f"{tiny_model_dir} (labels)"]["out_of_set_rate"] == 0.0  # every answer is labels of the set
+
+
+def test_infer_shows_the_confidence_of_each_label_and_answers_label_by_label(tmp_path, tiny_model_dir, capsys):
+    import json
+
+    from gpt_finetune.cli.main import main
+
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"labels": ["bug", "feature", "question"], "label_format": "seed"}))
+    base = [
+        "infer",
+        "--backend",
+        "local",
+        "-m",
+        str(tiny_model_dir),
+        "-q",
+        "title: it crashes",
+        "--labels",
+        str(labels),
+    ]
+    assert main([*base, "--confidence"]) == 0
+    captured = capsys.readouterr()
+    answer = captured.out.strip()
+    shown = [line.split() for line in captured.err.splitlines() if line.strip()[:1].isdigit()]
+    assert sorted(label for _, label in shown) == ["'bug'", "'feature'", "'question'"]
+    assert sum(float(p) for p, _ in shown) == pytest.approx(1.0, abs=0.005)  # printed to 3 decimals
+    assert shown[0][1] == answer  # the most likely first, and it is the answer
+    assert main([*base, "--each-label"]) == 0
+    each = capsys.readouterr().out.strip()
+    assert each and all(x.strip("'") in ("bug", "feature", "question") for x in each.split(","))
+
+
+def test_eval_with_both_baselines_compares_with_the_better(tmp_path, tiny_model_dir, capsys):
+    import json
+
+    from conftest import chat_example, write_jsonl
+
+    from gpt_finetune.cli.main import main
+
+    answers = ["'proxy'", "'ovs'", "'windows'"]
+    train = write_jsonl(tmp_path / "train.jsonl", [chat_example(i, answers[i % 3]) for i in range(12)])
+    valid = write_jsonl(tmp_path / "valid.jsonl", [chat_example(i, answers[i % 3]) for i in range(12, 18)])
+    args = ["eval", "--backend", "local", "-m", str(tiny_model_dir), "-d", str(valid), "--train", str(train)]
+    assert main([*args, "--mode", "free", "--max-tokens", "4", "--baseline", "both", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert {"tfidf+logreg", "ngrams+svm"} <= set(results)
+    better = max(("tfidf+logreg", "ngrams+svm"), key=lambda n: results[n]["macro_f1"])
+    assert results[str(tiny_model_dir)]["baseline"] == better

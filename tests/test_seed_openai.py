@@ -246,3 +246,46 @@ def test_the_openai_backend_answers_the_protocol_verbs_commands_use(fake):
     failed = backend.chat_many([{"model": "ft:a", "messages": [{"role": "user", "content": "q"}]}])
     assert len(failed) == 1 and isinstance(failed[0], BackendError)
     assert backend.job_spec("ftjob-1") is None and backend.job_label_sets("ftjob-1") is None
+
+
+def test_a_server_that_ignores_the_choice_constraint_is_named_not_scored(fake, tmp_path, capsys):
+    """The fake answers 'proxy' whatever it is asked (as vLLM 0.12+ does with guided_choice, and
+    any server without the extension): label-constrained eval refuses to score that, infer warns,
+    and what was sent is vLLM's current field."""
+    import json
+
+    from gpt_finetune.cli.main import main
+
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps(["bug", "feature"]))
+    assert run_seed("infer", ["--key", KEY, "-m", "ft:x", "-q", "title: x", "--labels", str(labels)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "'proxy'\n" and "ignored the choice constraint" in captured.err
+    sent = fake.bodies("POST", "/v1/chat/completions")[-1]
+    assert sent["structured_outputs"] == {"choice": ["'bug'", "'feature'"]} and "guided_choice" not in sent
+    held = tmp_path / "held.jsonl"
+    held.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": a}]}) + "\n"
+            for i, a in enumerate(["'bug'", "'feature'"] * 3)
+        )
+    )
+    code = main(
+        [
+            "eval",
+            "--key",
+            KEY,
+            "-m",
+            "ft:x",
+            "-d",
+            str(held),
+            "--labels",
+            str(labels),
+            "--mode",
+            "constrained",
+            "--baseline",
+            "none",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and "ignored the choice constraint" in err and "--mode free" in err

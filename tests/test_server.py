@@ -413,15 +413,26 @@ def test_the_seed_scripts_and_the_openai_backend_run_unchanged_against_the_serve
 
 
 def test_guided_choice_through_the_sdk(server):
-    """The label-constrained extension, as a plain openai client sends it (extra_body)."""
+    """The label-constrained extension, as a plain openai client sends it (extra_body): vLLM's
+    current structured_outputs.choice and its old guided_choice give the same answer."""
     choices = ["'bug'", "'feature'", "'question'"]
     answer = server.client().chat.completions.create(
         model="tiny-llama", messages=MSGS, extra_body={"guided_choice": choices}
     )
     assert answer.choices[0].message.content in choices and answer.choices[0].finish_reason == "stop"
+    current = server.client().chat.completions.create(
+        model="tiny-llama", messages=MSGS, extra_body={"structured_outputs": {"choice": choices}}
+    )
+    assert current.choices[0].message.content == answer.choices[0].message.content
     with pytest.raises(openai.BadRequestError) as err:
         server.client().chat.completions.create(model="tiny-llama", messages=MSGS, extra_body={"guided_choice": []})
     assert err.value.body["param"] == "guided_choice"
+    with pytest.raises(openai.BadRequestError) as err:
+        server.client().chat.completions.create(
+            model="tiny-llama", messages=MSGS, extra_body={"structured_outputs": {"regex": "[a-z]+"}}
+        )
+    assert err.value.body["param"] == "structured_outputs.regex"
+    assert err.value.body["code"] == "unsupported_parameter"
 
 
 def test_eval_through_the_openai_backend_equals_eval_on_the_local_engine(server, tmp_path):

@@ -47,6 +47,7 @@ TEMPERATURE_RANGE = (0.0, 2.0)
 TOP_P_RANGE = (0.0, 1.0)
 
 DEFAULT_MAX_LENGTH = 2048  # tokens of one training example (longer prompts are shortened)
+LABEL_FORMATS = ("seed", "json", "comma")  # how labels are written in answers (data.labels)
 
 
 def suffix_problem(suffix: str) -> str | None:

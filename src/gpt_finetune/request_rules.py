@@ -23,6 +23,7 @@ from typing import Any
 from .contract import (
     AUTO,
     HYPERPARAMETERS,
+    LABEL_FORMATS,
     MAX_CHOICES,
     MAX_MESSAGES,
     MAX_METADATA_KEYS,
@@ -278,7 +279,69 @@ CHAT_FIELDS: Mapping[str, Spec] = {
     "stream": Spec("bool", "answer as server-sent events", nullable=True),
 }
 # the fields with a shape of their own (checked in ``parse_chat``)
-SHAPED = ("model", "messages", "stop", "stream_options", "guided_choice")
+SHAPED = ("model", "messages", "stop", "stream_options", "guided_choice", "structured_outputs", "label_choice")
+
+
+def choice_constraint(choices: list[str]) -> dict[str, Any]:
+    """The request fields that constrain an answer to one of ``choices``, as clients send them
+    today: vLLM's ``structured_outputs`` (its ``guided_choice`` was removed in v0.12 and is now
+    ignored there). This server accepts both."""
+    return {"structured_outputs": {"choice": list(choices)}}
+
+
+def label_constraint(labels: list[str], label_format: str) -> dict[str, Any]:
+    """The request field that asks for any subset of ``labels``, label by label (this project's
+    extension ``label_choice``)."""
+    return {"label_choice": {"labels": list(labels), "label_format": label_format}}
+
+
+def _label_choice(req: Mapping[str, Any]) -> tuple[list[str], str] | None:
+    value = req.get("label_choice")
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) - {"labels", "label_format"}:
+        raise bad("label_choice takes labels and label_format", "label_choice", "invalid_type")
+    labels = value.get("labels")
+    if (
+        not isinstance(labels, list)
+        or not 1 <= len(labels) <= MAX_CHOICES
+        or not all(isinstance(x, str) and x.strip() for x in labels)
+        or len(set(labels)) != len(labels)
+    ):
+        raise bad(
+            f"label_choice.labels must be 1 to {MAX_CHOICES} distinct labels", "label_choice.labels", "invalid_type"
+        )
+    style = value.get("label_format", "seed")
+    if style not in LABEL_FORMATS:
+        raise bad(f"label_choice.label_format must be one of {', '.join(LABEL_FORMATS)}", "label_choice.label_format")
+    for key in ("guided_choice", "structured_outputs", "logprobs", "stop"):
+        if req.get(key):
+            raise bad(f"{key} cannot be combined with label_choice", key, "unsupported_value")
+    if (req.get("n") or 1) > 1:
+        raise bad("label_choice gives one answer: n must be 1", "n", "unsupported_value")
+    return list(labels), style
+
+
+def _choices(req: Mapping[str, Any]) -> Any:
+    """The candidate answers of a request: ``structured_outputs.choice`` or ``guided_choice``."""
+    structured = req.get("structured_outputs")
+    legacy = req.get("guided_choice")
+    if structured is None:
+        return legacy
+    if not isinstance(structured, dict):
+        raise bad("structured_outputs must be an object", "structured_outputs", "invalid_type")
+    other = sorted(set(structured) - {"choice"})
+    if other:  # json, regex, grammar, ...: not what this engine constrains to
+        raise bad(
+            f"structured_outputs.{other[0]} is not supported; this server constrains answers to a choice only",
+            f"structured_outputs.{other[0]}",
+            "unsupported_parameter",
+        )
+    if legacy is not None and legacy != structured.get("choice"):
+        raise bad("give structured_outputs.choice or guided_choice, not both", "guided_choice", "invalid_value")
+    return structured.get("choice")
+
+
 # fields accepted only with the value that changes nothing (clients send them by default)
 NEUTRAL: dict[str, Callable[[Any], bool]] = {
     "presence_penalty": lambda v: v in (None, 0),
@@ -388,23 +451,24 @@ def parse_chat(req: Any) -> dict[str, Any]:
             raise bad("stream_options supports include_usage only", "stream_options", "unsupported_parameter")
         if options.get("include_obfuscation"):
             raise bad("include_obfuscation is not supported", "stream_options.include_obfuscation", "unsupported_value")
-    choices = req.get("guided_choice")
+    choices = _choices(req)
     if choices is not None:
+        field = "guided_choice" if req.get("structured_outputs") is None else "structured_outputs.choice"
         if (
             not isinstance(choices, list)
             or not 1 <= len(choices) <= MAX_CHOICES
             or not all(isinstance(c, str) and c for c in choices)
         ):
-            raise bad(f"guided_choice must be 1 to {MAX_CHOICES} non-empty strings", "guided_choice", "invalid_type")
-        for key in ("logprobs", "stop"):
-            if req.get(key):
-                raise bad(f"{key} cannot be combined with guided_choice", key, "unsupported_value")
+            raise bad(f"{field} must be 1 to {MAX_CHOICES} non-empty strings", field, "invalid_type")
+        if req.get("stop"):  # logprobs are the candidates' (the chosen one's and the most likely)
+            raise bad(f"stop cannot be combined with {field}", "stop", "unsupported_value")
         if (v["n"] or 1) > 1:
-            raise bad("guided_choice gives one answer: n must be 1", "n", "unsupported_value")
+            raise bad(f"{field} gives one answer: n must be 1", "n", "unsupported_value")
     temperature, top_p = v["temperature"], v["top_p"]
     return {
         "model": model,
         "choices": list(choices) if choices else None,
+        "label_choice": _label_choice(req),
         "messages": _messages(req.get("messages")),
         "max_tokens": v["max_completion_tokens"] or v["max_tokens"],
         "temperature": float(temperature) if temperature is not None else None,
@@ -442,6 +506,7 @@ def chat_schema() -> dict[str, Any]:
         },
     }
     plain = {key: spec.json_schema() for key, spec in CHAT_FIELDS.items()}
+    choice = {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": MAX_CHOICES}
     return {
         "type": "object",
         "required": ["model", "messages"],
@@ -460,11 +525,22 @@ def chat_schema() -> dict[str, Any]:
             "presence_penalty": {"type": ["number", "null"], "enum": [0, None]},
             "frequency_penalty": {"type": ["number", "null"], "enum": [0, None]},
             "user": {"type": "string"},
-            "guided_choice": {
-                "type": "array",
-                "items": {"type": "string", "minLength": 1},
-                "minItems": 1,
-                "maxItems": MAX_CHOICES,
+            "guided_choice": choice,
+            "label_choice": {
+                "type": "object",
+                "required": ["labels"],
+                "properties": {
+                    "labels": {**choice, "uniqueItems": True},
+                    "label_format": {"type": "string", "enum": list(LABEL_FORMATS)},
+                },
+                "additionalProperties": False,
+                "description": "answer with any subset of these labels, chosen label by label, in this format",
+            },
+            "structured_outputs": {
+                "type": "object",
+                "properties": {"choice": choice},
+                "additionalProperties": False,
+                "description": "answer with the most likely of these strings (vLLM's field; guided_choice is its old name)",
             },
         },
     }

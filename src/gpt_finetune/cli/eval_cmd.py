@@ -41,15 +41,18 @@ def add_eval(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--mode",
-        choices=["free", "constrained", "both"],
+        choices=["free", "constrained", "labels", "both", "all"],
         default=None,
-        help="classification: free generation, label-constrained, or both (default: both on the local backend, free otherwise)",
+        help="classification: free generation, label-constrained (one of the label sets seen in training), "
+        "label by label (any subset of the labels: multi-label data), both (free and constrained) or all "
+        "three (default: both on the local backend, free otherwise)",
     )
     p.add_argument(
         "--baseline",
-        choices=["tfidf", "none"],
+        choices=["tfidf", "svm", "both", "none"],
         default="tfidf",
-        help="classic baseline for classification (default tfidf)",
+        help="cheap baseline for classification: TF-IDF + logistic regression (default), word and character "
+        "n-grams + linear SVM, or both (each model is then compared with the better of the two on this data)",
     )
     p.add_argument(
         "--train", metavar="FILE", help="training chat JSONL: fits the baseline and gives the candidate label sets"
@@ -84,7 +87,12 @@ def default_batch() -> int:
 def cmd_eval(ns: argparse.Namespace) -> int:
     try:
         from ..eval import evaluate as ev
-        from ..eval.metrics import answering_metrics, bootstrap_macro_f1_difference, classification_metrics
+        from ..eval.metrics import (
+            answering_metrics,
+            bootstrap_macro_f1_difference,
+            calibration,
+            classification_metrics,
+        )
     except ImportError as exc:  # scikit-learn, rouge-score
         raise DependencyError(f"evaluation needs {exc.name}", hint="pip install 'gpt-finetune[eval]'") from None
     from tqdm import tqdm
@@ -110,48 +118,61 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     if ex.task == "classification":
         refs = ex.reference_labels()
         mode = ns.mode or ("both" if backend.traits.guided_choice else "free")
+        kinds = {"both": ["free", "constrained"], "all": ["free", "constrained", "labels"]}.get(mode, [mode])
         choices = None
-        if mode != "free":
+        if "constrained" in kinds:
             choices = list(recorded.label_sets) if recorded and not ns.train else ev.candidates(ex, train)
         if choices and not ns.json:
             info(
                 f"Constrained to {len(choices)} label sets: {', '.join(choices[:8])}{' ...' if len(choices) > 8 else ''}"
             )
         for model in ns.models:
-            for kind in ["free", "constrained"] if mode == "both" else [mode]:
-                name = f"{model} ({kind})" if mode == "both" else model
+            for kind in kinds:
+                name = f"{model} ({kind})" if len(kinds) > 1 else model
+                confidences: list[float | None] = []
                 with tqdm(total=len(ex.prompts), desc=name[:40], file=sys.stderr, disable=ns.json) as bar:
                     answers = ev.predict(
                         backend,
                         model,
                         ex,
                         choices=choices if kind == "constrained" else None,
+                        label_choice=(ex.labels, ex.label_format) if kind == "labels" else None,
                         max_tokens=ns.eval_max_tokens,
                         progress=bar,
                         batch_size=ns.eval_batch,
+                        confidences=confidences if kind == "constrained" else None,
                     )
                 predictions[name] = ev.as_labels(answers)
                 results[name] = classification_metrics(refs, predictions[name], ex.labels)
+                if confidences and all(c is not None for c in confidences):
+                    correct = [p is not None and set(p) == set(r) for r, p in zip(refs, predictions[name], strict=True)]
+                    results[name]["calibration"] = calibration(correct, [c for c in confidences if c is not None])
         names = list(results)
         for name in names[1:]:  # how each differs from the first model (e.g. fine-tuned vs base)
             results[name]["vs_first"] = [
                 names[0],
                 *bootstrap_macro_f1_difference(refs, predictions[name], predictions[names[0]], ex.labels),
             ]
-        if ns.baseline == "tfidf":
+        if ns.baseline != "none":
             if train is None:
-                raise ConfigError(
-                    "the TF-IDF baseline needs training data", hint="give --train FILE, or --baseline none"
-                )
-            from ..eval.baseline import TfidfBaseline
+                raise ConfigError("the baseline needs training data", hint="give --train FILE, or --baseline none")
+            from ..eval.baseline import BASELINES
 
-            base = TfidfBaseline().fit(train.prompt_texts(), train.reference_labels(), ex.labels)
-            predictions["tfidf+logreg"] = list(base.predict(ex.prompt_texts()))
-            results["tfidf+logreg"] = classification_metrics(refs, predictions["tfidf+logreg"], ex.labels)
-            for name in list(results)[:-1]:
+            models = list(results)
+            fitted = []
+            for key in ["tfidf", "svm"] if ns.baseline == "both" else [ns.baseline]:
+                base = BASELINES[key]().fit(train.prompt_texts(), train.reference_labels(), ex.labels)
+                predictions[base.name] = list(base.predict(ex.prompt_texts()))
+                results[base.name] = classification_metrics(refs, predictions[base.name], ex.labels)
+                fitted.append(base.name)
+            # the comparison that counts is with the best cheap alternative on this data
+            best = max(fitted, key=lambda n: results[n]["macro_f1"])
+            for name in models:
                 results[name]["vs_baseline"] = bootstrap_macro_f1_difference(
-                    refs, predictions[name], predictions["tfidf+logreg"], ex.labels
+                    refs, predictions[name], predictions[best], ex.labels
                 )
+                if len(fitted) > 1:
+                    results[name]["baseline"] = best
     else:
         for model in ns.models:
             with tqdm(total=len(ex.prompts), desc=model[:40], file=sys.stderr, disable=ns.json) as bar:

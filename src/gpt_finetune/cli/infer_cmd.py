@@ -7,9 +7,10 @@ import sys
 from typing import Any
 
 from ..backends.base import Backend, chat_text
-from ..contract import UNSUCCESSFUL, JobStatus
+from ..contract import MAX_TOP_LOGPROBS, UNSUCCESSFUL, JobStatus
 from ..errors import BackendError, ConfigError
-from .common import add_config_flag, add_connection_flags, get_backend, settings_from, typed
+from ..request_rules import choice_constraint, label_constraint
+from .common import add_config_flag, add_connection_flags, get_backend, settings_from, typed, warn
 
 
 def add_infer(p: argparse.ArgumentParser) -> None:
@@ -29,6 +30,17 @@ def add_infer(p: argparse.ArgumentParser) -> None:
         help="answer with one of these labels (prepare's .labels.json or a JSON list), scored as the model "
         "was trained to write them (label-constrained; local models and this project's server)",
     )
+    p.add_argument(
+        "--each-label",
+        action="store_true",
+        help="with --labels: answer with any subset of the labels, chosen label by label (multi-label data; "
+        "this project's engine and server)",
+    )
+    p.add_argument(
+        "--confidence",
+        action="store_true",
+        help="with --labels: also show how likely each label is (on stderr; the answer stays alone on stdout)",
+    )
     b = p.add_argument_group("batch (OpenAI's Batch API line format, or chat JSONL)")
     b.add_argument("--input", dest="batch_input", metavar="FILE", help="requests, one per line")
     b.add_argument("--output", dest="batch_output", metavar="FILE", help="results (resumable: rerun to finish)")
@@ -36,11 +48,9 @@ def add_infer(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_infer)
 
 
-def label_choices(path: str) -> list[str]:
-    """Each label of a label file, written in its label format (the sidecar says which)."""
+def label_file(path: str) -> tuple[list[str], str]:
+    """The labels of a label file and their format (prepare's sidecar says which; else seed)."""
     import json
-
-    from ..data.labels import format_labels
 
     try:
         info = json.loads(open(path, encoding="utf-8").read())
@@ -50,6 +60,14 @@ def label_choices(path: str) -> list[str]:
     style = info.get("label_format", "seed") if isinstance(info, dict) else "seed"
     if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
         raise ConfigError(f"--labels {path}: expected a list of labels (or prepare's .labels.json)")
+    return labels, style
+
+
+def label_choices(path: str) -> list[str]:
+    """Each label of a label file, written in its label format (the sidecar says which)."""
+    from ..data.labels import format_labels
+
+    labels, style = label_file(path)
     return [format_labels([x], style) for x in labels]
 
 
@@ -61,15 +79,28 @@ def cmd_batch(ns: argparse.Namespace, backend: Backend, model: str | None) -> in
 
     if not ns.batch_output:
         raise ConfigError("--input needs --output FILE")
-    choices = label_choices(ns.infer_labels) if ns.infer_labels else None
+    choices = label_choices(ns.infer_labels) if ns.infer_labels and not ns.each_label else None
+    constraint = (
+        label_constraint(*label_file(ns.infer_labels))
+        if ns.infer_labels and ns.each_label
+        else choice_constraint(choices)
+        if choices
+        else {}
+    )
 
     def chat(body: dict[str, Any]) -> dict[str, Any]:
         if body.get("stream"):
             raise BackendError("stream is not supported in batch requests", param="body.stream")
         body = dict(body)
-        if choices:
-            body["extra_body"] = {**(body.get("extra_body") or {}), "guided_choice": choices}
+        if constraint:
+            body["extra_body"] = {**(body.get("extra_body") or {}), **constraint}
         response: Any = backend.chat(**body)
+        if choices and (response.choices[0].message.content or "").strip() not in choices:
+            raise BackendError(
+                "the answer is none of the labels: the server ignored the choice constraint "
+                "(structured_outputs.choice)",
+                code="constraint_ignored",
+            )
         return response.model_dump(mode="json", exclude_unset=True)  # type: ignore[no-any-return]
 
     def chat_many(bodies: list[dict[str, Any]]) -> list[Any]:
@@ -80,7 +111,7 @@ def cmd_batch(ns: argparse.Namespace, backend: Backend, model: str | None) -> in
             if body.get("stream"):
                 out[i] = BackendError("stream is not supported in batch requests", param="body.stream")
             else:
-                todo.append((i, {**body, **({"guided_choice": choices} if choices else {})}))
+                todo.append((i, {**body, **constraint}))
         for (i, _), answer in zip(todo, backend.chat_many([b for _, b in todo]), strict=True):
             out[i] = answer
         return out
@@ -154,8 +185,15 @@ def cmd_infer(ns: argparse.Namespace) -> int:
     messages = ([{"role": "system", "content": s.sys_prompt}] if s.sys_prompt else []) + [
         {"role": "user", "content": question}
     ]
-    extra = {"extra_body": {"guided_choice": label_choices(ns.infer_labels)}} if ns.infer_labels else {}
-    response = backend.chat(
+    choices = label_choices(ns.infer_labels) if ns.infer_labels and not ns.each_label else None
+    extra: dict[str, Any] = {"extra_body": choice_constraint(choices)} if choices else {}
+    if ns.infer_labels and ns.each_label:
+        if ns.confidence:
+            raise ConfigError("--confidence is for one label set (--labels without --each-label)")
+        extra = {"extra_body": label_constraint(*label_file(ns.infer_labels))}
+    if choices and ns.confidence:
+        extra.update(logprobs=True, top_logprobs=min(len(choices), MAX_TOP_LOGPROBS))
+    response: Any = backend.chat(
         model=model,
         messages=messages,
         max_tokens=None if extra else s.max_tokens,
@@ -163,11 +201,27 @@ def cmd_infer(ns: argparse.Namespace) -> int:
         stream=ns.stream,
         **extra,
     )
+    pieces = []
     for piece in chat_text(response, stream=ns.stream):
+        pieces.append(piece)
         sys.stdout.write(piece)
         if ns.stream:
             sys.stdout.flush()
     sys.stdout.write("\n")
+    if choices and "".join(pieces).strip() not in choices:
+        warn(
+            f"the answer is none of the {len(choices)} labels: the server ignored the choice constraint "
+            "(structured_outputs.choice); it is not a label-constrained answer"
+        )
+    elif choices and ns.confidence and not ns.stream:
+        import math
+
+        content = response.choices[0].logprobs.content if response.choices[0].logprobs else None
+        if not content:
+            warn("the server returned no logprobs: no confidences to show")
+        else:
+            for top in content[0].top_logprobs:
+                print(f"{math.exp(top.logprob):7.3f}  {top.token}", file=sys.stderr)
     return 0
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import ast
 import json
 
-LABEL_FORMATS = ("seed", "json", "comma")
+from ..contract import LABEL_FORMATS
 
 
 class LabelError(ValueError):

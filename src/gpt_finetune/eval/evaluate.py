@@ -4,8 +4,9 @@ An example's prompt is its messages before the last assistant message, which is 
 Models are asked through a backend (``local``, or ``openai`` against OpenAI or any compatible
 server, this project's included), greedily (temperature 0). Classification can also be
 label-constrained: the model picks the most likely of the candidate label sets, written as it was
-trained to write them (the chat service's ``guided_choice`` extension, sent in ``extra_body`` so
-that it reaches this project's server through the openai SDK too).
+trained to write them (the ``structured_outputs.choice`` extension, as vLLM names it, sent in
+``extra_body`` so that it reaches this project's server through the openai SDK too; an answer
+outside the candidates means the server ignored it, which is an error, not a score).
 
 Candidates for constrained prediction: the label sets that occur among the training answers
 (``--train``), else each single label and the label sets of the references. Multi-label data is
@@ -23,7 +24,8 @@ if TYPE_CHECKING:
     from ..backends.base import Backend
 from ..data.labels import LabelError, format_labels, guess_format, label_sets, labels_sidecar_path, parse_labels
 from ..data.readers import loads
-from ..errors import DataError
+from ..errors import BackendError, DataError
+from ..request_rules import choice_constraint, label_constraint
 
 
 @dataclass
@@ -116,23 +118,52 @@ def predict(
     max_tokens: int = 64,
     progress: Any = None,
     batch_size: int = 1,
+    confidences: list[float | None] | None = None,
+    label_choice: tuple[list[str], str] | None = None,
 ) -> list[str]:
     """The model's answer to each prompt: greedy, or constrained to ``choices``. Free answers of
-    local models are generated ``batch_size`` prompts at a time."""
-    if not choices and batch_size > 1 and backend.traits.batched_chat:
+    local models are generated ``batch_size`` prompts at a time. ``label_choice`` (labels, label
+    format) answers label by label: any subset of the labels. Constrained answers also give
+    their confidence (the chosen candidate's probability among the candidates) into
+    ``confidences`` when given: None where the server returns no logprobs."""
+    if not choices and not label_choice and batch_size > 1 and backend.traits.batched_chat:
         return _predict_batched(backend, model, ex, max_tokens, batch_size, progress)
     out = []
     for prompt in ex.prompts:
         params: dict[str, Any] = {"temperature": 0}
         if choices:
-            params["extra_body"] = {"guided_choice": choices}
+            params["extra_body"] = choice_constraint(choices)
+            if confidences is not None:
+                params["logprobs"] = True
+        elif label_choice:
+            params["extra_body"] = label_constraint(*label_choice)
         else:
             params["max_tokens"] = max_tokens
         response: Any = backend.chat(model=model, messages=prompt, **params)
-        out.append((response.choices[0].message.content or "").strip())
+        answer = (response.choices[0].message.content or "").strip()
+        if choices and answer not in choices:
+            # a server without the extension (or a vLLM that dropped guided_choice) answers freely
+            # with HTTP 200: scoring that as constrained would mislabel the comparison
+            raise BackendError(
+                f"{model} answered {answer[:60]!r}, none of the {len(choices)} label sets: the server "
+                "ignored the choice constraint (structured_outputs.choice)",
+                hint="score it with --mode free, or serve it with gpt-finetune serve or vLLM 0.12+",
+                code="constraint_ignored",
+            )
+        out.append(answer)
+        if choices and confidences is not None:
+            confidences.append(_confidence(response))
         if progress is not None:
             progress.update(1)
     return out
+
+
+def _confidence(response: Any) -> float | None:
+    import math
+
+    logprobs = getattr(response.choices[0], "logprobs", None)
+    content = getattr(logprobs, "content", None) if logprobs is not None else None
+    return math.exp(content[0].logprob) if content else None
 
 
 def _predict_batched(

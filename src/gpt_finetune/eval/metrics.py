@@ -144,3 +144,44 @@ def bootstrap_macro_f1_difference(
         i = rng.integers(0, len(y), size=len(y))
         diffs.append(macro(y[i], ya[i]) - macro(y[i], yb[i]))
     return macro(y, ya) - macro(y, yb), float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
+
+
+CONFIDENCE_THRESHOLDS = (0.5, 0.7, 0.9)
+
+
+def calibration(
+    correct: list[bool],
+    confidence: list[float],
+    *,
+    bins: int = 10,
+    thresholds: tuple[float, ...] = CONFIDENCE_THRESHOLDS,
+) -> dict[str, Any]:
+    """How far a model's confidences are from its accuracy: the expected calibration error (the
+    answers binned by confidence, each bin's |accuracy - mean confidence| weighted by its share),
+    the bins themselves (a reliability plot), and at each threshold the share of answers at least
+    that confident (coverage) and their accuracy: what auto-labelling the confident ones gives."""
+    if len(correct) != len(confidence) or not correct:
+        raise ValueError("calibration needs one confidence per answer")
+    n = len(correct)
+    rows = []
+    ece = 0.0
+    for b in range(bins):
+        lo, hi = b / bins, (b + 1) / bins
+        idx = [i for i, c in enumerate(confidence) if lo <= c < hi or (b == bins - 1 and c == 1.0)]
+        if not idx:
+            continue
+        acc = sum(correct[i] for i in idx) / len(idx)
+        conf = sum(confidence[i] for i in idx) / len(idx)
+        ece += len(idx) / n * abs(acc - conf)
+        rows.append({"lo": lo, "hi": hi, "n": len(idx), "accuracy": acc, "confidence": conf})
+    at = []
+    for t in thresholds:
+        kept = [i for i, c in enumerate(confidence) if c >= t]
+        at.append(
+            {
+                "threshold": t,
+                "coverage": len(kept) / n,
+                "accuracy": (sum(correct[i] for i in kept) / len(kept)) if kept else None,
+            }
+        )
+    return {"ece": ece, "bins": rows, "at_threshold": at}

@@ -34,7 +34,16 @@ def table(results: dict[str, dict[str, Any]], task: str) -> str:
             lines.append(" " * width + f"  macro-F1 vs {other}: {d:+.3f} (95 % interval {lo:+.3f} to {hi:+.3f})")
         if "vs_baseline" in r:
             d, lo, hi = r["vs_baseline"]
-            lines.append(" " * width + f"  macro-F1 vs the baseline: {d:+.3f} (95 % interval {lo:+.3f} to {hi:+.3f})")
+            against = f"the better baseline ({r['baseline']})" if r.get("baseline") else "the baseline"
+            lines.append(" " * width + f"  macro-F1 vs {against}: {d:+.3f} (95 % interval {lo:+.3f} to {hi:+.3f})")
+        if "calibration" in r:
+            cal = r["calibration"]
+            kept = ", ".join(
+                f">= {a['threshold']:g}: {a['coverage']:.0%} of answers, accuracy "
+                + (f"{a['accuracy']:.3f}" if a["accuracy"] is not None else "-")
+                for a in cal["at_threshold"]
+            )
+            lines.append(" " * width + f"  calibration error {cal['ece']:.3f}; confidence {kept}")
     return "\n".join(lines)
 
 
@@ -101,6 +110,23 @@ def write_report(
             fig.savefig(out / png, dpi=110)
             plt.close(fig)
             parts.append(f"![confusion matrix of {name}]({png})\n")
+    calibrated = {name: r["calibration"] for name, r in results.items() if "calibration" in r}
+    if calibrated:
+        fig, ax = plt.subplots(figsize=(4.5, 4))
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="calibrated")
+        for name, cal in calibrated.items():
+            xs = [b["confidence"] for b in cal["bins"]]
+            ax.plot(xs, [b["accuracy"] for b in cal["bins"]], marker="o", label=f"{name[:40]} (ECE {cal['ece']:.3f})")
+        ax.set_xlabel("confidence of the chosen answer")
+        ax.set_ylabel("accuracy")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7)
+        ax.set_title("reliability")
+        fig.tight_layout()
+        fig.savefig(out / "reliability.png", dpi=110)
+        plt.close(fig)
+        parts.append("![reliability of the confidences](reliability.png)\n")
     if curves:
         from ..curves import plot_metrics
 

@@ -26,6 +26,7 @@ import collections
 import inspect
 import json
 import logging
+import math
 import queue
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -72,6 +73,8 @@ class GenRequest:
     logprobs: bool = False
     top_logprobs: int = 0
     choices: list[str] | None = None  # label-constrained: answer with the most likely of these
+    # label by label: any subset of these labels, written in this label format (scoring.choose_labels)
+    label_choice: tuple[list[str], str] | None = None
     batch: list[list[dict[str, Any]]] | None = None  # several prompts at once, greedy (eval, batch files)
 
 
@@ -341,6 +344,9 @@ class Engine:
         if req.choices:
             self._choose(handle, model, tokenizer, ctx)
             return
+        if req.label_choice:
+            self._choose_labels(handle, model, tokenizer, ctx)
+            return
         if req.batch:
             self._generate_batch(handle, model, tokenizer, ctx, max_new)
             return
@@ -402,6 +408,25 @@ class Engine:
             handle.emit(ChoiceEnd(i, "stop" if stopped else "length", text, new, prompt_tokens=len(prompts[i])))
         handle.emit(Usage(sum(len(p) for p in prompts), total))
 
+    def _choose_labels(self, handle: Handle, model: Any, tokenizer: Any, ctx: Any) -> None:
+        """Label by label: the subset of the labels the model scores highest, one label at a time."""
+        from ..data.labels import format_labels
+        from .scoring import choose_labels
+
+        req = handle.request
+        assert req.label_choice is not None
+        labels, style = req.label_choice
+        with ctx:
+            chosen, _ = choose_labels(
+                model, tokenizer, req.messages, list(labels), style, self._prompt_limit(model, req.adapter, 0)
+            )
+        text = format_labels(chosen, style)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        prompt = tokenizer.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=True)
+        handle.emit(Token(0, -1, text, None))
+        handle.emit(ChoiceEnd(0, "stop", text, list(ids)))
+        handle.emit(Usage(len(prompt["input_ids"] if isinstance(prompt, dict) else prompt), len(ids)))
+
     def _choose(self, handle: Handle, model: Any, tokenizer: Any, ctx: Any) -> None:
         """Label-constrained: the choice the model scores highest, as it was trained to write it."""
         from .scoring import score_choices
@@ -413,7 +438,18 @@ class Engine:
         best = max(range(len(choices)), key=lambda i: scores[i])
         ids = tokenizer(choices[best], add_special_tokens=False)["input_ids"]
         prompt = tokenizer.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=True)
-        handle.emit(Token(0, -1, choices[best], None))
+        info = None
+        if req.logprobs:
+            # the answer is one choice, so its "token" is the whole choice, and its logprob the
+            # choice's share of the probability the model gives the candidates together
+            # (normalised over them: the confidences of a single-label answer sum to one)
+            norm = candidate_logprobs(scores)
+            order = sorted(range(len(choices)), key=lambda i: -norm[i])[: req.top_logprobs]
+            info = {
+                **_text_logprob(choices[best], norm[best]),
+                "top_logprobs": [_text_logprob(choices[i], norm[i]) for i in order],
+            }
+        handle.emit(Token(0, -1, choices[best], info))
         handle.emit(ChoiceEnd(0, "stop", choices[best], list(ids), scores))
         handle.emit(Usage(len(prompt["input_ids"] if isinstance(prompt, dict) else prompt), len(ids)))
 
@@ -436,8 +472,19 @@ def _adapter_name(directory: Path) -> str:
 
 
 def _token_logprob(tokenizer: Any, token_id: int, logprob: float) -> dict[str, Any]:
-    text = tokenizer.decode([token_id])
+    return _text_logprob(tokenizer.decode([token_id]), logprob)
+
+
+def _text_logprob(text: str, logprob: float) -> dict[str, Any]:
     return {"token": text, "bytes": list(text.encode("utf-8")), "logprob": logprob}
+
+
+def candidate_logprobs(scores: list[float]) -> list[float]:
+    """Each candidate's log-probability among the candidates: its summed log-probability less
+    the log of their total (so the probabilities sum to one)."""
+    top = max(scores)
+    total = top + math.log(sum(math.exp(s - top) for s in scores))
+    return [s - total for s in scores]
 
 
 def _decode(

@@ -6,6 +6,10 @@ template and the candidate as the assistant's message, its log-probability summe
 tokens the training loss covers (the answer and its end-of-turn token, ``chat_data``). The
 prompt is shared: it runs once, its KV cache is repeated for the candidates, and all candidates
 go through the model in one batched forward pass.
+
+Multi-label data can also be answered label by label (``choose_labels``): any subset of the
+labels, each at most once, written in the trained label format, so a combination never seen in
+training can be predicted.
 """
 
 from __future__ import annotations
@@ -64,3 +68,30 @@ def score_choices(
         scores.append(total)
         k += 1
     return scores
+
+
+def choose_labels(
+    model: Any, tokenizer: Any, messages: list[dict[str, Any]], labels: list[str], label_format: str, max_length: int
+) -> tuple[list[str], float]:
+    """Label by label: the most likely single-label answer first; then, while adding one more
+    label (any not yet chosen, after the ones chosen) gives a more likely complete answer than
+    stopping there, the best such label. Every answer compared is complete, in the label format
+    and with its end-of-turn token, exactly as training scored it. Returns the labels and the
+    answer's summed log-probability."""
+    from ..data.labels import format_labels
+
+    if not labels:
+        raise ValueError("no labels to choose from")
+    chosen: list[str] = []
+    current = float("-inf")
+    while len(chosen) < len(labels):
+        rest = [x for x in labels if x not in chosen]
+        scores = score_choices(
+            model, tokenizer, messages, [format_labels([*chosen, x], label_format) for x in rest], max_length
+        )
+        best = max(range(len(rest)), key=lambda i: scores[i])
+        if chosen and scores[best] <= current:
+            break  # stopping here is the more likely answer
+        chosen.append(rest[best])
+        current = scores[best]
+    return chosen, current

@@ -208,6 +208,7 @@ class ChatService:
                 logprobs=parsed["logprobs"],
                 top_logprobs=parsed["top_logprobs"],
                 choices=parsed["choices"],
+                label_choice=parsed["label_choice"],
             )
         )
         return ChatRun(handle, parsed, parsed["model"])
@@ -229,7 +230,13 @@ class ChatService:
             plain = (
                 parsed["temperature"] == 0
                 and parsed["n"] == 1
-                and not (parsed["stop"] or parsed["logprobs"] or parsed["stream"] or parsed["choices"])
+                and not (
+                    parsed["stop"]
+                    or parsed["logprobs"]
+                    or parsed["stream"]
+                    or parsed["choices"]
+                    or parsed["label_choice"]
+                )
             )
             if plain:
                 groups.setdefault((parsed["model"], parsed["max_tokens"]), []).append((i, parsed))
