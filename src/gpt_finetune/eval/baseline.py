@@ -13,8 +13,12 @@ from __future__ import annotations
 from typing import Any
 
 
-class TfidfBaseline:
-    name = "tfidf+logreg"
+class _LinearBaseline:
+    """Features of the prompt text and a linear classifier; one classifier per label (one-vs-rest)
+    on multi-label data, each label chosen where its score passes ``CUT``."""
+
+    name = ""
+    CUT = 0.0
 
     def __init__(self, *, seed: int = 0) -> None:
         self.seed = seed
@@ -22,76 +26,71 @@ class TfidfBaseline:
         self.binarizer: Any = None
         self.multi = False
 
-    def fit(self, prompts: list[str], labels: list[list[str]], label_set: list[str]) -> TfidfBaseline:
-        from sklearn.feature_extraction.text import TfidfVectorizer
-        from sklearn.linear_model import LogisticRegression
+    def _parts(self) -> tuple[Any, Any]:  # (features, classifier)
+        raise NotImplementedError
+
+    def _scores(self, prompts: list[str]) -> Any:
+        return self.model.decision_function(prompts)
+
+    def fit(self, prompts: list[str], labels: list[list[str]], label_set: list[str]) -> _LinearBaseline:
         from sklearn.multiclass import OneVsRestClassifier
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import MultiLabelBinarizer
 
         self.multi = any(len(x) > 1 for x in labels)
-        features = TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2), min_df=1, max_features=200_000)
-        regression = LogisticRegression(max_iter=2000, C=10.0, random_state=self.seed)
+        features, classifier = self._parts()
         if self.multi:
             self.binarizer = MultiLabelBinarizer(classes=label_set)
-            self.model = make_pipeline(features, OneVsRestClassifier(regression))
+            self.model = make_pipeline(features, OneVsRestClassifier(classifier))
             self.model.fit(prompts, self.binarizer.fit_transform(labels))
         else:
-            self.model = make_pipeline(features, regression)
+            self.model = make_pipeline(features, classifier)
             self.model.fit(prompts, [x[0] for x in labels])
         return self
 
     def predict(self, prompts: list[str]) -> list[list[str]]:
         if not self.multi:
             return [[str(y)] for y in self.model.predict(prompts)]
-        return _chosen(self.model.predict_proba(prompts), list(self.binarizer.classes_), 0.5)
+        classes = list(self.binarizer.classes_)
+        out = []
+        for row in self._scores(prompts):
+            chosen = [classes[i] for i, p in enumerate(row) if p > self.CUT]
+            out.append(chosen or [classes[int(row.argmax())]])
+        return out
 
 
-def _chosen(scores: Any, classes: list[str], cut: float) -> list[list[str]]:
-    out = []
-    for row in scores:
-        chosen = [classes[i] for i, p in enumerate(row) if p > cut]
-        out.append(chosen or [classes[int(row.argmax())]])
-    return out
+class TfidfBaseline(_LinearBaseline):
+    """Word and word-pair TF-IDF, a logistic regression (a label where its probability is over 1/2)."""
+
+    name = "tfidf+logreg"
+    CUT = 0.5
+
+    def _parts(self) -> tuple[Any, Any]:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.linear_model import LogisticRegression
+
+        features = TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2), min_df=1, max_features=200_000)
+        return features, LogisticRegression(max_iter=2000, C=10.0, random_state=self.seed)
+
+    def _scores(self, prompts: list[str]) -> Any:
+        return self.model.predict_proba(prompts)
 
 
-class SvmBaseline:
+class SvmBaseline(_LinearBaseline):
     """Word (1-2) and character (2-5, within word bounds) TF-IDF n-grams, a linear SVM."""
 
     name = "ngrams+svm"
 
-    def __init__(self, *, seed: int = 0) -> None:
-        self.seed = seed
-        self.model: Any = None
-        self.binarizer: Any = None
-        self.multi = False
-
-    def fit(self, prompts: list[str], labels: list[list[str]], label_set: list[str]) -> SvmBaseline:
+    def _parts(self) -> tuple[Any, Any]:
         from sklearn.feature_extraction.text import TfidfVectorizer
-        from sklearn.multiclass import OneVsRestClassifier
-        from sklearn.pipeline import make_pipeline, make_union
-        from sklearn.preprocessing import MultiLabelBinarizer
+        from sklearn.pipeline import make_union
         from sklearn.svm import LinearSVC
 
-        self.multi = any(len(x) > 1 for x in labels)
         features = make_union(
             TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2), max_features=200_000),
             TfidfVectorizer(sublinear_tf=True, analyzer="char_wb", ngram_range=(2, 5), max_features=300_000),
         )
-        svm = LinearSVC(C=0.5, random_state=self.seed)
-        if self.multi:
-            self.binarizer = MultiLabelBinarizer(classes=label_set)
-            self.model = make_pipeline(features, OneVsRestClassifier(svm))
-            self.model.fit(prompts, self.binarizer.fit_transform(labels))
-        else:
-            self.model = make_pipeline(features, svm)
-            self.model.fit(prompts, [x[0] for x in labels])
-        return self
-
-    def predict(self, prompts: list[str]) -> list[list[str]]:
-        if not self.multi:
-            return [[str(y)] for y in self.model.predict(prompts)]
-        return _chosen(self.model.decision_function(prompts), list(self.binarizer.classes_), 0.0)
+        return features, LinearSVC(C=0.5, random_state=self.seed)
 
 
-BASELINES: dict[str, type[TfidfBaseline] | type[SvmBaseline]] = {"tfidf": TfidfBaseline, "svm": SvmBaseline}
+BASELINES: dict[str, type[_LinearBaseline]] = {"tfidf": TfidfBaseline, "svm": SvmBaseline}
