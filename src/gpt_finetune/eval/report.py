@@ -117,6 +117,14 @@ def write_report(
         for name, cal in calibrated.items():
             xs = [b["confidence"] for b in cal["bins"]]
             ax.plot(xs, [b["accuracy"] for b in cal["bins"]], marker="o", label=f"{name[:40]} (ECE {cal['ece']:.3f})")
+            for b in cal["bins"]:  # how many answers each point stands for: few is noise
+                ax.annotate(
+                    f"n={b['n']}",
+                    (b["confidence"], b["accuracy"]),
+                    fontsize=6,
+                    xytext=(3, -9),
+                    textcoords="offset points",
+                )
         ax.set_xlabel("confidence of the chosen answer")
         ax.set_ylabel("accuracy")
         ax.set_xlim(0, 1)
