@@ -365,7 +365,7 @@ class LocalOptions:
     @classmethod
     def keys(cls) -> dict[str, tuple[str, dataclasses.Field[Any]]]:
         """settings key -> (group name, field), for every declared local option."""
-        return {key: (name, f) for name, g in LOCAL_GROUPS.items() for key, f in g.declared()}
+        return _LOCAL_KEYS
 
     @classmethod
     def from_settings(cls, flat: Mapping[str, Any]) -> LocalOptions:
@@ -388,6 +388,10 @@ class LocalOptions:
             if value != getattr(getattr(default, group), f.name):
                 out[key] = list(value) if isinstance(value, tuple) else value
         return out
+
+
+# computed once: every listing, check and flag reads it
+_LOCAL_KEYS = {key: (name, f) for name, g in LOCAL_GROUPS.items() for key, f in g.declared()}
 
 
 # ---- the job's resolved description --------------------------------------------------------------

@@ -61,13 +61,7 @@ def _int_or_auto(lo: int, hi: int) -> Callable[[str], int | str]:
 def _positive_float_or_auto(text: str) -> float | str:
     if text.strip().lower() == AUTO:
         return AUTO
-    try:
-        value = _number(text)
-    except ValueError:
-        raise ValueError("expected a positive number or 'auto'") from None
-    if not value > 0:
-        raise ValueError("must be greater than 0")
-    return value
+    return _positive_float(text, what="a positive number or 'auto'")
 
 
 def _float_range(lo: float, hi: float) -> Callable[[str], float]:
@@ -83,11 +77,11 @@ def _float_range(lo: float, hi: float) -> Callable[[str], float]:
     return parse
 
 
-def _positive_float(text: str) -> float:
+def _positive_float(text: str, what: str = "a positive number") -> float:
     try:
         value = _number(text)
     except ValueError:
-        raise ValueError("expected a positive number") from None
+        raise ValueError(f"expected {what}") from None
     if not value > 0:
         raise ValueError("must be greater than 0")
     return value
@@ -131,14 +125,7 @@ def parser_for(spec: Spec) -> Callable[[str], Any]:
     raise TypeError(f"no parser for {spec}")  # a declaration this module cannot read yet
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = _whole(text)
-    except ValueError:
-        raise ValueError("expected a positive whole number") from None
-    if value < 1:
-        raise ValueError("must be at least 1")
-    return value
+_positive_int = _whole_from(1)
 
 
 def _seed(text: str) -> int:
