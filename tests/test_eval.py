@@ -47,6 +47,38 @@ def test_answering_metrics_by_hand():
     assert m["answer_words"] == pytest.approx((1 + 4) / 2)
 
 
+@pytest.mark.parametrize("multi", [False, True])
+def test_the_bootstrap_interval_matches_scikit_learn_resample_by_resample(multi):
+    import random
+
+    import numpy as np
+    from sklearn.metrics import f1_score
+    from sklearn.preprocessing import MultiLabelBinarizer
+
+    from gpt_finetune.eval.metrics import bootstrap_macro_f1_difference
+
+    rng = random.Random(3)
+    labels = ["a", "b", "c", "d"]
+    refs = [rng.sample(labels, rng.randint(1, 2) if multi else 1) for _ in range(50)]
+    pred_a = [rng.sample(labels, 1) if rng.random() > 0.1 else None for _ in refs]
+    pred_b = [r if rng.random() > 0.4 else [rng.choice([*labels, "unknown"])] for r in refs]
+    point, lo, hi = bootstrap_macro_f1_difference(refs, pred_a, pred_b, labels, n=200, seed=5)
+    # the same resamples, scored one by one by scikit-learn
+    binarizer = MultiLabelBinarizer(classes=labels)
+    y = binarizer.fit_transform(refs)
+    ya = binarizer.transform([[x for x in p or [] if x in labels] for p in pred_a])
+    yb = binarizer.transform([[x for x in p or [] if x in labels] for p in pred_b])
+    draws = np.random.default_rng(5).integers(0, len(y), size=(200, len(y)))
+
+    def f1(t, p):
+        return f1_score(t, p, average="macro", zero_division=0)
+
+    diffs = [f1(y[i], ya[i]) - f1(y[i], yb[i]) for i in draws]
+    assert point == pytest.approx(f1(y, ya) - f1(y, yb))
+    assert (lo, hi) == pytest.approx((np.percentile(diffs, 2.5), np.percentile(diffs, 97.5)))
+    assert lo < point < hi
+
+
 def test_tfidf_baseline_learns_separable_labels():
     from gpt_finetune.eval.baseline import TfidfBaseline
 

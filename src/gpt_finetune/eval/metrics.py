@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 OTHER = "(other)"
@@ -115,6 +116,33 @@ def answering_metrics(references: list[str], predictions: list[str]) -> dict[str
     }
 
 
+def _label_matrix(predictions: Sequence[Sequence[str] | None], labels: list[str]) -> Any:
+    """Examples x labels, 1 where the example has (or was given) the label; unknown labels dropped."""
+    import numpy as np
+
+    column = {label: i for i, label in enumerate(labels)}
+    out = np.zeros((len(predictions), len(labels)), dtype=np.int64)
+    for row, p in enumerate(predictions):
+        for x in p or []:
+            if x in column:
+                out[row, column[x]] = 1
+    return out
+
+
+def _macro_f1_resampled(y: Any, p: Any, weights: Any) -> Any:
+    """Macro-F1 (zero where a label is neither true nor predicted, as scikit-learn's
+    ``zero_division=0``) of every resample at once: ``weights`` is resamples x examples, how many
+    times each example was drawn."""
+    import numpy as np
+
+    tp = weights @ (y & p)
+    fp = weights @ ((1 - y) & p)
+    fn = weights @ (y & (1 - p))
+    denominator = 2 * tp + fp + fn
+    f1 = np.divide(2 * tp, denominator, out=np.zeros(tp.shape, dtype=float), where=denominator > 0)
+    return f1.mean(axis=1)
+
+
 def bootstrap_macro_f1_difference(
     references: list[list[str]],
     pred_a: list[list[str] | None],
@@ -124,26 +152,23 @@ def bootstrap_macro_f1_difference(
     n: int = 1000,
     seed: int = 0,
 ) -> tuple[float, float, float]:
-    """(macro-F1 of a - macro-F1 of b, 95 % interval) by a paired bootstrap over examples."""
+    """(macro-F1 of a - macro-F1 of b, 95 % interval) by a paired bootstrap over examples.
+
+    Computed from per-label counts for all resamples in a few matrix products rather than
+    scikit-learn's ``f1_score`` per resample (the same numbers, a thousand times faster on 120
+    examples; a report with dozens of intervals took minutes)."""
     import numpy as np
-    from sklearn.metrics import f1_score
-    from sklearn.preprocessing import MultiLabelBinarizer
 
-    binarizer = MultiLabelBinarizer(classes=labels)
-    known = set(labels)
-    y = binarizer.fit_transform(references)
-    ya = binarizer.transform([[x for x in (p or []) if x in known] for p in pred_a])
-    yb = binarizer.transform([[x for x in (p or []) if x in known] for p in pred_b])
-
-    def macro(t: Any, p: Any) -> float:
-        return float(f1_score(t, p, average="macro", zero_division=0))
-
+    y = _label_matrix(references, labels)
+    ya, yb = _label_matrix(pred_a, labels), _label_matrix(pred_b, labels)
     rng = np.random.default_rng(seed)
-    diffs = []
-    for _ in range(n):
-        i = rng.integers(0, len(y), size=len(y))
-        diffs.append(macro(y[i], ya[i]) - macro(y[i], yb[i]))
-    return macro(y, ya) - macro(y, yb), float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
+    draws = rng.integers(0, len(y), size=(n, len(y)))
+    weights = np.zeros((n, len(y)), dtype=np.int64)
+    np.add.at(weights, (np.repeat(np.arange(n), len(y)), draws.ravel()), 1)
+    whole = np.ones((1, len(y)), dtype=np.int64)
+    point = float(_macro_f1_resampled(y, ya, whole)[0] - _macro_f1_resampled(y, yb, whole)[0])
+    diffs = _macro_f1_resampled(y, ya, weights) - _macro_f1_resampled(y, yb, weights)
+    return point, float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))
 
 
 CONFIDENCE_THRESHOLDS = (0.5, 0.7, 0.9)
