@@ -298,20 +298,27 @@ def test_structured_outputs_choice_is_guided_choice_under_its_current_name():
 
 
 def test_label_choice_is_checked_field_by_field():
+    from gpt_finetune.contract import LabelChoice
+
     msgs = [{"role": "user", "content": "x"}]
     ok = parse_request({"model": "m", "messages": msgs, "label_choice": {"labels": ["a", "b"], "label_format": "json"}})
-    assert ok["label_choice"] == (["a", "b"], "json") and ok["choices"] is None
+    assert ok["label_choice"] == LabelChoice(("a", "b"), "json") and ok["choices"] is None
     assert parse_request({"model": "m", "messages": msgs, "label_choice": {"labels": ["a"]}})["label_choice"] == (
-        ["a"],
-        "seed",
+        LabelChoice(("a",), "seed")
     )
+    cut = {"labels": ["a", "b"], "thresholds": {"b": 0.25}}
+    with_cut = parse_request({"model": "m", "messages": msgs, "label_choice": cut, "logprobs": True})
+    assert with_cut["label_choice"].thresholds == {"b": 0.25} and with_cut["logprobs"]  # logprobs: the labels'
     for extra, param in [
         ({"label_choice": {"labels": ["a", "a"]}}, "label_choice.labels"),
         ({"label_choice": {"labels": []}}, "label_choice.labels"),
         ({"label_choice": {"labels": ["a"], "label_format": "yaml"}}, "label_choice.label_format"),
         ({"label_choice": {"labels": ["a"], "other": 1}}, "label_choice"),
         ({"label_choice": {"labels": ["a"]}, "guided_choice": ["a"]}, "guided_choice"),
-        ({"label_choice": {"labels": ["a"]}, "logprobs": True}, "logprobs"),
+        ({"label_choice": {"labels": ["a"], "thresholds": {"c": 0.5}}}, "label_choice.thresholds.c"),
+        ({"label_choice": {"labels": ["a"], "thresholds": {"a": 1.5}}}, "label_choice.thresholds.a"),
+        ({"label_choice": {"labels": ["a"], "thresholds": {"a": True}}}, "label_choice.thresholds.a"),
+        ({"label_choice": {"labels": ["a"], "thresholds": [0.5]}}, "label_choice.thresholds"),
     ]:
         with pytest.raises(BackendError) as exc:
             parse_request({"model": "m", "messages": msgs, **extra})

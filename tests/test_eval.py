@@ -34,8 +34,35 @@ def test_multi_label_metrics_by_hand():
     assert m["per_label"]["x"]["f1"] == pytest.approx(1.0) and m["per_label"]["y"]["f1"] == pytest.approx(0.5)
     assert m["macro_f1"] == pytest.approx(0.75) and m["micro_f1"] == pytest.approx(0.75)
     assert m["samples_jaccard"] == pytest.approx((1 / 2 + 1 / 2 + 1) / 3)
+    assert m["samples_f1"] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
     assert m["hamming_loss"] == pytest.approx(2 / 6)
     assert m["out_of_set_rate"] == pytest.approx(1 / 3)
+
+
+def test_unseen_label_sets_are_counted_by_hand():
+    from gpt_finetune.eval.metrics import unseen_combinations
+
+    seen = {frozenset(["x"]), frozenset(["y"]), frozenset(["x", "z"])}
+    refs = [["x", "y"], ["y", "x"], ["x"], ["z", "y"]]
+    preds = [["y", "x"], ["x"], ["x", "y"], None]
+    # answered unseen: {x,y} twice; unseen references: 0, 1, 3; right among them: 0 only
+    assert unseen_combinations(refs, preds, seen) == {"answered": 2, "references": 3, "right": 1}
+
+
+def test_thresholds_are_tuned_per_label_by_f1_and_applied_most_likely_first():
+    from gpt_finetune.data.labels import apply_thresholds, tune_thresholds
+
+    refs = [["a"], ["a", "b"], ["b"], ["a"]]
+    probs = [{"a": 0.9, "b": 0.1}, {"a": 0.8, "b": 0.3}, {"a": 0.2, "b": 0.9}, {"a": 0.6, "b": 0.35}]
+    cuts = tune_thresholds(refs, probs, ["a", "b"])
+    # a: any cut between 0.2 and 0.6 separates it perfectly; the midpoint nearest 0.5 is (0.2 + 0.6) / 2
+    assert cuts["a"] == pytest.approx(0.4)
+    # b: 0.3 is present, 0.35 is not: only cuts above 0.35 or at 0.2 .. 0.3 can be tried; (0.1+0.3)/2 = 0.2
+    # takes b at 0.3, 0.35 and 0.9 (F1 0.8), (0.35+0.9)/2 = 0.625 only at 0.9 (F1 0.667)
+    assert cuts["b"] == pytest.approx(0.2)
+    assert apply_thresholds({"a": 0.45, "b": 0.7}, ["a", "b"], cuts) == ["b", "a"]
+    assert apply_thresholds({"a": 0.3, "b": 0.1}, ["a", "b"], {"a": 0.9, "b": 0.9}) == ["a"]  # none passes
+    assert tune_thresholds([["a"]], [{"a": 0.7, "b": 0.2}], ["a", "b"])["b"] == 0.5  # b never true
 
 
 def test_answering_metrics_by_hand():
@@ -308,7 +335,7 @@ def test_label_by_label_answers_follow_a_direct_computation_from_the_logits(tmp_
     """choose_labels: the best single label, then one more label while that makes a more likely
     complete answer; every score equal to the full sequence scored on its own."""
     pytest.importorskip("torch")
-    from gpt_finetune.data.labels import format_labels
+    from gpt_finetune.data.labels import format_labels, parse_labels
     from gpt_finetune.services import Services
 
     labels = ["bug", "feature", "question", "windows"]
@@ -329,6 +356,38 @@ def test_label_by_label_answers_follow_a_direct_computation_from_the_logits(tmp_
     json_answer = services.chat.create({**req, "label_choice": {"labels": labels, "label_format": "json"}})
     assert json_answer["choices"][0]["message"]["content"].startswith('["')
 
+    # probabilities: over every complete answer the search scored, each label's the summed share
+    # of the answers that hold it
+    import math
+
+    scored: dict[tuple[str, ...], float] = {}
+    path: list[str] = []
+    for _ in range(len(chosen) + (len(chosen) < len(labels))):
+        rest = [x for x in labels if x not in path]
+        for x, score in zip(
+            rest, separate_scores(tiny_model_dir, MSGS, [format_labels([*path, x], "seed") for x in rest])
+        ):
+            scored[(*path, x)] = score
+        if len(path) < len(chosen):
+            path.append(chosen[len(path)])
+    total = sum(math.exp(v) for v in scored.values())
+    probs = {x: sum(math.exp(v) for k, v in scored.items() if x in k) / total for x in labels}
+    with_logprobs = services.chat.create({**req, "logprobs": True, "top_logprobs": 4})["choices"][0]["logprobs"]
+    top = with_logprobs["content"][0]
+    assert top["token"] == format_labels(chosen, "seed")
+    assert math.exp(top["logprob"]) == pytest.approx(math.exp(scored[tuple(chosen)]) / total, rel=1e-3)
+    assert {t["token"]: math.exp(t["logprob"]) for t in top["top_logprobs"]} == pytest.approx(probs, rel=1e-3)
+
+    # thresholds: every label at 0, or only the most likely one when none reaches 1.1 ... 1.0
+    everything = {**req, "label_choice": {**req["label_choice"], "thresholds": dict.fromkeys(labels, 0.0)}}
+    answer_all = services.chat.create(everything)["choices"][0]["message"]["content"]
+    assert sorted(parse_labels(answer_all)) == sorted(labels)
+    assert parse_labels(answer_all) == sorted(labels, key=lambda x: -probs[x])  # most likely first
+    nothing = {**req, "label_choice": {**req["label_choice"], "thresholds": dict.fromkeys(labels, 1.0)}}
+    assert parse_labels(services.chat.create(nothing)["choices"][0]["message"]["content"]) == [
+        max(labels, key=lambda x: probs[x])
+    ]
+
 
 def test_eval_label_by_label_on_multi_label_data(tmp_path, tiny_model_dir, capsys):
     import json
@@ -345,6 +404,78 @@ def test_eval_label_by_label_on_multi_label_data(tmp_path, tiny_model_dir, capsy
     results = json.loads(capsys.readouterr().out)["results"]
     assert set(results) == {f"{tiny_model_dir} ({k})" for k in ("free", "constrained", "labels")}
     assert results[f"{tiny_model_dir} (labels)"]["out_of_set_rate"] == 0.0  # every answer is labels of the set
+
+
+def test_thresholds_are_tuned_on_the_validation_file_only_and_infer_uses_them(tmp_path, tiny_model_dir, capsys):
+    import json
+
+    from conftest import chat_example, write_jsonl
+
+    from gpt_finetune.cli.main import main
+
+    answers = ["'proxy'", "'ovs'", "'proxy','windows'"]
+    tune = write_jsonl(tmp_path / "tune.jsonl", [chat_example(i, answers[i % 3]) for i in range(6)])
+    first = write_jsonl(tmp_path / "a.jsonl", [chat_example(i, answers[i % 3]) for i in range(6, 10)])
+    second = write_jsonl(tmp_path / "b.jsonl", [chat_example(i, answers[(i + 1) % 3]) for i in range(10, 16)])
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"labels": ["ovs", "proxy", "windows"], "label_format": "seed"}))
+    args = ["eval", "--backend", "local", "-m", str(tiny_model_dir), "--labels", str(labels), "--baseline", "none"]
+    tuned = f"{tiny_model_dir} (labels, tuned thresholds)"
+    found = []
+    for data in (first, second):
+        report = tmp_path / f"report-{data.stem}"
+        assert (
+            main([*args, "-d", str(data), "--tune-on", str(tune), "--mode", "free", "--json", "--report", str(report)])
+            == 0
+        )
+        results = json.loads(capsys.readouterr().out)["results"]
+        # --tune-on adds label by label to the modes asked
+        assert set(results) == {f"{tiny_model_dir} (free)", f"{tiny_model_dir} (labels)", tuned}
+        assert results[tuned]["tuned_on"] == str(tune)
+        written = json.loads((report / "thresholds.json").read_text())
+        assert written["thresholds"] == results[tuned]["thresholds"] and written["model"] == str(tiny_model_dir)
+        found.append(results[tuned]["thresholds"])
+    assert found[0] == found[1]  # the scored data changed; the thresholds, tuned on the same file, did not
+    assert main([*args, "-d", str(tune), "--tune-on", str(tune)]) != 0  # tuning on the scored data is refused
+    assert "--tune-on is the --data file" in capsys.readouterr().err
+
+    # infer with those thresholds: the per-label probabilities it shows decide the answer
+    infer = [
+        "infer",
+        "--backend",
+        "local",
+        "-m",
+        str(tiny_model_dir),
+        "-q",
+        "title: it crashes",
+        "--labels",
+        str(labels),
+    ]
+    cuts = tmp_path / "report-a" / "thresholds.json"
+    assert main([*infer, "--each-label", "--confidence", "--thresholds", str(cuts)]) == 0
+    captured = capsys.readouterr()
+    shown = [line.split(None, 1)[1] for line in captured.err.splitlines() if line.strip()[:1].isdigit()]
+    assert shown[0] == "(this answer)" and sorted(shown[1:]) == ["ovs", "proxy", "windows"]
+    # the exact probabilities, from the same engine through the chat service
+    import math
+
+    from gpt_finetune.services import Services
+
+    request = {
+        "model": str(tiny_model_dir),
+        "messages": [{"role": "user", "content": "title: it crashes"}],
+        "label_choice": {"labels": ["ovs", "proxy", "windows"], "label_format": "seed"},
+        "logprobs": True,
+        "top_logprobs": 3,
+    }
+    top = Services.open(tmp_path / "h").chat.create(request)["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+    probs = {t["token"]: math.exp(t["logprob"]) for t in top}
+    expected = [x for x in probs if probs[x] >= found[0][x]] or [max(probs, key=probs.__getitem__)]
+    assert sorted(x.strip("'") for x in captured.out.strip().split(",")) == sorted(expected)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"nope": 0.5}))
+    assert main([*infer, "--each-label", "--thresholds", str(bad)]) != 0
+    assert "'nope' is not one of the --labels" in capsys.readouterr().err
 
 
 def test_infer_shows_the_confidence_of_each_label_and_answers_label_by_label(tmp_path, tiny_model_dir, capsys):

@@ -394,6 +394,25 @@ class LocalOptions:
 _LOCAL_KEYS = {key: (name, f) for name, g in LOCAL_GROUPS.items() for key, f in g.declared()}
 
 
+# ---- label-by-label answers -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class LabelChoice:
+    """A request for any subset of ``labels``, chosen label by label and written in
+    ``label_format`` (the ``label_choice`` extension field). With ``thresholds`` (label ->
+    probability, tuned on validation data) a label is in the answer where its probability
+    reaches its threshold (0.5 for a label not listed), instead of the greedy search's answer."""
+
+    labels: tuple[str, ...]
+    label_format: str = "seed"
+    thresholds: Mapping[str, float] | None = None
+
+    def to_request(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"labels": list(self.labels), "label_format": self.label_format}
+        if self.thresholds is not None:
+            body["thresholds"] = dict(self.thresholds)
+        return {"label_choice": body}
+
+
 # ---- the job's resolved description --------------------------------------------------------------
 @dataclass(frozen=True)
 class LabelSets:

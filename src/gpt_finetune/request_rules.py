@@ -38,6 +38,7 @@ from .contract import (
     SUFFIX_PATTERN,
     TEMPERATURE_RANGE,
     TOP_P_RANGE,
+    LabelChoice,
     Spec,
     SupervisedHyperparameters,
     WrongType,
@@ -289,18 +290,32 @@ def choice_constraint(choices: list[str]) -> dict[str, Any]:
     return {"structured_outputs": {"choice": list(choices)}}
 
 
-def label_constraint(labels: list[str], label_format: str) -> dict[str, Any]:
-    """The request field that asks for any subset of ``labels``, label by label (this project's
+def ignored_constraint(answer: str, choices: list[str], model: str = "the model") -> BackendError | None:
+    """The error for an answer outside the candidates a request constrained it to: a server
+    without the extension (or a vLLM that dropped ``guided_choice``) answers freely with HTTP
+    200, and scoring that as constrained would mislabel the comparison."""
+    if answer.strip() in choices:
+        return None
+    return BackendError(
+        f"{model} answered {answer.strip()[:60]!r}, none of the {len(choices)} label sets: the server "
+        "ignored the choice constraint (structured_outputs.choice)",
+        hint="score it with --mode free, or serve it with gpt-finetune serve or vLLM 0.12+",
+        code="constraint_ignored",
+    )
+
+
+def label_constraint(choice: LabelChoice) -> dict[str, Any]:
+    """The request field that asks for any subset of the labels, label by label (this project's
     extension ``label_choice``)."""
-    return {"label_choice": {"labels": list(labels), "label_format": label_format}}
+    return choice.to_request()
 
 
-def _label_choice(req: Mapping[str, Any]) -> tuple[list[str], str] | None:
+def _label_choice(req: Mapping[str, Any]) -> LabelChoice | None:
     value = req.get("label_choice")
     if value is None:
         return None
-    if not isinstance(value, dict) or set(value) - {"labels", "label_format"}:
-        raise bad("label_choice takes labels and label_format", "label_choice", "invalid_type")
+    if not isinstance(value, dict) or set(value) - {"labels", "label_format", "thresholds"}:
+        raise bad("label_choice takes labels, label_format and thresholds", "label_choice", "invalid_type")
     labels = value.get("labels")
     if (
         not isinstance(labels, list)
@@ -314,12 +329,23 @@ def _label_choice(req: Mapping[str, Any]) -> tuple[list[str], str] | None:
     style = value.get("label_format", "seed")
     if style not in LABEL_FORMATS:
         raise bad(f"label_choice.label_format must be one of {', '.join(LABEL_FORMATS)}", "label_choice.label_format")
-    for key in ("guided_choice", "structured_outputs", "logprobs", "stop"):
+    thresholds = value.get("thresholds")
+    if thresholds is not None:
+        if not isinstance(thresholds, dict):
+            raise bad("label_choice.thresholds maps labels to probabilities", "label_choice.thresholds", "invalid_type")
+        for label, cut in thresholds.items():
+            where = f"label_choice.thresholds.{label}"
+            if label not in labels:
+                raise bad(f"{label!r} in label_choice.thresholds is not one of the labels", where)
+            if isinstance(cut, bool) or not isinstance(cut, int | float) or not 0 <= cut <= 1:
+                raise bad(f"{where} must be a probability from 0 to 1", where, "invalid_type")
+        thresholds = {str(k): float(v) for k, v in thresholds.items()}
+    for key in ("guided_choice", "structured_outputs", "stop"):
         if req.get(key):
             raise bad(f"{key} cannot be combined with label_choice", key, "unsupported_value")
     if (req.get("n") or 1) > 1:
         raise bad("label_choice gives one answer: n must be 1", "n", "unsupported_value")
-    return list(labels), style
+    return LabelChoice(tuple(labels), style, thresholds)
 
 
 def _choices(req: Mapping[str, Any]) -> Any:
@@ -532,6 +558,11 @@ def chat_schema() -> dict[str, Any]:
                 "properties": {
                     "labels": {**choice, "uniqueItems": True},
                     "label_format": {"type": "string", "enum": list(LABEL_FORMATS)},
+                    "thresholds": {
+                        "type": "object",
+                        "additionalProperties": {"type": "number", "minimum": 0, "maximum": 1},
+                        "description": "label -> probability a label needs to be in the answer (0.5 if not listed)",
+                    },
                 },
                 "additionalProperties": False,
                 "description": "answer with any subset of these labels, chosen label by label, in this format",

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
+from ..atomic import write_text_atomic
+from ..contract import LabelChoice
+from ..data.labels import apply_thresholds, tune_thresholds
 from ..errors import ConfigError, DependencyError
 from .common import add_config_flag, add_connection_flags, get_backend, info, settings_from
 
@@ -55,6 +59,14 @@ def add_eval(p: argparse.ArgumentParser) -> None:
         "n-grams + linear SVM, or both (each model is then compared with the better of the two on this data)",
     )
     p.add_argument(
+        "--tune-on",
+        dest="tune_on",
+        metavar="FILE",
+        help="validation chat JSONL (never the --data file) on which per-label thresholds of label-by-label "
+        "answers are tuned; adds the answers with those thresholds (implies label by label) and writes "
+        "thresholds.json beside the report, for infer --thresholds",
+    )
+    p.add_argument(
         "--train", metavar="FILE", help="training chat JSONL: fits the baseline and gives the candidate label sets"
     )
     p.add_argument("-j", "--job", dest="eval_job", metavar="JOB_ID", help="a job whose loss curves go in the report")
@@ -84,6 +96,18 @@ def default_batch() -> int:
     return 8 if torch.cuda.is_available() else 1
 
 
+def _tune(backend: Any, model: str, tune: Any, by_label: LabelChoice, quiet: bool) -> dict[str, float]:
+    """Per-label thresholds for ``model``'s label-by-label answers, tuned on the validation examples."""
+    from tqdm import tqdm
+
+    from ..eval import evaluate as ev
+
+    probs: list[dict[str, float]] = []
+    with tqdm(total=len(tune.prompts), desc=f"tuning {model}"[:40], file=sys.stderr, disable=quiet) as bar:
+        ev.predict(backend, model, tune, label_choice=by_label, label_probs=probs, progress=bar)
+    return tune_thresholds(tune.reference_labels(), probs, list(by_label.labels))
+
+
 def cmd_eval(ns: argparse.Namespace) -> int:
     try:
         from ..eval import evaluate as ev
@@ -92,6 +116,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
             bootstrap_macro_f1_difference,
             calibration,
             classification_metrics,
+            unseen_combinations,
         )
     except ImportError as exc:  # scikit-learn, rouge-score
         raise DependencyError(f"evaluation needs {exc.name}", hint="pip install 'gpt-finetune[eval]'") from None
@@ -126,27 +151,49 @@ def cmd_eval(ns: argparse.Namespace) -> int:
             info(
                 f"Constrained to {len(choices)} label sets: {', '.join(choices[:8])}{' ...' if len(choices) > 8 else ''}"
             )
+        tune = None
+        if ns.tune_on:
+            if Path(ns.tune_on).resolve() == Path(ns.data).resolve():
+                raise ConfigError(
+                    "--tune-on is the --data file: thresholds tuned on the scored data would flatter them",
+                    hint="tune on a validation file (prepare --split writes one)",
+                )
+            tune = ev.read_examples(ns.tune_on, task="classification", labels_file=ns.labels)
+            if "labels" not in kinds:
+                kinds.append("labels")
+        by_label = LabelChoice(tuple(ex.labels), ex.label_format)
         for model in ns.models:
             for kind in kinds:
                 name = f"{model} ({kind})" if len(kinds) > 1 else model
                 confidences: list[float | None] = []
+                label_probs: list[dict[str, float]] = []
                 with tqdm(total=len(ex.prompts), desc=name[:40], file=sys.stderr, disable=ns.json) as bar:
                     answers = ev.predict(
                         backend,
                         model,
                         ex,
                         choices=choices if kind == "constrained" else None,
-                        label_choice=(ex.labels, ex.label_format) if kind == "labels" else None,
+                        label_choice=by_label if kind == "labels" else None,
                         max_tokens=ns.eval_max_tokens,
                         progress=bar,
                         batch_size=ns.eval_batch,
-                        confidences=confidences if kind == "constrained" else None,
+                        confidences=confidences if kind != "free" else None,
+                        label_probs=label_probs if kind == "labels" and tune else None,
                     )
                 predictions[name] = ev.as_labels(answers)
                 results[name] = classification_metrics(refs, predictions[name], ex.labels)
                 if confidences and all(c is not None for c in confidences):
                     correct = [p is not None and set(p) == set(r) for r, p in zip(refs, predictions[name], strict=True)]
                     results[name]["calibration"] = calibration(correct, [c for c in confidences if c is not None])
+                if kind == "labels" and tune is not None:
+                    tuned = f"{model} (labels, tuned thresholds)"
+                    thresholds = _tune(backend, model, tune, by_label, ns.json)
+                    # the same answers' label probabilities, cut at the thresholds: exactly what the
+                    # engine answers for a request with these thresholds
+                    predictions[tuned] = [apply_thresholds(p, ex.labels, thresholds) for p in label_probs]
+                    results[tuned] = classification_metrics(refs, predictions[tuned], ex.labels)
+                    results[tuned]["thresholds"] = thresholds
+                    results[tuned]["tuned_on"] = ns.tune_on
         names = list(results)
         for name in names[1:]:  # how each differs from the first model (e.g. fine-tuned vs base)
             results[name]["vs_first"] = [
@@ -173,6 +220,10 @@ def cmd_eval(ns: argparse.Namespace) -> int:
                 )
                 if len(fitted) > 1:
                     results[name]["baseline"] = best
+        if train is not None and any(len(r) > 1 for r in refs):
+            seen = {frozenset(x) for x in train.reference_labels()}
+            for name in results:
+                results[name]["unseen_sets"] = unseen_combinations(refs, predictions[name], seen)
     else:
         for model in ns.models:
             with tqdm(total=len(ex.prompts), desc=model[:40], file=sys.stderr, disable=ns.json) as bar:
@@ -192,10 +243,20 @@ def cmd_eval(ns: argparse.Namespace) -> int:
         print(table(results, ex.task))
         if ex.task == "classification":
             print("\n" + per_label_table(results))
+    tuned_results: list[tuple[str, dict[str, Any]]] = [(n, res) for n, res in results.items() if "thresholds" in res]
+    for tuned_name, res in tuned_results if not ns.json else []:
+        cuts = ", ".join(f"{label} {cut:.2f}" for label, cut in res["thresholds"].items())
+        info(f"Thresholds for {tuned_name}, tuned_results on {ns.tune_on}: {cuts}")
     if ns.report:
         from ..eval.report import write_report
 
         path = write_report(ns.report, results, ex.task, data=ns.data, curves=curves)
+        for k, (tuned_name, res) in enumerate(tuned_results, 1):
+            where = Path(ns.report) / ("thresholds.json" if len(tuned_results) == 1 else f"thresholds-{k}.json")
+            body = {"model": tuned_name.rsplit(" (", 1)[0], "tuned_on": ns.tune_on, "thresholds": res["thresholds"]}
+            write_text_atomic(where, json.dumps(body, indent=1) + "\n")
+            if not ns.json:
+                info(f"Wrote {where} (infer --each-label --thresholds {where})")
         if not ns.json:
             info(f"Wrote {path}")
     return 0

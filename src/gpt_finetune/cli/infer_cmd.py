@@ -7,9 +7,9 @@ import sys
 from typing import Any
 
 from ..backends.base import Backend, chat_text
-from ..contract import MAX_TOP_LOGPROBS, UNSUCCESSFUL, JobStatus
+from ..contract import MAX_TOP_LOGPROBS, UNSUCCESSFUL, JobStatus, LabelChoice
 from ..errors import BackendError, ConfigError
-from ..request_rules import choice_constraint, label_constraint
+from ..request_rules import choice_constraint, ignored_constraint, label_constraint
 from .common import add_config_flag, add_connection_flags, get_backend, settings_from, typed, warn
 
 
@@ -41,6 +41,12 @@ def add_infer(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="with --labels: also show how likely each label is (on stderr; the answer stays alone on stdout)",
     )
+    p.add_argument(
+        "--thresholds",
+        metavar="FILE",
+        help="with --each-label: per-label probability thresholds (JSON label -> probability, or the "
+        "thresholds.json that eval --tune-on writes); a label is answered where it reaches its threshold",
+    )
     b = p.add_argument_group("batch (OpenAI's Batch API line format, or chat JSONL)")
     b.add_argument("--input", dest="batch_input", metavar="FILE", help="requests, one per line")
     b.add_argument("--output", dest="batch_output", metavar="FILE", help="results (resumable: rerun to finish)")
@@ -63,6 +69,37 @@ def label_file(path: str) -> tuple[list[str], str]:
     return labels, style
 
 
+def read_thresholds(path: str, labels: list[str]) -> dict[str, float]:
+    """Per-label thresholds: a JSON object label -> probability, or eval's thresholds.json."""
+    import json
+
+    try:
+        info = json.loads(open(path, encoding="utf-8").read())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--thresholds {path}: {exc}") from None
+    if isinstance(info, dict) and isinstance(info.get("thresholds"), dict):
+        info = info["thresholds"]
+    if not isinstance(info, dict):
+        raise ConfigError(f"--thresholds {path}: expected a JSON object of label -> probability")
+    for label, cut in info.items():
+        if label not in labels:
+            raise ConfigError(f"--thresholds {path}: {label!r} is not one of the --labels")
+        if isinstance(cut, bool) or not isinstance(cut, int | float) or not 0 <= cut <= 1:
+            raise ConfigError(f"--thresholds {path}: {label}: {cut!r} is not a probability from 0 to 1")
+    return {str(k): float(v) for k, v in info.items()}
+
+
+def each_label(ns: argparse.Namespace) -> LabelChoice | None:
+    """The label-by-label request of ``--labels FILE --each-label`` (with ``--thresholds``)."""
+    if not (ns.infer_labels and ns.each_label):
+        if getattr(ns, "thresholds", None):
+            raise ConfigError("--thresholds is for label-by-label answers: add --labels FILE --each-label")
+        return None
+    labels, style = label_file(ns.infer_labels)
+    thresholds = read_thresholds(ns.thresholds, labels) if ns.thresholds else None
+    return LabelChoice(tuple(labels), style, thresholds)
+
+
 def label_choices(path: str) -> list[str]:
     """Each label of a label file, written in its label format (the sidecar says which)."""
     from ..data.labels import format_labels
@@ -80,13 +117,8 @@ def cmd_batch(ns: argparse.Namespace, backend: Backend, model: str | None) -> in
     if not ns.batch_output:
         raise ConfigError("--input needs --output FILE")
     choices = label_choices(ns.infer_labels) if ns.infer_labels and not ns.each_label else None
-    constraint = (
-        label_constraint(*label_file(ns.infer_labels))
-        if ns.infer_labels and ns.each_label
-        else choice_constraint(choices)
-        if choices
-        else {}
-    )
+    by_label = each_label(ns)
+    constraint = label_constraint(by_label) if by_label else choice_constraint(choices) if choices else {}
 
     def chat(body: dict[str, Any]) -> dict[str, Any]:
         if body.get("stream"):
@@ -95,12 +127,8 @@ def cmd_batch(ns: argparse.Namespace, backend: Backend, model: str | None) -> in
         if constraint:
             body["extra_body"] = {**(body.get("extra_body") or {}), **constraint}
         response: Any = backend.chat(**body)
-        if choices and (response.choices[0].message.content or "").strip() not in choices:
-            raise BackendError(
-                "the answer is none of the labels: the server ignored the choice constraint "
-                "(structured_outputs.choice)",
-                code="constraint_ignored",
-            )
+        if choices and (error := ignored_constraint(response.choices[0].message.content or "", choices)):
+            raise error
         return response.model_dump(mode="json", exclude_unset=True)  # type: ignore[no-any-return]
 
     def chat_many(bodies: list[dict[str, Any]]) -> list[Any]:
@@ -187,12 +215,17 @@ def cmd_infer(ns: argparse.Namespace) -> int:
     ]
     choices = label_choices(ns.infer_labels) if ns.infer_labels and not ns.each_label else None
     extra: dict[str, Any] = {"extra_body": choice_constraint(choices)} if choices else {}
-    if ns.infer_labels and ns.each_label:
-        if ns.confidence:
-            raise ConfigError("--confidence is for one label set (--labels without --each-label)")
-        extra = {"extra_body": label_constraint(*label_file(ns.infer_labels))}
-    if choices and ns.confidence:
-        extra.update(logprobs=True, top_logprobs=min(len(choices), MAX_TOP_LOGPROBS))
+    by_label = each_label(ns)
+    if by_label:
+        extra = {"extra_body": label_constraint(by_label)}
+    if ns.confidence:
+        if not (choices or by_label):
+            raise ConfigError("--confidence needs --labels FILE")
+        if ns.stream:
+            raise ConfigError("--confidence shows the answer's probabilities once it is whole: drop --stream")
+        extra.update(
+            logprobs=True, top_logprobs=min(len(by_label.labels if by_label else choices or []), MAX_TOP_LOGPROBS)
+        )
     response: Any = backend.chat(
         model=model,
         messages=messages,
@@ -208,18 +241,17 @@ def cmd_infer(ns: argparse.Namespace) -> int:
         if ns.stream:
             sys.stdout.flush()
     sys.stdout.write("\n")
-    if choices and "".join(pieces).strip() not in choices:
-        warn(
-            f"the answer is none of the {len(choices)} labels: the server ignored the choice constraint "
-            "(structured_outputs.choice); it is not a label-constrained answer"
-        )
-    elif choices and ns.confidence and not ns.stream:
+    if choices and (error := ignored_constraint("".join(pieces), choices)):
+        warn(f"{error.message}; it is not a label-constrained answer")
+    elif ns.confidence:
         import math
 
         content = response.choices[0].logprobs.content if response.choices[0].logprobs else None
         if not content:
             warn("the server returned no logprobs: no confidences to show")
         else:
+            if by_label:  # the answer's probability, then each label's chance of belonging in it
+                print(f"{math.exp(content[0].logprob):7.3f}  (this answer)", file=sys.stderr)
             for top in content[0].top_logprobs:
                 print(f"{math.exp(top.logprob):7.3f}  {top.token}", file=sys.stderr)
     return 0

@@ -10,12 +10,16 @@ that with :func:`ast.literal_eval` (literals only, never ``eval``), and also acc
 - ``comma``: ``proxy, transit``
 
 Every format parses back to the same list, so evaluation and constrained inference can read any.
+Label-by-label answers give each label a probability; per-label thresholds on it are tuned on
+validation data here (``tune_thresholds``) and applied by the engine (``apply_thresholds``).
 """
 
 from __future__ import annotations
 
 import ast
 import json
+from collections.abc import Mapping, Sequence
+from itertools import pairwise
 
 from ..contract import LABEL_FORMATS
 
@@ -143,3 +147,37 @@ def label_sets(answers: list[str]) -> dict[str, object] | None:
             if len(sets) > MAX_LABEL_SETS:
                 return None
     return {"labels": sorted(labels), "label_format": style, "label_sets": sets}
+
+
+def apply_thresholds(probs: Mapping[str, float], labels: Sequence[str], thresholds: Mapping[str, float]) -> list[str]:
+    """The labels whose probability reaches their threshold (0.5 for a label without one), most
+    likely first as the label-by-label search orders them; the most likely label when none does
+    (a model always answers)."""
+    chosen = sorted((x for x in labels if probs[x] >= thresholds.get(x, 0.5)), key=lambda x: -probs[x])
+    return chosen or [max(labels, key=lambda x: probs[x])]
+
+
+def tune_thresholds(
+    references: Sequence[Sequence[str]], label_probs: Sequence[Mapping[str, float]], labels: Sequence[str]
+) -> dict[str, float]:
+    """Per label, the probability threshold that maximises that label's F1 on these (validation)
+    answers: the midpoints between the observed probabilities are tried, and ties go to the
+    threshold closest to 0.5. A label never present in the references keeps 0.5."""
+    out = {}
+    for x in labels:
+        truth = [x in r for r in references]
+        values = sorted({p[x] for p in label_probs})
+        if not any(truth):
+            out[x] = 0.5
+            continue
+        cuts = [(a + b) / 2 for a, b in pairwise(values)] or [0.5]
+        best = (-1.0, 0.0, 0.5)
+        for cut in cuts:
+            guess = [p[x] >= cut for p in label_probs]
+            tp = sum(g and t for g, t in zip(guess, truth))
+            fp = sum(g and not t for g, t in zip(guess, truth))
+            fn = sum(t and not g for g, t in zip(guess, truth))
+            f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+            best = max(best, (f1, -abs(cut - 0.5), cut))
+        out[x] = best[2]
+    return out

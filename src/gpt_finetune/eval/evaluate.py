@@ -9,23 +9,27 @@ trained to write them (the ``structured_outputs.choice`` extension, as vLLM name
 outside the candidates means the server ignored it, which is an error, not a score).
 
 Candidates for constrained prediction: the label sets that occur among the training answers
-(``--train``), else each single label and the label sets of the references. Multi-label data is
-predicted by the same rule: the model chooses among the combinations it has seen.
+(``--train``), else each single label and the label sets of the references: the model chooses
+among the combinations it has seen. Label by label (``label_choice``), any subset of the labels
+can be answered, with each label's probability, on which per-label thresholds can be tuned
+(``local.scoring.tune_thresholds``, on validation data only).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..backends.base import Backend
+from ..contract import MAX_TOP_LOGPROBS, LabelChoice
 from ..data.labels import LabelError, format_labels, guess_format, label_sets, labels_sidecar_path, parse_labels
 from ..data.readers import loads
 from ..errors import BackendError, DataError
-from ..request_rules import choice_constraint, label_constraint
+from ..request_rules import choice_constraint, ignored_constraint, label_constraint
 
 
 @dataclass
@@ -119,15 +123,19 @@ def predict(
     progress: Any = None,
     batch_size: int = 1,
     confidences: list[float | None] | None = None,
-    label_choice: tuple[list[str], str] | None = None,
+    label_choice: LabelChoice | None = None,
+    label_probs: list[dict[str, float]] | None = None,
 ) -> list[str]:
     """The model's answer to each prompt: greedy, or constrained to ``choices``. Free answers of
-    local models are generated ``batch_size`` prompts at a time. ``label_choice`` (labels, label
-    format) answers label by label: any subset of the labels. Constrained answers also give
-    their confidence (the chosen candidate's probability among the candidates) into
-    ``confidences`` when given: None where the server returns no logprobs."""
+    local models are generated ``batch_size`` prompts at a time. ``label_choice`` answers label
+    by label: any subset of the labels. Constrained and label-by-label answers also give their
+    confidence (the chosen answer's probability among the candidates, or among the answers the
+    label search scored) into ``confidences`` when given, None where the server returns no
+    logprobs; label by label, ``label_probs`` gets each label's probability of belonging in
+    the answer."""
     if not choices and not label_choice and batch_size > 1 and backend.traits.batched_chat:
         return _predict_batched(backend, model, ex, max_tokens, batch_size, progress)
+    want_logprobs = confidences is not None or label_probs is not None
     out = []
     for prompt in ex.prompts:
         params: dict[str, Any] = {"temperature": 0}
@@ -136,34 +144,46 @@ def predict(
             if confidences is not None:
                 params["logprobs"] = True
         elif label_choice:
-            params["extra_body"] = label_constraint(*label_choice)
+            params["extra_body"] = label_constraint(label_choice)
+            if want_logprobs:
+                params.update(logprobs=True, top_logprobs=min(len(label_choice.labels), MAX_TOP_LOGPROBS))
         else:
             params["max_tokens"] = max_tokens
         response: Any = backend.chat(model=model, messages=prompt, **params)
         answer = (response.choices[0].message.content or "").strip()
-        if choices and answer not in choices:
-            # a server without the extension (or a vLLM that dropped guided_choice) answers freely
-            # with HTTP 200: scoring that as constrained would mislabel the comparison
-            raise BackendError(
-                f"{model} answered {answer[:60]!r}, none of the {len(choices)} label sets: the server "
-                "ignored the choice constraint (structured_outputs.choice)",
-                hint="score it with --mode free, or serve it with gpt-finetune serve or vLLM 0.12+",
-                code="constraint_ignored",
-            )
+        if choices and (error := ignored_constraint(answer, choices, model)):
+            raise error
         out.append(answer)
-        if choices and confidences is not None:
+        if (choices or label_choice) and confidences is not None:
             confidences.append(_confidence(response))
+        if label_choice and label_probs is not None:
+            label_probs.append(_label_probs(response, label_choice))
         if progress is not None:
             progress.update(1)
     return out
 
 
-def _confidence(response: Any) -> float | None:
-    import math
-
+def _logprob_content(response: Any) -> Any:
     logprobs = getattr(response.choices[0], "logprobs", None)
-    content = getattr(logprobs, "content", None) if logprobs is not None else None
+    return getattr(logprobs, "content", None) if logprobs is not None else None
+
+
+def _confidence(response: Any) -> float | None:
+    content = _logprob_content(response)
     return math.exp(content[0].logprob) if content else None
+
+
+def _label_probs(response: Any, choice: LabelChoice) -> dict[str, float]:
+    """Each label's probability from a label-by-label answer's top_logprobs (0 for a label the
+    server left out of them)."""
+    content = _logprob_content(response)
+    if not content:
+        raise BackendError(
+            "the server returned no per-label probabilities for a label_choice request",
+            hint="tuning thresholds needs gpt-finetune serve or the local backend",
+        )
+    found = {top.token: math.exp(top.logprob) for top in content[0].top_logprobs or []}
+    return {x: found.get(x, 0.0) for x in choice.labels}
 
 
 def _predict_batched(

@@ -25,7 +25,9 @@ def classification_metrics(
 ) -> dict[str, Any]:
     """Accuracy (exact label-set match), per-label precision, recall and F1, macro and micro F1;
     for multi-label data also samples-averaged Jaccard and Hamming loss; for single-label data a
-    confusion matrix (rows: reference, columns: prediction, plus ``(other)``)."""
+    confusion matrix (rows: reference, columns: prediction, plus ``(other)``). Multi-label data
+    also gets samples-averaged F1 (each example's F1 between its true and predicted labels,
+    averaged)."""
     import numpy as np
     from sklearn.metrics import (
         accuracy_score,
@@ -65,6 +67,7 @@ def classification_metrics(
         "out_of_set_rate": out_of_set / len(references) if references else 0.0,
     }
     if multi:
+        out["samples_f1"] = float(f1_score(y_true, y_pred, average="samples", zero_division=0))
         out["samples_jaccard"] = float(jaccard_score(y_true, y_pred, average="samples", zero_division=0))
         out["hamming_loss"] = float(hamming_loss(y_true, y_pred))
     else:
@@ -76,6 +79,20 @@ def classification_metrics(
             "matrix": confusion_matrix(truth, guess, labels=axis).tolist(),
         }
     return out
+
+
+def unseen_combinations(
+    references: list[list[str]], predictions: list[list[str] | None], seen: set[frozenset[str]]
+) -> dict[str, int]:
+    """How answers fare on label sets that training never showed: ``answered`` counts answers
+    whose set is not among ``seen``, ``references`` the examples whose true set is not, and
+    ``right`` those of them answered exactly."""
+    unseen_refs = [i for i, r in enumerate(references) if frozenset(r) not in seen]
+    return {
+        "answered": sum(1 for p in predictions if p and frozenset(p) not in seen),
+        "references": len(unseen_refs),
+        "right": sum(1 for i in unseen_refs if predictions[i] and set(predictions[i] or []) == set(references[i])),
+    }
 
 
 def _normalize(text: str) -> list[str]:

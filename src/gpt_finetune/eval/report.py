@@ -20,7 +20,7 @@ def table(results: dict[str, dict[str, Any]], task: str) -> str:
             ("out_of_set_rate", "outside set"),
         ]
         if any(r.get("multi_label") for r in results.values()):
-            cols += [("samples_jaccard", "Jaccard"), ("hamming_loss", "Hamming")]
+            cols += [("samples_f1", "samples F1"), ("samples_jaccard", "Jaccard"), ("hamming_loss", "Hamming")]
     else:
         cols = [("exact_match", "exact"), ("token_f1", "token F1"), ("rouge_l", "ROUGE-L"), ("answer_words", "words")]
     width = max([len(n) for n in results] + [5])
@@ -36,6 +36,12 @@ def table(results: dict[str, dict[str, Any]], task: str) -> str:
             d, lo, hi = r["vs_baseline"]
             against = f"the better baseline ({r['baseline']})" if r.get("baseline") else "the baseline"
             lines.append(" " * width + f"  macro-F1 vs {against}: {d:+.3f} (95 % interval {lo:+.3f} to {hi:+.3f})")
+        if "unseen_sets" in r:
+            u = r["unseen_sets"]
+            lines.append(
+                " " * width + f"  label sets not seen in training: answered {u['answered']} times; "
+                f"{u['right']} of the {u['references']} examples that have one answered exactly"
+            )
         if "calibration" in r:
             cal = r["calibration"]
             kept = ", ".join(

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ..base_catalog import resolve_base
+from ..contract import LabelChoice
 from ..errors import BackendError, GptFinetuneError
 from ..home import Home
 from .base_weights import model_dir
@@ -74,7 +75,7 @@ class GenRequest:
     top_logprobs: int = 0
     choices: list[str] | None = None  # label-constrained: answer with the most likely of these
     # label by label: any subset of these labels, written in this label format (scoring.choose_labels)
-    label_choice: tuple[list[str], str] | None = None
+    label_choice: LabelChoice | None = None
     batch: list[list[dict[str, Any]]] | None = None  # several prompts at once, greedy (eval, batch files)
 
 
@@ -415,15 +416,31 @@ class Engine:
 
         req = handle.request
         assert req.label_choice is not None
-        labels, style = req.label_choice
+        choice = req.label_choice
         with ctx:
-            chosen, _ = choose_labels(
-                model, tokenizer, req.messages, list(labels), style, self._prompt_limit(model, req.adapter, 0)
+            answer = choose_labels(
+                model,
+                tokenizer,
+                req.messages,
+                list(choice.labels),
+                choice.label_format,
+                self._prompt_limit(model, req.adapter, 0),
+                dict(choice.thresholds) if choice.thresholds is not None else None,
             )
-        text = format_labels(chosen, style)
+        text = format_labels(answer.labels, choice.label_format)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         prompt = tokenizer.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=True)
-        handle.emit(Token(0, -1, text, None))
+        info = None
+        if req.logprobs:
+            # the answer as one "token" with its probability among the answers the search
+            # scored; its top_logprobs are the labels, each with the probability that it belongs
+            # in the answer (they need not sum to one: an answer holds several labels)
+            order = sorted(choice.labels, key=lambda x: -answer.label_probs[x])[: req.top_logprobs]
+            info = {
+                **_text_logprob(text, answer.logprob),
+                "top_logprobs": [_text_logprob(x, _log(answer.label_probs[x])) for x in order],
+            }
+        handle.emit(Token(0, -1, text, info))
         handle.emit(ChoiceEnd(0, "stop", text, list(ids)))
         handle.emit(Usage(len(prompt["input_ids"] if isinstance(prompt, dict) else prompt), len(ids)))
 
@@ -477,6 +494,10 @@ def _token_logprob(tokenizer: Any, token_id: int, logprob: float) -> dict[str, A
 
 def _text_logprob(text: str, logprob: float) -> dict[str, Any]:
     return {"token": text, "bytes": list(text.encode("utf-8")), "logprob": logprob}
+
+
+def _log(p: float) -> float:
+    return math.log(p) if p > 0 else -9999.0  # OpenAI's floor for an impossible token
 
 
 def candidate_logprobs(scores: list[float]) -> list[float]:

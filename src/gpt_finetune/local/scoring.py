@@ -14,6 +14,8 @@ training can be predicted.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 from .chat_data import IGNORE, fit_messages, tokenize_example
@@ -72,28 +74,66 @@ def score_choices(
     return scores
 
 
+@dataclass(frozen=True)
+class LabelAnswer:
+    """A label-by-label answer: the labels, the answer's probability and each label's."""
+
+    labels: list[str]
+    logprob: float  # of the answer, among the complete answers the search scored
+    label_probs: dict[str, float]  # per label: the probability that it belongs in the answer
+
+
 def choose_labels(
-    model: Any, tokenizer: Any, messages: list[dict[str, Any]], labels: list[str], label_format: str, max_length: int
-) -> tuple[list[str], float]:
+    model: Any,
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    labels: list[str],
+    label_format: str,
+    max_length: int,
+    thresholds: dict[str, float] | None = None,
+) -> LabelAnswer:
     """Label by label: the most likely single-label answer first; then, while adding one more
     label (any not yet chosen, after the ones chosen) gives a more likely complete answer than
     stopping there, the best such label. Every answer compared is complete, in the label format
-    and with its end-of-turn token, exactly as training scored it. Returns the labels and the
-    answer's summed log-probability."""
-    from ..data.labels import format_labels
+    and with its end-of-turn token, exactly as training scored it.
+
+    Probabilities are over the complete answers this search scored (every single label, then each
+    one-label extension of the answer so far): normalised among them, an answer's probability is
+    its share, and a label's is the summed share of the answers that contain it (its marginal,
+    restricted to the answers explored; the whole space of subsets is too large to score).
+    With ``thresholds`` (label -> probability, tuned on validation data:
+    ``data.labels.tune_thresholds``), the answer is instead every label whose probability reaches
+    its threshold (``data.labels.apply_thresholds``)."""
+    from ..data.labels import apply_thresholds, format_labels
 
     if not labels:
         raise ValueError("no labels to choose from")
     chosen: list[str] = []
     current = float("-inf")
+    scored: dict[tuple[str, ...], float] = {}
     while len(chosen) < len(labels):
         rest = [x for x in labels if x not in chosen]
         scores = score_choices(
             model, tokenizer, messages, [format_labels([*chosen, x], label_format) for x in rest], max_length
         )
+        for x, score in zip(rest, scores, strict=True):
+            scored[(*chosen, x)] = score
         best = max(range(len(rest)), key=lambda i: scores[i])
         if chosen and scores[best] <= current:
             break  # stopping here is the more likely answer
         chosen.append(rest[best])
         current = scores[best]
-    return chosen, current
+    top = max(scored.values())
+    total = sum(math.exp(v - top) for v in scored.values())
+    share = {key: math.exp(v - top) / total for key, v in scored.items()}
+    probs = {x: sum(p for key, p in share.items() if x in key) for x in labels}
+    if thresholds is None:
+        return LabelAnswer(chosen, math.log(share[tuple(chosen)]), probs)
+    chosen = apply_thresholds(probs, labels, thresholds)
+    key = next((k for k in scored if sorted(k) == sorted(chosen)), None)
+    if key is None:  # a combination the search did not reach: scored now, beside the others
+        key = tuple(chosen)
+        scored[key] = score_choices(model, tokenizer, messages, [format_labels(chosen, label_format)], max_length)[0]
+    top = max(scored.values())
+    log_total = top + math.log(sum(math.exp(v - top) for v in scored.values()))
+    return LabelAnswer(chosen, scored[key] - log_total, probs)
