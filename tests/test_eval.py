@@ -428,7 +428,10 @@ def test_thresholds_are_tuned_on_the_validation_file_only_and_infer_uses_them(tm
             main([*args, "-d", str(data), "--tune-on", str(tune), "--mode", "free", "--json", "--report", str(report)])
             == 0
         )
-        results = json.loads(capsys.readouterr().out)["results"]
+        printed = json.loads(capsys.readouterr().out)
+        results = printed["results"]
+        # every answer is in the JSON too, as labels
+        assert {len(p) for p in printed["predictions"].values()} == {sum(1 for _ in open(data))}
         # --tune-on adds label by label to the modes asked
         assert set(results) == {f"{tiny_model_dir} (free)", f"{tiny_model_dir} (labels)", tuned}
         assert results[tuned]["tuned_on"] == str(tune)

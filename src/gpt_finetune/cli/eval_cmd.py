@@ -236,7 +236,10 @@ def cmd_eval(ns: argparse.Namespace) -> int:
         events = backend.list_events(ns.eval_job, limit=10_000)
         curves = [e.data for e in reversed(events) if e.type == "metrics" and isinstance(e.data, dict)]
     if ns.json:
-        print(json.dumps({"data": ns.data, "task": ex.task, "results": results}, indent=1))
+        # each example's answer too (labels, or None where it could not be read as labels), so
+        # that a caller can compute its own statistics
+        listed = predictions if ex.task == "classification" else {}
+        print(json.dumps({"data": ns.data, "task": ex.task, "results": results, "predictions": listed}, indent=1))
     else:
         from ..eval.report import per_label_table, table
 
