@@ -138,6 +138,79 @@ def test_the_svm_baseline_reads_character_ngrams_words_miss():
     assert multi.predict(["NodePortLocalWindowsHostagain"]) == [["npl", "windows"]]
 
 
+WORDS = "the proxy drops packets crash windows host slow agent restarts please add option how do i".split()
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory):
+    """A sentence-transformers encoder built from a config (no hub): a 2-layer BERT over a tiny
+    word vocabulary, mean pooling."""
+    pytest.importorskip("setfit")
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    root = tmp_path_factory.mktemp("encoder")
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
+    tokenizer = BertTokenizer(vocab=vocab)
+    assert tokenizer("proxy windows")["input_ids"] == [2, vocab["proxy"], vocab["windows"], 3]
+    config = BertConfig(
+        vocab_size=5 + len(WORDS),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        initializer_range=0.5,  # random words far apart: the test is of SetFit, not of a trained encoder
+    )
+    import torch
+
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(root / "bert")
+    tokenizer.save_pretrained(root / "bert")
+    word = models.Transformer(str(root / "bert"))
+    SentenceTransformer(modules=[word, models.Pooling(word.get_word_embedding_dimension())]).save(str(root / "st"))
+    return root / "st"
+
+
+def test_the_setfit_baseline_learns_separable_labels_single_and_multi(tiny_encoder):
+    from gpt_finetune.eval.baseline import SetfitBaseline
+
+    prompts = ["the proxy drops packets", "proxy packets drops", "windows host slow", "slow windows host"] * 4
+    labels = [["proxy"], ["proxy"], ["windows"], ["windows"]] * 4
+    single = SetfitBaseline(str(tiny_encoder), iterations=5).fit(prompts, labels, ["proxy", "windows"])
+    # the encoder is random (no weights here): what is tested is SetFit's fit and predict
+    # through the baseline, on the prompts it was fitted on
+    assert single.predict(["the proxy drops packets", "slow windows host"]) == [["proxy"], ["windows"]]
+    texts = {"proxy drops packets": ["proxy"], "slow windows host": ["windows"], "agent restarts crash": ["agent"]}
+    texts["agent restarts crash proxy drops packets"] = ["agent", "proxy"]
+    multi = SetfitBaseline(str(tiny_encoder), iterations=5).fit(
+        [*texts] * 4, [*texts.values()] * 4, ["agent", "proxy", "windows"]
+    )
+    answers = multi.predict(["agent restarts crash proxy drops packets", "slow windows host"])
+    assert sorted(answers[0]) == ["agent", "proxy"] and answers[1] == ["windows"]
+
+
+def test_eval_compares_with_setfit_when_given_an_encoder(tmp_path, tiny_model_dir, tiny_encoder, capsys):
+    import json
+
+    from conftest import chat_example, write_jsonl
+
+    from gpt_finetune.cli.main import main
+
+    answers = ["'proxy'", "'ovs'", "'windows'"]
+    train = write_jsonl(tmp_path / "train.jsonl", [chat_example(i, answers[i % 3]) for i in range(12)])
+    valid = write_jsonl(tmp_path / "valid.jsonl", [chat_example(i, answers[i % 3]) for i in range(12, 18)])
+    args = ["eval", "--backend", "local", "-m", str(tiny_model_dir), "-d", str(valid), "--train", str(train)]
+    args += ["--mode", "free", "--max-tokens", "2"]
+    assert main([*args, "--baseline", "both", "--encoder", str(tiny_encoder), "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert {"tfidf+logreg", "ngrams+svm", "setfit"} <= set(results)
+    best = max(("tfidf+logreg", "ngrams+svm", "setfit"), key=lambda n: results[n]["macro_f1"])
+    assert results[str(tiny_model_dir)]["baseline"] == best
+    assert main([*args, "--baseline", "setfit"]) != 0  # without an encoder: one clear error
+    assert "--baseline setfit needs --encoder" in capsys.readouterr().err
+
+
 # ---- label-constrained prediction on a tiny model ---------------------------------------------
 MSGS = [{"role": "system", "content": "Label it."}, {"role": "user", "content": "title: the proxy drops packets"}]
 CHOICES = ["'bug'", "'feature'", "'question'", "'bug','feature'"]

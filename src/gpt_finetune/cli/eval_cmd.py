@@ -53,10 +53,17 @@ def add_eval(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--baseline",
-        choices=["tfidf", "svm", "both", "none"],
+        choices=["tfidf", "svm", "setfit", "both", "none"],
         default="tfidf",
         help="cheap baseline for classification: TF-IDF + logistic regression (default), word and character "
-        "n-grams + linear SVM, or both (each model is then compared with the better of the two on this data)",
+        "n-grams + linear SVM, SetFit on a sentence encoder (--encoder), or both of the first two (and SetFit "
+        "when --encoder is given): each model is then compared with the best of them on this data",
+    )
+    p.add_argument(
+        "--encoder",
+        metavar="DIR",
+        help="the sentence encoder SetFit fine-tunes (a sentence-transformers directory, or a hub name it "
+        "downloads), e.g. all-MiniLM-L6-v2; needs the [setfit] extra",
     )
     p.add_argument(
         "--tune-on",
@@ -203,12 +210,24 @@ def cmd_eval(ns: argparse.Namespace) -> int:
         if ns.baseline != "none":
             if train is None:
                 raise ConfigError("the baseline needs training data", hint="give --train FILE, or --baseline none")
-            from ..eval.baseline import BASELINES
+            from ..eval.baseline import BASELINES, SetfitBaseline
 
+            keys = ["tfidf", "svm", *(["setfit"] if ns.encoder else [])] if ns.baseline == "both" else [ns.baseline]
+            if "setfit" in keys and not ns.encoder:
+                raise ConfigError(
+                    "--baseline setfit needs --encoder: the sentence encoder it fine-tunes",
+                    hint="e.g. --encoder all-MiniLM-L6-v2 (downloaded once) or a local sentence-transformers directory",
+                )
             models = list(results)
             fitted = []
-            for key in ["tfidf", "svm"] if ns.baseline == "both" else [ns.baseline]:
-                base = BASELINES[key]().fit(train.prompt_texts(), train.reference_labels(), ex.labels)
+            for key in keys:
+                try:
+                    maker = (lambda: SetfitBaseline(ns.encoder)) if key == "setfit" else BASELINES[key]
+                    base = maker().fit(train.prompt_texts(), train.reference_labels(), ex.labels)
+                except ImportError as exc:
+                    raise DependencyError(
+                        f"the {key} baseline needs {exc.name}", hint="pip install 'gpt-finetune[setfit]'"
+                    ) from None
                 predictions[base.name] = list(base.predict(ex.prompt_texts()))
                 results[base.name] = classification_metrics(refs, predictions[base.name], ex.labels)
                 fitted.append(base.name)
