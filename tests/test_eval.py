@@ -172,8 +172,10 @@ def tiny_encoder(tmp_path_factory):
     return root / "st"
 
 
-def test_the_setfit_baseline_learns_separable_labels_single_and_multi(tiny_encoder):
+def test_the_setfit_baseline_learns_separable_labels_single_and_multi(tiny_encoder, tmp_path, monkeypatch):
     from gpt_finetune.eval.baseline import SetfitBaseline
+
+    monkeypatch.chdir(tmp_path)  # SetFit's own default would leave ./checkpoints behind
 
     prompts = ["the proxy drops packets", "proxy packets drops", "windows host slow", "slow windows host"] * 4
     labels = [["proxy"], ["proxy"], ["windows"], ["windows"]] * 4
@@ -188,6 +190,7 @@ def test_the_setfit_baseline_learns_separable_labels_single_and_multi(tiny_encod
     )
     answers = multi.predict(["agent restarts crash proxy drops packets", "slow windows host"])
     assert sorted(answers[0]) == ["agent", "proxy"] and answers[1] == ["windows"]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_eval_compares_with_setfit_when_given_an_encoder(tmp_path, tiny_model_dir, tiny_encoder, capsys):

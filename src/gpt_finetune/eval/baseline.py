@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import tempfile
 from typing import Any
 
 
@@ -128,12 +129,19 @@ class SetfitBaseline:
         else:
             targets = [self.classes.index(y[0]) for y in labels]
             self.model = SetFitModel.from_pretrained(self.encoder)
-        args = TrainingArguments(
-            num_epochs=1, batch_size=self.batch_size, num_iterations=self.iterations, seed=self.seed, report_to="none"
-        )
         data = Dataset.from_dict({"text": prompts, "label": targets})
-        # the Trainer writes its log lines to stdout, which is eval's (--json) output: to stderr
-        with contextlib.redirect_stdout(sys.stderr):
+        # its checkpoints go to a scratch directory (by default SetFit writes ./checkpoints), and
+        # the Trainer's log lines, which it prints to stdout (eval --json's output), to stderr
+        with tempfile.TemporaryDirectory(prefix="setfit-") as scratch, contextlib.redirect_stdout(sys.stderr):
+            args = TrainingArguments(
+                output_dir=scratch,
+                num_epochs=1,
+                batch_size=self.batch_size,
+                num_iterations=self.iterations,
+                seed=self.seed,
+                report_to="none",
+                save_strategy="no",
+            )
             Trainer(model=self.model, args=args, train_dataset=data).train()
         return self
 
