@@ -121,3 +121,27 @@ def test_the_cli_resumes_after_kill_9_on_a_local_model(tmp_path, tiny_model_dir)
     rows = out.read_text().splitlines()
     assert [json.loads(x)["custom_id"] for x in rows] == [f"req-{i}" for i in range(20)]
     assert all(row in rows for row in before.values())  # finished lines kept as they were
+
+
+def test_batch_lines_carry_the_confidences_of_label_constrained_answers(tmp_path, tiny_model_dir):
+    import math
+
+    from gpt_finetune.cli.main import main
+
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"labels": ["bug", "feature", "question"], "label_format": "seed"}))
+    src = write_jsonl(tmp_path / "in.jsonl", batch_lines(3))
+    base = ["infer", "--backend", "local", "-m", str(tiny_model_dir), "--input", str(src), "--labels", str(labels)]
+    one = tmp_path / "one.jsonl"
+    assert main([*base, "--output", str(one), "--confidence"]) == 0
+    for row in map(json.loads, one.read_text().splitlines()):
+        choice = row["response"]["body"]["choices"][0]
+        top = choice["logprobs"]["content"][0]["top_logprobs"]
+        assert choice["message"]["content"] == top[0]["token"]  # the most likely candidate is the answer
+        assert sum(math.exp(t["logprob"]) for t in top) == pytest.approx(1.0)  # over the 3 candidates
+    each = tmp_path / "each.jsonl"
+    assert main([*base, "--output", str(each), "--each-label", "--confidence"]) == 0
+    for row in map(json.loads, each.read_text().splitlines()):
+        content = row["response"]["body"]["choices"][0]["logprobs"]["content"][0]
+        assert sorted(t["token"] for t in content["top_logprobs"]) == ["bug", "feature", "question"]
+        assert all(0 < math.exp(t["logprob"]) <= 1 + 1e-9 for t in content["top_logprobs"])

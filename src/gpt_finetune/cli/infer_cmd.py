@@ -119,11 +119,20 @@ def cmd_batch(ns: argparse.Namespace, backend: Backend, model: str | None) -> in
     choices = label_choices(ns.infer_labels) if ns.infer_labels and not ns.each_label else None
     by_label = each_label(ns)
     constraint = label_constraint(by_label) if by_label else choice_constraint(choices) if choices else {}
+    # --confidence: every line's answer carries its probabilities (OpenAI's logprobs shape)
+    probe: dict[str, Any] = {}
+    if ns.confidence:
+        if not constraint:
+            raise ConfigError("--confidence needs --labels FILE")
+        probe = {
+            "logprobs": True,
+            "top_logprobs": min(len(by_label.labels if by_label else choices or []), MAX_TOP_LOGPROBS),
+        }
 
     def chat(body: dict[str, Any]) -> dict[str, Any]:
         if body.get("stream"):
             raise BackendError("stream is not supported in batch requests", param="body.stream")
-        body = dict(body)
+        body = {**body, **probe}
         if constraint:
             body["extra_body"] = {**(body.get("extra_body") or {}), **constraint}
         response: Any = backend.chat(**body)
@@ -139,7 +148,7 @@ def cmd_batch(ns: argparse.Namespace, backend: Backend, model: str | None) -> in
             if body.get("stream"):
                 out[i] = BackendError("stream is not supported in batch requests", param="body.stream")
             else:
-                todo.append((i, {**body, **constraint}))
+                todo.append((i, {**body, **constraint, **probe}))
         for (i, _), answer in zip(todo, backend.chat_many([b for _, b in todo]), strict=True):
             out[i] = answer
         return out
