@@ -22,14 +22,27 @@ from .chat_data import IGNORE, fit_messages, tokenize_example
 
 
 def score_choices(
-    model: Any, tokenizer: Any, messages: list[dict[str, Any]], choices: list[str], max_length: int
+    model: Any,
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    choices: list[str],
+    max_length: int,
+    *,
+    fit_to: str | None = None,
+    reuse: dict[str, Any] | None = None,
 ) -> list[float]:
-    """Summed log-probability of each choice as the assistant's answer to ``messages``."""
+    """Summed log-probability of each choice as the assistant's answer to ``messages``.
+
+    A long prompt is shortened to fit the longest choice (or ``fit_to``, so that several calls
+    shorten it alike). ``reuse`` (a dict kept between calls on the same prompt) holds the
+    prompt's pass: the next call runs only its candidates."""
+    import copy
+
     import torch
 
     if not choices:
         raise ValueError("no choices to score")
-    longest = max(choices, key=len)
+    longest = fit_to or max(choices, key=len)
     fitted = fit_messages(tokenizer, [*messages, {"role": "assistant", "content": longest}], max_length)
     prompt = fitted[0][:-1] if fitted is not None else messages  # shortened once, the same for every choice
     rows = [tokenize_example(tokenizer, [*prompt, {"role": "assistant", "content": c}]) for c in choices]
@@ -43,10 +56,20 @@ def score_choices(
     device = model.device
     n = len(ids)
     with torch.inference_mode():
-        # only the prompt's last position predicts a scored token: projecting every position onto
-        # the vocabulary would be a fifth of the pass on a long prompt
-        head = model(input_ids=torch.tensor([ids[0][:shared]], device=device), use_cache=True, logits_to_keep=1)
-        cache = head.cache if hasattr(head, "cache") else head.past_key_values
+        kept = reuse.get("ids") if reuse else None
+        if kept is not None and len(kept) <= shared and all(seq[: len(kept)] == kept for seq in ids):
+            shared = len(kept)  # the prompt ran in an earlier call: start from its cache
+            last, arg, cache = reuse["last"], reuse["arg"], copy.deepcopy(reuse["cache"])  # type: ignore[index]
+        else:
+            # only the prompt's last position predicts a scored token: projecting every position
+            # onto the vocabulary would be a fifth of the pass on a long prompt
+            head = model(input_ids=torch.tensor([ids[0][:shared]], device=device), use_cache=True, logits_to_keep=1)
+            last = head.logits[:, -1:]
+            # transformers 5 names the output's KV cache ``cache`` (``past_key_values`` before)
+            arg = "cache" if hasattr(head, "cache") else "past_key_values"
+            cache = getattr(head, arg)
+            if reuse is not None:
+                reuse.update(ids=ids[0][:shared], last=last, arg=arg, cache=copy.deepcopy(cache))
         cache.batch_repeat_interleave(n)
         width = max(len(x) for x in ids) - shared
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -56,10 +79,9 @@ def score_choices(
         for i, seq in enumerate(ids):
             tail[i, : len(seq) - shared] = torch.tensor(seq[shared:], device=device)
             mask[i, shared : len(seq)] = 1
-        arg = "cache" if hasattr(head, "cache") else "past_key_values"
         out = model(input_ids=tail, attention_mask=mask, use_cache=True, **{arg: cache})
-        # logits that predict tail token j: the head's last for j = 0, the tail's j - 1 after
-        logits = torch.cat([head.logits[:, -1:].expand(n, 1, -1), out.logits[:, :-1]], dim=1).float()
+        # logits that predict tail token j: the prompt's last for j = 0, the tail's j - 1 after
+        logits = torch.cat([last.expand(n, 1, -1), out.logits[:, :-1]], dim=1).float()
         logp = torch.log_softmax(logits, dim=-1).gather(-1, tail[..., None])[..., 0]
     scores = []
     k = 0
@@ -111,11 +133,13 @@ def choose_labels(
     chosen: list[str] = []
     current = float("-inf")
     scored: dict[tuple[str, ...], float] = {}
+    # every round shortens a long prompt alike (for the longest possible answer) and runs it once
+    widest = format_labels(list(labels), label_format)
+    reuse: dict[str, Any] = {}
     while len(chosen) < len(labels):
         rest = [x for x in labels if x not in chosen]
-        scores = score_choices(
-            model, tokenizer, messages, [format_labels([*chosen, x], label_format) for x in rest], max_length
-        )
+        candidates = [format_labels([*chosen, x], label_format) for x in rest]
+        scores = score_choices(model, tokenizer, messages, candidates, max_length, fit_to=widest, reuse=reuse)
         for x, score in zip(rest, scores, strict=True):
             scored[(*chosen, x)] = score
         best = max(range(len(rest)), key=lambda i: scores[i])
@@ -133,7 +157,8 @@ def choose_labels(
     key = next((k for k in scored if sorted(k) == sorted(chosen)), None)
     if key is None:  # a combination the search did not reach: scored now, beside the others
         key = tuple(chosen)
-        scored[key] = score_choices(model, tokenizer, messages, [format_labels(chosen, label_format)], max_length)[0]
+        answer = [format_labels(chosen, label_format)]
+        scored[key] = score_choices(model, tokenizer, messages, answer, max_length, fit_to=widest, reuse=reuse)[0]
     top = max(scored.values())
     log_total = top + math.log(sum(math.exp(v - top) for v in scored.values()))
     return LabelAnswer(chosen, scored[key] - log_total, probs)
