@@ -5,7 +5,7 @@
 
 The training file (a classification file as ``prepare --split`` writes it; its held-out part is
 never read here) is split into ``--folds`` stratified folds (seed 0). Each configuration of
-``CONFIGS`` (seven: one run on the real sample takes tens of minutes on 2 cores) trains
+``CONFIGS`` (six: one run on the real sample takes about 40 minutes on 2 cores) trains
 on all folds but one, for ``--epochs`` epochs, and after every epoch the model in training scores
 the left-out fold with label-constrained prediction (``local.scoring``, the candidates being the
 label sets of the fold's training part, as a job records them) and the trainer measures that
@@ -19,7 +19,7 @@ default always kept as the reference) on the other folds. Each run is one fresh 
 allocator jobs preload, tcmalloc here) whose result is written when it ends: the search resumes
 where it stopped, rerunning only an unfinished run. ``max_length`` is lowered for the search
 (384: half of the sample's issues whole, the others shortened in the middle of their body; a run
-of five epochs then takes about 25 minutes, scoring included), as the issue allows; the final figure is a default job
+of five epochs then takes about 40 minutes, a fifth of it scoring), as the issue allows; the final figure is a default job
 at full length on the held-out issues, with the project's own ``eval``.
 
 The report pools each configuration's predictions over the folds it ran on (every training
@@ -53,7 +53,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "all-r8": {"targets": ALL_LINEAR, "r": 8, "alpha": 16, "lr": 1e-3, "batch": 8},
     "all-r16-lr2e-3": {"targets": ALL_LINEAR, "r": 16, "alpha": 32, "lr": 2e-3, "batch": 8},
     "all-r16-lr5e-4": {"targets": ALL_LINEAR, "r": 16, "alpha": 32, "lr": 5e-4, "batch": 8},
-    "all-r32": {"targets": ALL_LINEAR, "r": 32, "alpha": 64, "lr": 1e-3, "batch": 8},
     "attn-r16-lr2e-3": {"targets": ATTENTION, "r": 16, "alpha": 32, "lr": 2e-3, "batch": 8},
 }
 DEFAULT = "attn-r8"
@@ -246,6 +245,11 @@ def search(args: argparse.Namespace, folds: list[tuple[Path, Path]], labels: lis
         out.parent.mkdir(parents=True, exist_ok=True)
         log = out.with_suffix(".log")
         print(f"[{time.strftime('%H:%M:%S')}] {name} ({describe(name)}), fold {fold}: log {log}", flush=True)
+        if running := _running(name, fold):  # a search started before this one (restarted): wait for it
+            print(f"  already running as process {running}: waiting for it", flush=True)
+            while _running(name, fold):
+                time.sleep(30)
+            continue
         cmd = [
             sys.executable, __file__, "--run", name, "--fold", str(fold),
             "--fold-train", str(folds[fold][0]), "--fold-valid", str(folds[fold][1]),
@@ -259,6 +263,18 @@ def search(args: argparse.Namespace, folds: list[tuple[Path, Path]], labels: lis
             sys.exit(f"{name} fold {fold} failed (exit {rc}); see {log}")
         print(f"  done in {time.time() - t0:.0f} s", flush=True)
         report(args, folds, labels)
+
+
+def _running(name: str, fold: int) -> int | None:
+    """The pid of a child run of this configuration and fold still in progress, if any."""
+    import psutil
+
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if "--run" in cmd and name in cmd and "--fold" in cmd and str(fold) in cmd and proc.pid != os.getpid():
+            if cmd[cmd.index("--run") + 1] == name and cmd[cmd.index("--fold") + 1] == str(fold):
+                return int(proc.pid)
+    return None
 
 
 # ---- the report ---------------------------------------------------------------------------------
@@ -362,7 +378,7 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--max-length", type=int, default=384)
-    ap.add_argument("--keep", type=int, default=2, help="configurations stage 2 runs on the other folds")
+    ap.add_argument("--keep", type=int, default=1, help="configurations stage 2 runs on the other folds")
     ap.add_argument("--model-dir", default=None, help="the base model's directory (default: the converted default)")
     ap.add_argument("--configs", help="comma-separated names of CONFIGS to search (default: all)")
     ap.add_argument("--report", action="store_true", help="print the table of what has run, run nothing")
