@@ -384,6 +384,49 @@ def test_a_classification_job_records_its_label_sets_when_its_files_are_checked(
     }
 
 
+def test_a_classification_job_trains_with_the_classification_defaults_unless_told_otherwise(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    pytest.importorskip("torch")
+    from conftest import chat_example, toy_examples, write_jsonl
+
+    from gpt_finetune import contract
+    from gpt_finetune.contract import LocalOptions
+    from gpt_finetune.services import Services
+
+    # the mechanism, with defaults of the kind the search chooses (the shipped table may be empty)
+    CLASSIFICATION_DEFAULTS = {"lora_r": 16, "lora_alpha": 32, "lora_target_modules": ("all-linear",)}
+    monkeypatch.setattr(contract, "CLASSIFICATION_DEFAULTS", CLASSIFICATION_DEFAULTS)
+
+    services = Services.open(tmp_path / "home")
+    answers = ["'proxy'", "'ovs'", "'proxy','windows'"]
+    labelled = services.files.create_from_path(
+        write_jsonl(tmp_path / "train.jsonl", [chat_example(i, answers[i % 3]) for i in range(12)])
+    )["id"]
+    qa = [
+        {**r, "messages": [*r["messages"][:2], {"role": "assistant", "content": f"Answer {i}, in words."}]}
+        for i, r in enumerate(toy_examples(12))
+    ]
+    free = services.files.create_from_path(write_jsonl(tmp_path / "free.jsonl", qa))["id"]
+    default = services.jobs.create(model=str(tiny_model_dir), training_file=labelled, start=False)["id"]
+    told = services.jobs.create(model=str(tiny_model_dir), training_file=labelled, options={"lora_r": 4}, start=False)[
+        "id"
+    ]
+    answering = services.jobs.create(model=str(tiny_model_dir), training_file=free, start=False)["id"]
+    services.jobs.validate_pending(0)
+    local = {j: services.jobs.spec(j).local for j in (default, told, answering)}
+    for key, value in CLASSIFICATION_DEFAULTS.items():
+        assert local[default].value(key) == value
+        assert local[answering].value(key) == LocalOptions().value(key)  # answering keeps its own
+    assert local[told].value("lora_r") == 4  # what the caller set wins, the rest are the classification's
+    assert local[told].value("lora_target_modules") == CLASSIFICATION_DEFAULTS["lora_target_modules"]
+    stated = [e["message"] for e in services.jobs.list_events(default, limit=50)[0]]
+    assert any(
+        m.startswith("Classification data (3 labels): training with the classification defaults") for m in stated
+    )
+    assert not any("classification defaults" in e["message"] for e in services.jobs.list_events(answering, limit=50)[0])
+
+
 def test_the_task_is_found_from_a_label_file_or_from_answers_that_are_labels(tmp_path):
     import json
 

@@ -72,6 +72,20 @@ def test_lora_training_lowers_the_loss_changes_every_lora_weight_and_saves_the_a
     assert result.global_step == 36 and not result.stopped
 
 
+def test_all_linear_adapts_every_linear_layer_but_the_output_one(tmp_path, tiny_model_dir):
+    import json
+
+    spec = train_spec(
+        tmp_path, tiny_model_dir, n_examples=4, n_epochs=1, lora={"r": 4, "alpha": 8, "target_modules": ["all-linear"]}
+    )
+    train(spec, Hooks())
+    adapted = {
+        n.rsplit(".", 1)[-1]
+        for n in json.loads((tmp_path / "final" / "adapter_config.json").read_text())["target_modules"]
+    }
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
 def test_same_seed_same_weights(tmp_path, tiny_model_dir):
     from safetensors.torch import load_file
 

@@ -277,6 +277,13 @@ HYPERPARAMETERS: Mapping[str, type[SupervisedHyperparameters]] = {"supervised": 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 BASE_LEARNING_RATE = {"lora": 1e-3, "full": 5e-5}  # what learning_rate_multiplier scales
 
+# What a classification job (its answers are labels: ``data.labels.label_sets``) trains with
+# where the caller chose nothing; a setting given in the config, a flag or the server's options
+# always wins, and answering jobs keep the defaults above. Empty until the cross-validated search
+# of bench/label_search.py (bench/README.md, "Settings for classification") has chosen them on
+# training issues only; until then classification jobs train with the general defaults.
+CLASSIFICATION_DEFAULTS: Mapping[str, Any] = {}
+
 
 @dataclass(frozen=True)
 class LoraOptions(Group):
@@ -286,7 +293,9 @@ class LoraOptions(Group):
     r: int = setting(8, "LoRA rank", "int", lo=1)
     alpha: int = setting(16, "LoRA alpha (the update is scaled by alpha / r)", "int", lo=1)
     dropout: float = setting(0.05, "dropout on the LoRA input", "float", lo=0.0, hi=0.9)
-    target_modules: tuple[str, ...] = setting(LORA_TARGETS, "the layers given adapters", "list")
+    target_modules: tuple[str, ...] = setting(
+        LORA_TARGETS, "the layers given adapters (all-linear: every linear layer but the output one)", "list"
+    )
 
 
 @dataclass(frozen=True)
@@ -355,12 +364,15 @@ LOCAL_GROUPS: Mapping[str, type[Group]] = {
 
 @dataclass(frozen=True)
 class LocalOptions:
-    """A job's local training options, grouped by concern, every default filled in."""
+    """A job's local training options, grouped by concern, every default filled in; ``given``
+    names the settings keys the caller chose (the others are defaults, which a classification
+    job replaces with its own: ``for_classification``)."""
 
     model: ModelOptions = field(default_factory=ModelOptions)
     lora: LoraOptions = field(default_factory=LoraOptions)
     memory: MemoryOptions = field(default_factory=MemoryOptions)
     run: RunOptions = field(default_factory=RunOptions)
+    given: tuple[str, ...] = ()
 
     @classmethod
     def keys(cls) -> dict[str, tuple[str, dataclasses.Field[Any]]]:
@@ -370,14 +382,33 @@ class LocalOptions:
     @classmethod
     def from_settings(cls, flat: Mapping[str, Any]) -> LocalOptions:
         """From settings keys (``lora_r``); the ones not given keep their defaults."""
-        return cls(**{name: g.from_values(flat, keys="setting") for name, g in LOCAL_GROUPS.items()})
+        given = tuple(sorted(k for k in flat if k in _LOCAL_KEYS and flat[k] is not None))
+        return cls(**{name: g.from_values(flat, keys="setting") for name, g in LOCAL_GROUPS.items()}, given=given)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> LocalOptions:
-        return cls(**{name: g.from_values(data.get(name) or {}) for name, g in LOCAL_GROUPS.items()})
+        groups = {name: g.from_values(data.get(name) or {}) for name, g in LOCAL_GROUPS.items()}
+        return cls(**groups, given=tuple(data.get("given") or ()))
 
     def to_json(self) -> dict[str, Any]:
-        return {name: getattr(self, name).to_json() for name in LOCAL_GROUPS}
+        return {**{name: getattr(self, name).to_json() for name in LOCAL_GROUPS}, "given": list(self.given)}
+
+    def value(self, key: str) -> Any:
+        group, f = _LOCAL_KEYS[key]
+        return getattr(getattr(self, group), f.name)
+
+    def for_classification(self, defaults: Mapping[str, Any] | None = None) -> tuple[LocalOptions, dict[str, Any]]:
+        """These options with ``defaults`` (``CLASSIFICATION_DEFAULTS``) in place of the defaults
+        the caller did not override; returns them and what was applied (settings key -> value)."""
+        chosen = CLASSIFICATION_DEFAULTS if defaults is None else defaults
+        applied = {k: v for k, v in chosen.items() if k not in self.given and self.value(k) != v}
+        if not applied:
+            return self, {}
+        groups = {name: getattr(self, name) for name in LOCAL_GROUPS}
+        for key, value in applied.items():
+            group, f = _LOCAL_KEYS[key]
+            groups[group] = dataclasses.replace(groups[group], **{f.name: value})
+        return LocalOptions(**groups, given=self.given), applied
 
     def changed(self) -> dict[str, Any]:
         """The settings keys whose values differ from the defaults (what a request carries)."""

@@ -195,7 +195,9 @@ def _lora_config(spec: TrainSpec) -> Any:
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
+        # "all-linear" is PEFT's own: every linear layer but the output one, whatever the
+        # architecture names them
+        target_modules="all-linear" if tuple(lora.target_modules) == ("all-linear",) else list(lora.target_modules),
         task_type="CAUSAL_LM",
     )
 

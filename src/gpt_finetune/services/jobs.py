@@ -159,11 +159,11 @@ class JobService:
                 self.event(job_id, f"Training file validation failed: {error['message']}", level="error")
             return
         asked = JobSpec.from_row(row)
+        # a classification job: what constrained prediction chooses among, and its own defaults
+        labels = self._label_sets(train["path"])
+        local, applied = asked.local.for_classification() if labels else (asked.local, {})
         spec = dataclasses.replace(
-            asked,
-            hyperparameters=asked.hyperparameters.resolved(n_train),
-            # a classification job: what constrained prediction chooses among
-            labels=self._label_sets(train["path"]),
+            asked, hyperparameters=asked.hyperparameters.resolved(n_train), labels=labels, local=local
         )
         if self.store.update(
             "jobs",
@@ -176,6 +176,13 @@ class JobService:
             },
             where=sql_in([S.VALIDATING_FILES]),
         ):
+            if applied and labels is not None:
+                chosen = ", ".join(f"{k} = {','.join(v) if isinstance(v, tuple) else v}" for k, v in applied.items())
+                self.event(
+                    job_id,
+                    f"Classification data ({len(labels.labels)} labels): training with the classification "
+                    f"defaults {chosen} (set any of them to choose otherwise)",
+                )
             self.event(job_id, "Files validated, moving job to queued state")
 
     def check_request(self, *, model: str, suffix: str | None = None, seed: int | None = None) -> Any:
