@@ -331,41 +331,42 @@ def report(args: argparse.Namespace, folds: list[tuple[Path, Path]], labels: lis
             f"| {name}: {describe(name)} | " + " | ".join(cells)
             + f" | {rec['seconds'] / 60:.1f} min | {rec['peak_rss'] / 1e9:.2f} GB |"
         )  # fmt: skip
-    # pooled over the folds each configuration ran on (only folds the default also ran on)
-    default_folds = [f for f in range(len(folds)) if load(args.workdir, DEFAULT, f)]
-    pooled_refs = [x for f in default_folds for x in (load(args.workdir, DEFAULT, f) or {})["references"]]
-    tfidf = [x for f in default_folds for x in tfidf_predictions(folds, f)]
+    # pooled over the folds each configuration ran on; compared with the default (and TF-IDF) on
+    # those same folds, where the default has run them
     lines += [
         "",
-        f"Pooled over folds {', '.join(map(str, default_folds))} ({len(pooled_refs)} issues, each scored by a "
-        "model that did not train on it); 95 % bootstrap intervals:",
+        "Pooled over the folds each ran on (each issue scored by a model that did not train on it); "
+        "95 % bootstrap intervals, differences paired on the same issues:",
         "",
-        "| configuration | folds | epochs | macro-F1 | minus default (same epochs rule) | minus TF-IDF |",
-        "|---|---:|---|---:|---:|---:|",
-        f"| TF-IDF + logistic regression | {len(default_folds)} | | {interval(pooled_refs, tfidf, labels)} | | |",
+        "| configuration | folds (issues) | epochs | macro-F1 | minus default (same epochs rule) | minus TF-IDF |",
+        "|---|---|---|---:|---:|---:|",
     ]
-
-    def pooled(name: str, rule: Any) -> list[str] | None:
-        recs = [load(args.workdir, name, f) for f in default_folds]
-        if any(r is None for r in recs):
-            return None
-        return [p for r in recs for p in rule(r)["predictions"]]  # type: ignore[index]
-
     rules: list[tuple[str, Any]] = [
         (f"fixed {e}", lambda r, e=e: r["epochs"][e - 1]) for e in range(1, args.epochs + 1)
     ]
     rules.append(("lowest validation loss", lambda r: min(r["epochs"], key=lambda e: e.get("valid_loss") or 9e9)))
-    for name in CONFIGS:
+    tfidf_rows: dict[int, list[str]] = {}
+    for name in [DEFAULT, *[n for n in CONFIGS if n != DEFAULT]]:
+        ran = [f for f in range(len(folds)) if load(args.workdir, name, f)]
+        if not ran:
+            continue
+        recs = [load(args.workdir, name, f) or {} for f in ran]
+        refs = [x for r in recs for x in r["references"]]
+        for f in ran:
+            tfidf_rows.setdefault(f, tfidf_predictions(folds, f))
+        tfidf = [x for f in ran for x in tfidf_rows[f]]
+        base = [load(args.workdir, DEFAULT, f) for f in ran]
+        where = f"{', '.join(map(str, ran))} ({len(refs)})"
         for rule_name, rule in rules:
-            preds = pooled(name, rule)
-            if preds is None:
-                break
-            base = pooled(DEFAULT, rule)
-            diff = interval(pooled_refs, preds, labels, base) if name != DEFAULT and base else ""
+            preds = [p for r in recs for p in rule(r)["predictions"]]
+            diff = ""
+            if name != DEFAULT and all(b is not None for b in base):
+                diff = interval(refs, preds, labels, [p for b in base for p in rule(b)["predictions"]])  # type: ignore[arg-type]
             lines.append(
-                f"| {name} | {len(default_folds)} | {rule_name} | {interval(pooled_refs, preds, labels)} | {diff} | "
-                f"{interval(pooled_refs, preds, labels, tfidf)} |"
+                f"| {name} | {where} | {rule_name} | {interval(refs, preds, labels)} | {diff} | "
+                f"{interval(refs, preds, labels, tfidf)} |"
             )
+        lines.append(f"| TF-IDF + logistic regression | {where} | | {interval(refs, tfidf, labels)} | | |")
     text = "\n".join(lines) + "\n"
     (args.workdir / "search.md").write_text(text, encoding="utf-8")
     return text
