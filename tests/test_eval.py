@@ -525,6 +525,11 @@ def test_eval_label_by_label_on_multi_label_data(tmp_path, tiny_model_dir, capsy
     assert results[f"{tiny_model_dir} (labels)"]["out_of_set_rate"] == 0.0  # every answer is labels of the set
 
 
+def infer_labels_args(model_dir, labels, question="title: it crashes"):
+    """``infer`` on the local backend, label-constrained to the labels of a label file."""
+    return ["infer", "--backend", "local", "-m", str(model_dir), "-q", question, "--labels", str(labels)]
+
+
 def test_thresholds_are_tuned_on_the_validation_file_only_and_infer_uses_them(tmp_path, tiny_model_dir, capsys):
     import json
 
@@ -562,17 +567,7 @@ def test_thresholds_are_tuned_on_the_validation_file_only_and_infer_uses_them(tm
     assert "--tune-on is the --data file" in capsys.readouterr().err
 
     # infer with those thresholds: the per-label probabilities it shows decide the answer
-    infer = [
-        "infer",
-        "--backend",
-        "local",
-        "-m",
-        str(tiny_model_dir),
-        "-q",
-        "title: it crashes",
-        "--labels",
-        str(labels),
-    ]
+    infer = infer_labels_args(tiny_model_dir, labels)
     cuts = tmp_path / "report-a" / "thresholds.json"
     assert main([*infer, "--each-label", "--confidence", "--thresholds", str(cuts)]) == 0
     captured = capsys.readouterr()
@@ -607,17 +602,7 @@ def test_infer_shows_the_confidence_of_each_label_and_answers_label_by_label(tmp
 
     labels = tmp_path / "labels.json"
     labels.write_text(json.dumps({"labels": ["bug", "feature", "question"], "label_format": "seed"}))
-    base = [
-        "infer",
-        "--backend",
-        "local",
-        "-m",
-        str(tiny_model_dir),
-        "-q",
-        "title: it crashes",
-        "--labels",
-        str(labels),
-    ]
+    base = infer_labels_args(tiny_model_dir, labels)
     assert main([*base, "--confidence"]) == 0
     captured = capsys.readouterr()
     answer = captured.out.strip()
