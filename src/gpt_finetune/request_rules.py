@@ -16,7 +16,7 @@ fine-tuning request by the server's route, then by the jobs service.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -304,6 +304,21 @@ def ignored_constraint(answer: str, choices: list[str], model: str = "the model"
     )
 
 
+def threshold_problem(thresholds: Any, labels: Sequence[str]) -> tuple[str, str | None] | None:
+    """The first problem of per-label thresholds (an object label -> probability from 0 to 1):
+    ("type", None), ("label", an unknown label) or ("value", the label whose value is not a
+    probability); None when they are fine. The server's ``label_choice.thresholds`` and ``infer
+    --thresholds`` check with it, each saying it in its own terms."""
+    if not isinstance(thresholds, dict):
+        return "type", None
+    for label, cut in thresholds.items():
+        if label not in labels:
+            return "label", label
+        if isinstance(cut, bool) or not isinstance(cut, int | float) or not 0 <= cut <= 1:
+            return "value", label
+    return None
+
+
 def label_constraint(choice: LabelChoice) -> dict[str, Any]:
     """The request field that asks for any subset of the labels, label by label (this project's
     extension ``label_choice``)."""
@@ -331,14 +346,17 @@ def _label_choice(req: Mapping[str, Any]) -> LabelChoice | None:
         raise bad(f"label_choice.label_format must be one of {', '.join(LABEL_FORMATS)}", "label_choice.label_format")
     thresholds = value.get("thresholds")
     if thresholds is not None:
-        if not isinstance(thresholds, dict):
-            raise bad("label_choice.thresholds maps labels to probabilities", "label_choice.thresholds", "invalid_type")
-        for label, cut in thresholds.items():
+        problem = threshold_problem(thresholds, labels)
+        if problem is not None:
+            kind, label = problem
             where = f"label_choice.thresholds.{label}"
-            if label not in labels:
+            if kind == "type":
+                raise bad(
+                    "label_choice.thresholds maps labels to probabilities", "label_choice.thresholds", "invalid_type"
+                )
+            if kind == "label":
                 raise bad(f"{label!r} in label_choice.thresholds is not one of the labels", where)
-            if isinstance(cut, bool) or not isinstance(cut, int | float) or not 0 <= cut <= 1:
-                raise bad(f"{where} must be a probability from 0 to 1", where, "invalid_type")
+            raise bad(f"{where} must be a probability from 0 to 1", where, "invalid_type")
         thresholds = {str(k): float(v) for k, v in thresholds.items()}
     for key in ("guided_choice", "structured_outputs", "stop"):
         if req.get(key):

@@ -9,7 +9,7 @@ from typing import Any
 from ..backends.base import Backend, chat_text
 from ..contract import MAX_TOP_LOGPROBS, UNSUCCESSFUL, JobStatus, LabelChoice
 from ..errors import BackendError, ConfigError
-from ..request_rules import choice_constraint, ignored_constraint, label_constraint
+from ..request_rules import choice_constraint, ignored_constraint, label_constraint, threshold_problem
 from .common import add_config_flag, add_connection_flags, get_backend, settings_from, typed, warn
 
 
@@ -79,13 +79,14 @@ def read_thresholds(path: str, labels: list[str]) -> dict[str, float]:
         raise ConfigError(f"--thresholds {path}: {exc}") from None
     if isinstance(info, dict) and isinstance(info.get("thresholds"), dict):
         info = info["thresholds"]
-    if not isinstance(info, dict):
-        raise ConfigError(f"--thresholds {path}: expected a JSON object of label -> probability")
-    for label, cut in info.items():
-        if label not in labels:
+    problem = threshold_problem(info, labels)
+    if problem is not None:
+        kind, label = problem
+        if kind == "type":
+            raise ConfigError(f"--thresholds {path}: expected a JSON object of label -> probability")
+        if kind == "label":
             raise ConfigError(f"--thresholds {path}: {label!r} is not one of the --labels")
-        if isinstance(cut, bool) or not isinstance(cut, int | float) or not 0 <= cut <= 1:
-            raise ConfigError(f"--thresholds {path}: {label}: {cut!r} is not a probability from 0 to 1")
+        raise ConfigError(f"--thresholds {path}: {label}: {info[label]!r} is not a probability from 0 to 1")
     return {str(k): float(v) for k, v in info.items()}
 
 
@@ -98,6 +99,22 @@ def each_label(ns: argparse.Namespace) -> LabelChoice | None:
     labels, style = label_file(ns.infer_labels)
     thresholds = read_thresholds(ns.thresholds, labels) if ns.thresholds else None
     return LabelChoice(tuple(labels), style, thresholds)
+
+
+def label_request(ns: argparse.Namespace) -> tuple[list[str] | None, dict[str, Any], dict[str, Any]]:
+    """What ``--labels`` (with ``--each-label``, ``--thresholds``, ``--confidence``) adds to a
+    request: the candidate label sets (None label by label or without --labels), the constraint
+    for ``extra_body``, and the logprobs fields that carry the answer's probabilities."""
+    choices = label_choices(ns.infer_labels) if ns.infer_labels and not ns.each_label else None
+    by_label = each_label(ns)
+    constraint = label_constraint(by_label) if by_label else choice_constraint(choices) if choices else {}
+    probe: dict[str, Any] = {}
+    if ns.confidence:
+        if not constraint:
+            raise ConfigError("--confidence needs --labels FILE")
+        n = len(by_label.labels) if by_label else len(choices or [])
+        probe = {"logprobs": True, "top_logprobs": min(n, MAX_TOP_LOGPROBS)}
+    return choices, constraint, probe
 
 
 def label_choices(path: str) -> list[str]:
@@ -116,18 +133,7 @@ def cmd_batch(ns: argparse.Namespace, backend: Backend, model: str | None) -> in
 
     if not ns.batch_output:
         raise ConfigError("--input needs --output FILE")
-    choices = label_choices(ns.infer_labels) if ns.infer_labels and not ns.each_label else None
-    by_label = each_label(ns)
-    constraint = label_constraint(by_label) if by_label else choice_constraint(choices) if choices else {}
-    # --confidence: every line's answer carries its probabilities (OpenAI's logprobs shape)
-    probe: dict[str, Any] = {}
-    if ns.confidence:
-        if not constraint:
-            raise ConfigError("--confidence needs --labels FILE")
-        probe = {
-            "logprobs": True,
-            "top_logprobs": min(len(by_label.labels if by_label else choices or []), MAX_TOP_LOGPROBS),
-        }
+    choices, constraint, probe = label_request(ns)
 
     def chat(body: dict[str, Any]) -> dict[str, Any]:
         if body.get("stream"):
@@ -222,19 +228,10 @@ def cmd_infer(ns: argparse.Namespace) -> int:
     messages = ([{"role": "system", "content": s.sys_prompt}] if s.sys_prompt else []) + [
         {"role": "user", "content": question}
     ]
-    choices = label_choices(ns.infer_labels) if ns.infer_labels and not ns.each_label else None
-    extra: dict[str, Any] = {"extra_body": choice_constraint(choices)} if choices else {}
-    by_label = each_label(ns)
-    if by_label:
-        extra = {"extra_body": label_constraint(by_label)}
-    if ns.confidence:
-        if not (choices or by_label):
-            raise ConfigError("--confidence needs --labels FILE")
-        if ns.stream:
-            raise ConfigError("--confidence shows the answer's probabilities once it is whole: drop --stream")
-        extra.update(
-            logprobs=True, top_logprobs=min(len(by_label.labels if by_label else choices or []), MAX_TOP_LOGPROBS)
-        )
+    choices, constraint, probe = label_request(ns)
+    if ns.confidence and ns.stream:
+        raise ConfigError("--confidence shows the answer's probabilities once it is whole: drop --stream")
+    extra: dict[str, Any] = {**({"extra_body": constraint} if constraint else {}), **probe}
     response: Any = backend.chat(
         model=model,
         messages=messages,
@@ -259,7 +256,7 @@ def cmd_infer(ns: argparse.Namespace) -> int:
         if not content:
             warn("the server returned no logprobs: no confidences to show")
         else:
-            if by_label:  # the answer's probability, then each label's chance of belonging in it
+            if ns.each_label:  # the answer's probability, then each label's chance of belonging in it
                 print(f"{math.exp(content[0].logprob):7.3f}  (this answer)", file=sys.stderr)
             for top in content[0].top_logprobs:
                 print(f"{math.exp(top.logprob):7.3f}  {top.token}", file=sys.stderr)

@@ -21,6 +21,16 @@ import tempfile
 from typing import Any
 
 
+def _labels_over(scores: Any, classes: list[str], cut: float) -> list[list[str]]:
+    """Multi-label answers from per-label scores: the labels scoring over ``cut``, else the best
+    one (a model always answers)."""
+    out = []
+    for row in scores:
+        chosen = [classes[i] for i, p in enumerate(row) if p > cut]
+        out.append(chosen or [classes[int(row.argmax())]])
+    return out
+
+
 class _LinearBaseline:
     """Features of the prompt text and a linear classifier; one classifier per label (one-vs-rest)
     on multi-label data, each label chosen where its score passes ``CUT``."""
@@ -59,12 +69,7 @@ class _LinearBaseline:
     def predict(self, prompts: list[str]) -> list[list[str]]:
         if not self.multi:
             return [[str(y)] for y in self.model.predict(prompts)]
-        classes = list(self.binarizer.classes_)
-        out = []
-        for row in self._scores(prompts):
-            chosen = [classes[i] for i, p in enumerate(row) if p > self.CUT]
-            out.append(chosen or [classes[int(row.argmax())]])
-        return out
+        return _labels_over(self._scores(prompts), list(self.binarizer.classes_), self.CUT)
 
 
 class TfidfBaseline(_LinearBaseline):
@@ -150,12 +155,7 @@ class SetfitBaseline:
 
         if not self.multi:
             return [[self.classes[int(i)]] for i in np.asarray(self.model.predict(prompts))]
-        probs = np.asarray(self.model.predict_proba(prompts))
-        out = []
-        for row in probs:  # a label where its probability is over one half; else the best one
-            chosen = [self.classes[i] for i, p in enumerate(row) if p > 0.5]
-            out.append(chosen or [self.classes[int(row.argmax())]])
-        return out
+        return _labels_over(np.asarray(self.model.predict_proba(prompts)), self.classes, 0.5)
 
 
 BASELINES: dict[str, type[_LinearBaseline]] = {"tfidf": TfidfBaseline, "svm": SvmBaseline}

@@ -12,7 +12,7 @@ Candidates for constrained prediction: the label sets that occur among the train
 (``--train``), else each single label and the label sets of the references: the model chooses
 among the combinations it has seen. Label by label (``label_choice``), any subset of the labels
 can be answered, with each label's probability, on which per-label thresholds can be tuned
-(``local.scoring.tune_thresholds``, on validation data only).
+(``data.labels.tune_thresholds``, on validation data only).
 """
 
 from __future__ import annotations

@@ -428,8 +428,6 @@ class Engine:
                 dict(choice.thresholds) if choice.thresholds is not None else None,
             )
         text = format_labels(answer.labels, choice.label_format)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        prompt = tokenizer.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=True)
         info = None
         if req.logprobs:
             # the answer as one "token" with its probability among the answers the search
@@ -440,9 +438,7 @@ class Engine:
                 **_text_logprob(text, answer.logprob),
                 "top_logprobs": [_text_logprob(x, _log(answer.label_probs[x])) for x in order],
             }
-        handle.emit(Token(0, -1, text, info))
-        handle.emit(ChoiceEnd(0, "stop", text, list(ids)))
-        handle.emit(Usage(len(prompt["input_ids"] if isinstance(prompt, dict) else prompt), len(ids)))
+        _emit_whole(handle, tokenizer, text, info)
 
     def _choose(self, handle: Handle, model: Any, tokenizer: Any, ctx: Any) -> None:
         """Label-constrained: the choice the model scores highest, as it was trained to write it."""
@@ -453,8 +449,6 @@ class Engine:
         with ctx:
             scores = score_choices(model, tokenizer, req.messages, choices, self._prompt_limit(model, req.adapter, 0))
         best = max(range(len(choices)), key=lambda i: scores[i])
-        ids = tokenizer(choices[best], add_special_tokens=False)["input_ids"]
-        prompt = tokenizer.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=True)
         info = None
         if req.logprobs:
             # the answer is one choice, so its "token" is the whole choice, and its logprob the
@@ -466,9 +460,17 @@ class Engine:
                 **_text_logprob(choices[best], norm[best]),
                 "top_logprobs": [_text_logprob(choices[i], norm[i]) for i in order],
             }
-        handle.emit(Token(0, -1, choices[best], info))
-        handle.emit(ChoiceEnd(0, "stop", choices[best], list(ids), scores))
-        handle.emit(Usage(len(prompt["input_ids"] if isinstance(prompt, dict) else prompt), len(ids)))
+        _emit_whole(handle, tokenizer, choices[best], info, scores)
+
+
+def _emit_whole(handle: Handle, tokenizer: Any, text: str, info: Any, scores: list[float] | None = None) -> None:
+    """A constrained answer, whole: its one "token" (with its logprobs ``info``), its end and
+    its usage, as generation would have emitted them."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    prompt = tokenizer.apply_chat_template(handle.request.messages, add_generation_prompt=True, tokenize=True)
+    handle.emit(Token(0, -1, text, info))
+    handle.emit(ChoiceEnd(0, "stop", text, list(ids), scores))
+    handle.emit(Usage(len(prompt["input_ids"] if isinstance(prompt, dict) else prompt), len(ids)))
 
 
 def _stamp(path: Path) -> str:
