@@ -268,7 +268,7 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     tuned_results: list[tuple[str, dict[str, Any]]] = [(n, res) for n, res in results.items() if "thresholds" in res]
     for tuned_name, res in tuned_results if not ns.json else []:
         cuts = ", ".join(f"{label} {cut:.2f}" for label, cut in res["thresholds"].items())
-        info(f"Thresholds for {tuned_name}, tuned_results on {ns.tune_on}: {cuts}")
+        info(f"Thresholds for {tuned_name}, tuned on {ns.tune_on}: {cuts}")
     if ns.report:
         from ..eval.report import write_report
 
