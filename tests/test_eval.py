@@ -385,7 +385,7 @@ def test_a_classification_job_records_its_label_sets_when_its_files_are_checked(
 
 
 def test_a_classification_job_trains_with_the_classification_defaults_unless_told_otherwise(
-    tmp_path, tiny_model_dir, monkeypatch
+    tmp_path, tiny_model_dir
 ):
     pytest.importorskip("torch")
     from conftest import chat_example, toy_examples, write_jsonl
@@ -394,9 +394,8 @@ def test_a_classification_job_trains_with_the_classification_defaults_unless_tol
     from gpt_finetune.contract import LocalOptions
     from gpt_finetune.services import Services
 
-    # the mechanism, with defaults of the kind the search chooses (the shipped table may be empty)
-    CLASSIFICATION_DEFAULTS = {"lora_r": 16, "lora_alpha": 32, "lora_target_modules": ("all-linear",)}
-    monkeypatch.setattr(contract, "CLASSIFICATION_DEFAULTS", CLASSIFICATION_DEFAULTS)
+    CLASSIFICATION_DEFAULTS = contract.CLASSIFICATION_DEFAULTS  # the shipped table, as jobs apply it
+    assert CLASSIFICATION_DEFAULTS and all(v != LocalOptions().value(k) for k, v in CLASSIFICATION_DEFAULTS.items())
 
     services = Services.open(tmp_path / "home")
     answers = ["'proxy'", "'ovs'", "'proxy','windows'"]
