@@ -141,13 +141,13 @@ def test_a_full_queue_refuses_at_once_and_a_cancelled_request_frees_the_engine(e
     from gpt_finetune.local.inference import EngineBusy, GenRequest, Token
 
     gate = threading.Event()
-    real = engine._generate
+    real = engine._start
 
     def held(handle):
         gate.wait(30)
-        real(handle)
+        return real(handle)
 
-    monkeypatch.setattr(engine, "_generate", held)
+    monkeypatch.setattr(engine, "_start", held)
     req = GenRequest(str(tiny_model_dir), None, MSGS, max_tokens=400, temperature=1.0, seed=1)
     first = engine.submit(req)  # taken by the engine thread, held at the gate
     for _ in range(100):
@@ -166,7 +166,7 @@ def test_a_full_queue_refuses_at_once_and_a_cancelled_request_frees_the_engine(e
     first.cancel()  # a client that disconnects mid-stream
     rest = list(it)
     assert sum(len(e.token_ids) for e in rest if hasattr(e, "token_ids")) < 400
-    monkeypatch.setattr(engine, "_generate", real)
+    monkeypatch.setattr(engine, "_start", real)
     assert engine.complete(str(tiny_model_dir), None, MSGS, max_tokens=3, temperature=0).token_ids
 
 
@@ -238,15 +238,6 @@ def test_chat_service_returns_openai_shapes(tmp_path, tiny_model_dir):
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
     assert chunks[0].choices[0].delta.role == "assistant"
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
-
-
-def test_batched_greedy_answers_equal_single_ones(engine, tiny_model_dir):
-    from gpt_finetune.local.inference import ChoiceEnd, GenRequest
-
-    prompts = [[MSGS[0], {"role": "user", "content": "thing " + "long " * k}] for k in (0, 5, 17)]
-    alone = [engine.complete(str(tiny_model_dir), None, p, max_tokens=10, temperature=0).token_ids for p in prompts]
-    ends = engine.run(GenRequest(str(tiny_model_dir), None, [], max_tokens=10, temperature=0, batch=prompts))
-    assert [e.token_ids for e in ends if isinstance(e, ChoiceEnd)] == alone
 
 
 def test_create_many_batches_greedy_requests_and_keeps_each_answer_or_error_in_place(tmp_path, tiny_model_dir):

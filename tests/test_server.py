@@ -306,7 +306,8 @@ def test_a_full_queue_answers_429_and_a_dropped_stream_frees_its_place(tmp_path,
     shutil.copytree(tiny_model_dir, model)
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 8192}))
-    s = Server(tmp_path / "home", model, "--max-queue", "1")
+    # batching off: the second request waits for the first instead of joining its batch
+    s = Server(tmp_path / "home", model, "--max-queue", "1", "--max-batch", "1")
     try:
         long = {"model": "tiny-long", "messages": MSGS, "max_tokens": 8000, "temperature": 0, "stream": True}
         first = httpx.stream("POST", s.url + "/v1/chat/completions", json=long, timeout=120)
@@ -325,6 +326,7 @@ def test_a_full_queue_answers_429_and_a_dropped_stream_frees_its_place(tmp_path,
         while httpx.get(s.url + "/health").json()["queued_requests"] < 1:
             assert time.time() < deadline
             time.sleep(0.05)
+        assert httpx.get(s.url + "/health").json()["running_requests"] == 1
         third = httpx.post(s.url + "/v1/chat/completions", json={**long, "stream": False}, timeout=30)
         assert third.status_code == 429 and third.headers["retry-after"] == "1"
         assert third.json()["error"]["code"] == "rate_limit_exceeded"

@@ -233,6 +233,9 @@ class Settings:
     server_allowed_hosts: list[str] | None = _opt(lambda t: [x.strip() for x in t.split(",") if x.strip()])
     server_cors_origins: list[str] | None = _opt(lambda t: [x.strip() for x in t.split(",") if x.strip()])
     max_queue: int | None = _opt(_positive_int)
+    max_batch: int | None = _opt(_positive_int)  # sequences one decoding step runs (1: batching off)
+    kv_cache_gb: float | None = _opt(_float_range(0.001, 1_000_000.0))
+    max_adapters: int | None = _opt(_positive_int)
     max_upload_mb: float | None = _opt(_float_range(0.001, 1_000_000.0))
     debug: bool | None = _opt(_bool)  # tracebacks and debug logs (--debug)
     # local training options given (settings key -> value), each declared in contract.LocalOptions

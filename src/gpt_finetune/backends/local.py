@@ -35,7 +35,7 @@ def open_services(settings: Settings, **kw: Any) -> Services:
 
 class LocalBackend:
     name = "local"
-    # the engine batches greedy requests itself; one at a time keeps the cores for it
+    # the engine batches requests itself (continuous batching): chat_many hands it several at once
     traits = Traits(batched_chat=True, guided_choice=True, concurrency=1)
 
     def __init__(self, services: Services, options: LocalOptions | dict[str, Any] | None = None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import ipaddress
 import socket
 
@@ -44,6 +45,25 @@ def add_serve(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--max-queue", dest="max_queue", type=typed("max_queue"), help="chat requests that may wait (default 64)"
+    )
+    p.add_argument(
+        "--max-batch",
+        dest="max_batch",
+        type=typed("max_batch"),
+        help="sequences decoded together in one step, per model (default 16; 1 turns batching off)",
+    )
+    p.add_argument(
+        "--kv-cache-gb",
+        dest="kv_cache_gb",
+        type=typed("kv_cache_gb"),
+        help="memory the running batches' keys and values may take (default: a quarter of the memory free "
+        "at start, half of the GPU's)",
+    )
+    p.add_argument(
+        "--max-adapters",
+        dest="max_adapters",
+        type=typed("max_adapters"),
+        help="fine-tuned adapters kept loaded; past it the least recently used idle one goes (default 8)",
     )
     p.add_argument(
         "--max-upload-mb", dest="max_upload_mb", type=typed("max_upload_mb"), help="largest file upload (default 512)"
@@ -114,11 +134,14 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     )
     if s.max_upload_mb:
         config.max_upload_bytes = int(s.max_upload_mb * (1 << 20))
-    services = open_services(s, max_queue=s.max_queue, name_paths=False)
+    engine_options = {"max_batch": s.max_batch, "kv_cache_gb": s.kv_cache_gb, "max_adapters": s.max_adapters}
+    services = open_services(s, max_queue=s.max_queue, engine_options=engine_options, name_paths=False)
     services.jobs.kick()  # resume what a dead worker left
     app = create_app(services, config)
     shown = ", ".join(redact(k) for k in keys) if keys else "none (loopback only)"
     info(f"Serving OpenAI's API at http://{ns.host}:{ns.port}/v1 (data in {services.home.root}; API keys: {shown})")
+    if importlib.util.find_spec("torch") is not None:  # the engine's scheduling, before any request
+        info(f"Local models: {services.chat.engine.describe()}")
     _access_log(ns.log_level)
     # uvicorn's own access log would write query strings (a key sent as ?api_key=) and raw
     # control characters; the server's guards write one that redacts and escapes them

@@ -1,22 +1,29 @@
-"""Generation with base models and fine-tuned adapters, on one engine thread.
+"""Generation with base models and fine-tuned adapters, on one engine thread, batched.
 
 An ``Engine`` owns its models on a thread of its own: callers ``submit`` a ``GenRequest`` and get a
 ``Handle`` whose events (tokens, choice ends, usage) they read from any thread or from an asyncio
-loop; a request that waits when the queue is full is refused at once (``EngineBusy``, HTTP 429),
-and a caller that goes away ``cancel``s its handle, which stops its generation at the next token.
-No lock is ever held across a caller's generator, so a web server's dropped client cannot wedge it.
+loop; a request that finds the queue full is refused at once (``EngineBusy``, HTTP 429), and a
+caller that goes away ``cancel``s its handle, which ends its generation at the next step. No lock
+is ever held across a caller's generator, so a web server's dropped client cannot wedge it.
+
+Requests are batched at every step (continuous batching, ``batching``): each model has a running
+batch that sequences join once their prompt is read (a chunk of it per step, so a long prompt
+never stalls the others for long) and leave when they end, and one forward pass gives every
+running sequence its next token, whichever adapter of that base model (or the base itself) it
+uses. Sequences are taken first come, first served, as the KV cache's budget leaves room; a
+request that could never fit it is refused (HTTP 400). Label-constrained requests (``choices``,
+``label_choice``) are answered whole between two steps: a few forward passes of one prompt.
 
 Each base model is loaded once; adapters are attached to it by a name made of their directory and
 the adapter file's size and modification time, so a checkpoint saved again under the same path is
-loaded afresh, never served from a stale copy, and a model whose directory is gone is detached.
-The base model is used with the adapters switched off. Requests run one at a time (batched
-generation across requests comes later), so each answer is the one the request gets alone.
+loaded afresh, never served from a stale copy, and a model whose directory is gone is detached
+once nothing running uses it. Past ``max_adapters`` the least recently used idle adapter goes.
 
-Decoding is our own loop over the model's forward pass with its KV cache, rather than
-``model.generate``: it needs the raw log-probabilities of every token as it is streamed (OpenAI's
-``logprobs``), a check for cancellation between tokens, a per-request random generator (``seed``
-without touching torch's global one), and stop strings cut out of the text; ``generate`` offers
-each of these only separately. Greedy decoding equals ``generate``'s (tested).
+Decoding is our own loop over the model's forward pass (transformers' continuous-batching manager
+is discussed in ``batching``): it needs the raw log-probabilities of every token as it is
+streamed (OpenAI's ``logprobs``), a check for cancellation between tokens, a per-request random
+generator (``seed`` without touching torch's global one), and stop strings cut out of the text.
+Greedy decoding equals ``generate``'s, alone and batched (tested).
 """
 
 from __future__ import annotations
@@ -49,6 +56,8 @@ def _context_length(model: Any) -> int:
 
 
 DEFAULT_QUEUE = 64
+DEFAULT_MAX_BATCH = 16  # sequences one step decodes, per model (bench/README.md, "Serving many clients")
+DEFAULT_MAX_ADAPTERS = 8  # adapters kept loaded on one base model
 log = logging.getLogger("gpt_finetune.engine")
 
 
@@ -76,7 +85,6 @@ class GenRequest:
     choices: list[str] | None = None  # label-constrained: answer with the most likely of these
     # label by label: any subset of these labels, written in this label format (scoring.choose_labels)
     label_choice: LabelChoice | None = None
-    batch: list[list[dict[str, Any]]] | None = None  # several prompts at once, greedy (eval, batch files)
 
 
 @dataclass
@@ -94,7 +102,6 @@ class ChoiceEnd:
     text: str  # the whole answer
     token_ids: list[int]
     scores: list[float] | None = None  # label-constrained: each choice's summed log-probability
-    prompt_tokens: int = 0  # batched answers: this prompt's own length
 
 
 @dataclass
@@ -157,18 +164,102 @@ class Handle:
                 return
 
 
+@dataclass
+class _Running:
+    """A request the engine took from its queue: how many of its answers are still going."""
+
+    handle: Handle
+    open: int  # sequences not yet ended
+    prompt_tokens: int
+    completion_tokens: int = 0
+    started: bool = False  # one of its sequences has been given room
+
+
+class _Group:
+    """The running batch of one model: a base model with its adapters, or a fully fine-tuned
+    model. Sequences wait in ``waiting`` for room, are prefilled one at a time, then decode
+    together, one token each per step."""
+
+    def __init__(self, entry: list[Any]) -> None:
+        self.entry = entry  # [model, tokenizer, {adapter name: dir}]: model may become a PeftModel
+        self.cache: Any = None  # batching.SlotCache, made at the first prefill
+        self.plain = True  # whether the model's cache fits the slot layout (else: one at a time)
+        self.running: list[Any] = []  # batching.Sequence; row i of the cache is running[i]
+        self.waiting: collections.deque[Any] = collections.deque()
+        self.prefilling: Any = None
+        self.bytes_per_token = 0
+
+    @property
+    def model(self) -> Any:
+        return self.entry[0]
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.entry[1]
+
+    def idle(self) -> bool:
+        return not (self.running or self.waiting or self.prefilling)
+
+    def sequences(self) -> list[Any]:
+        return [*self.running, *self.waiting, *([self.prefilling] if self.prefilling else [])]
+
+    def reserved(self, extra: Any = None) -> tuple[int, int]:
+        """(rows, width) the running and prefilling sequences (and ``extra``) may need."""
+        seqs = [*self.running, *([self.prefilling] if self.prefilling else []), *([extra] if extra else [])]
+        return len(seqs), max((s.final_length for s in seqs), default=0)
+
+    def allocated_bytes(self) -> int:
+        rows, width = self.cache.shape if self.cache is not None else (0, 0)
+        return rows * width * self.bytes_per_token
+
+
 class Engine:
-    def __init__(self, home: Home, local_base_model: str | None = None, *, max_queue: int = DEFAULT_QUEUE) -> None:
+    def __init__(
+        self,
+        home: Home,
+        local_base_model: str | None = None,
+        *,
+        max_queue: int = DEFAULT_QUEUE,
+        max_batch: int | None = None,
+        kv_cache_gb: float | None = None,
+        max_adapters: int | None = None,
+    ) -> None:
         self.home = home
         self.local_base_model = local_base_model
         self.max_queue = max_queue
+        self.max_batch = max_batch or DEFAULT_MAX_BATCH
+        self.max_adapters = max_adapters or DEFAULT_MAX_ADAPTERS
+        self._kv_cache_gb = kv_cache_gb
+        self._budget: Any = None
         self._bases: dict[str, list[Any]] = {}  # base name -> [model, tokenizer, {adapter name: dir}]
-        self._full: dict[str, tuple[Any, Any]] = {}
+        self._full: dict[str, list[Any]] = {}  # a fully fine-tuned model's key -> [model, tokenizer, {}]
+        self._groups: dict[int, _Group] = {}  # id(entry) -> its running batch
+        self._used: collections.OrderedDict[str, None] = collections.OrderedDict()  # adapters, least recent first
         # waiting requests; a cancelled one gives its place up at once (not when the thread reaches it)
         self._waiting: collections.deque[Handle] = collections.deque()
+        self._queued_inside = 0  # taken by the engine thread, waiting for room in a batch
+        self._running = 0
+        self.peak_batch = 0  # the most sequences one step has decoded (for /health and tests)
+        self.peak_kv_bytes = 0  # the most KV cache memory allocated at once
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
+
+    @property
+    def budget(self) -> Any:
+        """The KV cache's budget (``batching.KVBudget``), read once from what the machine has."""
+        if self._budget is None:
+            from .machine import kv_budget
+
+            self._budget = kv_budget(self._kv_cache_gb)
+        return self._budget
+
+    def describe(self) -> str:
+        """How the engine schedules, for the server's first lines."""
+        return (
+            f"continuous batching of up to {self.max_batch} sequences per model, KV cache budget "
+            f"{self.budget.describe()}, up to {self.max_adapters} adapters loaded, {self.max_queue} requests may wait"
+        )
 
     # ---- the caller's side --------------------------------------------------------------------
     def submit(self, request: GenRequest) -> Handle:
@@ -179,7 +270,7 @@ class Engine:
                 self._thread.start()
         with self._cond:
             self._drop_cancelled()
-            if len(self._waiting) >= self.max_queue:
+            if len(self._waiting) + self._queued_inside >= self.max_queue:
                 raise EngineBusy(
                     f"the engine has {self.max_queue} requests waiting; try again shortly",
                     hint="raise the server's --max-queue, or send fewer requests at once",
@@ -193,20 +284,25 @@ class Engine:
             self._waiting = collections.deque(h for h in self._waiting if not h.cancelled.is_set())
 
     def pending(self) -> int:
-        """Requests waiting for the engine (not counting the one it is answering)."""
+        """Requests waiting for the engine: in its queue, or taken and waiting for room."""
         with self._cond:
             self._drop_cancelled()
-            return len(self._waiting)
+            return len(self._waiting) + self._queued_inside
+
+    def running(self) -> int:
+        """Requests being answered."""
+        with self._cond:
+            return self._running
 
     def run(self, request: GenRequest) -> list[ChoiceEnd | Usage]:
-        """Submit and wait: the ``ChoiceEnd`` of each choice, then ``Usage``."""
+        """Submit and wait: the ``ChoiceEnd`` of each choice (in choice order), then ``Usage``."""
         out: list[ChoiceEnd | Usage] = []
         for item in self.submit(request).events():
             if isinstance(item, Failed):
                 raise item.error
             if isinstance(item, (ChoiceEnd, Usage)):
                 out.append(item)
-        return out
+        return sorted(out, key=lambda e: (isinstance(e, Usage), getattr(e, "choice", 0)))
 
     def complete(self, base: str, adapter: str | None, messages: list[dict[str, Any]], **kw: Any) -> ChoiceEnd:
         """One answer (the first choice), waiting for it."""
@@ -228,22 +324,95 @@ class Engine:
     def _serve(self) -> None:
         while True:
             with self._cond:
-                while not self._waiting:
+                while not self._waiting and all(g.idle() for g in self._groups.values()):
                     self._cond.wait()
+            self._take()
+            for key, group in list(self._groups.items()):
+                try:
+                    self._iterate(group)
+                except BaseException as exc:  # the batch's requests are told; the engine keeps serving
+                    if not isinstance(exc, GptFinetuneError):
+                        log.exception("generation failed")
+                    self._fail_group(group, exc)
+                if group.idle():
+                    if group.cache is not None:
+                        group.cache.release()
+                    del self._groups[key]
+
+    def _take(self) -> None:
+        """Take requests from the queue, in order, while no sequence waits for room (first come,
+        first served). A label-constrained request is answered whole here: one per step."""
+        while not any(g.waiting for g in self._groups.values()):
+            with self._cond:
+                self._drop_cancelled()
+                if not self._waiting:
+                    return
                 handle = self._waiting.popleft()
-            if handle.cancelled.is_set():
-                continue  # its caller left while it waited
             try:
-                self._generate(handle)
+                if self._start(handle):
+                    return
             except BaseException as exc:  # reported to the caller; the engine keeps serving
                 if not isinstance(exc, GptFinetuneError):
                     log.exception("generation failed")
                 handle.emit(Failed(exc))
 
-    def _load(self, base_name: str, adapter: str | None) -> tuple[Any, Any, Any]:
-        """(model, tokenizer, context to generate in). Runs on the engine thread only."""
-        from contextlib import nullcontext
+    def _start(self, handle: Handle) -> bool:
+        """Answer a constrained request whole (True), or queue a request's sequences in its
+        model's batch (False)."""
+        import torch
 
+        from .batching import Sequence
+
+        req = handle.request
+        entry, name = self._load(req.base, req.adapter)
+        model, tokenizer = entry[0], entry[1]
+        max_new = req.max_tokens or DEFAULT_MAX_TOKENS
+        context = _context_length(model)
+        if max_new > context:  # as OpenAI: never more new tokens than the model can attend to
+            raise BackendError(
+                f"max_tokens is too large: {max_new}. This model supports at most {context} completion tokens",
+                param="max_tokens",
+                code="invalid_value",
+            )
+        if req.choices or req.label_choice:
+            with torch.inference_mode(), self._adapter_context(entry, name):
+                if req.choices:
+                    self._choose(handle, model, tokenizer)
+                else:
+                    self._choose_labels(handle, model, tokenizer)
+            return True
+        prompt = self._inputs(tokenizer, req.messages, model.device, self._prompt_limit(model, req.adapter, max_new))[
+            "input_ids"
+        ]
+        group = self._groups.setdefault(id(entry), _Group(entry))
+        if not group.bytes_per_token:
+            from .batching import kv_bytes_per_token
+
+            group.bytes_per_token = kv_bytes_per_token(model.config, model.dtype)
+        need = (int(prompt.shape[1]) + max_new) * group.bytes_per_token
+        if need > self.budget.bytes:
+            raise BackendError(
+                f"this request can never fit the engine's KV cache: its prompt and max_tokens need "
+                f"{need / 1e9:.2f} GB of the {self.budget.describe()}",
+                param="max_tokens",
+                code="context_length_exceeded",
+                hint="send a shorter prompt or a smaller max_tokens, or start the server with a larger --kv-cache-gb",
+            )
+        running = _Running(handle, req.n, int(prompt.shape[1]))
+        for choice in range(req.n):
+            generator = torch.Generator(device=model.device)
+            if req.seed is not None:  # each choice its own stream: the same whatever runs beside it
+                generator.manual_seed(req.seed if choice == 0 else hash((req.seed, choice)) & (2**63 - 1))
+            else:
+                generator.seed()
+            group.waiting.append(Sequence(running, choice, prompt, max_new, name, generator))
+        with self._cond:
+            self._queued_inside += 1
+        return False
+
+    def _load(self, base_name: str, adapter: str | None) -> tuple[list[Any], str | None]:
+        """(the model's entry [model, tokenizer, attached adapters], the PEFT adapter name its
+        rows use, None for the base model or a fully fine-tuned one). Engine thread only."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -257,49 +426,75 @@ class Engine:
             model.eval()
             self._bases[base_name] = [model, AutoTokenizer.from_pretrained(path), {}]
         entry = self._bases[base_name]
-        model, tokenizer, attached = entry
         self._detach_gone(entry)
-        model = entry[0]
         if adapter is None:
-            if attached and hasattr(model, "disable_adapter"):
-                return model, tokenizer, model.disable_adapter()
-            return model, tokenizer, nullcontext()
-        weights = Path(adapter) / "adapter_config.json"
-        if weights.is_file():
+            return entry, None
+        if (Path(adapter) / "adapter_config.json").is_file():
             from peft import PeftModel
 
             name = _adapter_name(Path(adapter))
+            attached = entry[2]
             if name not in attached:
-                if not attached:  # the first adapter makes the base model a PeftModel
-                    model = PeftModel.from_pretrained(model, adapter, adapter_name=name)
-                    model.eval()
-                    entry[0] = model
+                self._evict(entry)
+                if not hasattr(entry[0], "peft_config"):  # the first adapter makes the base a PeftModel
+                    entry[0] = PeftModel.from_pretrained(entry[0], adapter, adapter_name=name)
+                    entry[0].eval()
                 else:
-                    model.load_adapter(adapter, adapter_name=name)
+                    entry[0].load_adapter(adapter, adapter_name=name)
                 attached[name] = adapter
-            model.set_adapter(name)
-            return model, tokenizer, nullcontext()
-        # a fully fine-tuned model: its own weights
+            self._used.pop(name, None)
+            self._used[name] = None  # the most recently used
+            return entry, name
+        # a fully fine-tuned model: its own weights (a newer save is a new entry; the old one
+        # finishes what it runs, then goes)
         key = f"{adapter}@{_stamp(Path(adapter) / 'model.safetensors')}"
         if key not in self._full:
             for old in [k for k in self._full if k.split("@")[0] == adapter]:
                 del self._full[old]
+            model = entry[0]
             full = AutoModelForCausalLM.from_pretrained(adapter, dtype=model.dtype).to(model.device).eval()
-            self._full[key] = (full, AutoTokenizer.from_pretrained(adapter))
-        return self._full[key][0], self._full[key][1], nullcontext()
+            self._full[key] = [full, AutoTokenizer.from_pretrained(adapter), {}]
+        return self._full[key], None
 
-    @staticmethod
-    def _detach_gone(entry: list[Any]) -> None:
-        """Forget adapters whose files were deleted or saved again (their name changes)."""
-        model, _, attached = entry
-        for name, directory in list(attached.items()):
-            if _adapter_name(Path(directory)) != name:
-                del attached[name]
-                if len(getattr(model, "peft_config", {})) > 1:
-                    model.delete_adapter(name)
-                else:  # the last adapter: back to the plain base model
-                    entry[0] = model.unload()
-                    model = entry[0]
+    def _in_use(self) -> set[str]:
+        return {s.adapter for g in self._groups.values() for s in g.sequences() if s.adapter is not None}
+
+    def _drop_adapter(self, entry: list[Any], name: str) -> None:
+        del entry[2][name]
+        self._used.pop(name, None)
+        if len(getattr(entry[0], "peft_config", {})) > 1:
+            entry[0].delete_adapter(name)
+        else:  # the last adapter: back to the plain base model
+            entry[0] = entry[0].unload()
+
+    def _evict(self, entry: list[Any]) -> None:
+        """Make room for one more adapter: the least recently used ones no sequence uses go."""
+        busy = self._in_use()
+        for name in list(self._used):
+            if len(entry[2]) < self.max_adapters:
+                return
+            if name in entry[2] and name not in busy:
+                self._drop_adapter(entry, name)
+
+    def _detach_gone(self, entry: list[Any]) -> None:
+        """Forget adapters whose files were deleted or saved again (their name changes), once no
+        running sequence uses them: a model deleted mid-answer finishes that answer."""
+        busy = self._in_use()
+        for name, directory in list(entry[2].items()):
+            if _adapter_name(Path(directory)) != name and name not in busy:
+                self._drop_adapter(entry, name)
+
+    def _adapter_context(self, entry: list[Any], name: str | None) -> Any:
+        """For a request answered whole (constrained): the model as its adapter (or the base) sees it."""
+        from contextlib import nullcontext
+
+        model = entry[0]
+        if not hasattr(model, "peft_config"):
+            return nullcontext()
+        if name is None:
+            return model.disable_adapter()
+        model.set_adapter(name)
+        return nullcontext()
 
     def _inputs(self, tokenizer: Any, messages: list[dict[str, Any]], device: Any, limit: int) -> Any:
         from .chat_data import fit_messages
@@ -329,87 +524,238 @@ class Engine:
             limit = min(context, int(json.loads((Path(adapter) / TRAINING_SHAPE).read_text())["max_length"]))
         return max(limit - max_new_tokens, limit // 2)
 
-    def _generate(self, handle: Handle) -> None:
+    # ---- a batch's step -----------------------------------------------------------------------
+    def _iterate(self, group: _Group) -> None:
+        """One step of a model's batch: a chunk of the prompt being read, then one token for
+        every running sequence."""
         import torch
 
-        req = handle.request
-        model, tokenizer, ctx = self._load(req.base, req.adapter)
-        max_new = req.max_tokens or DEFAULT_MAX_TOKENS
-        context = _context_length(model)
-        if max_new > context:  # as OpenAI: never more new tokens than the model can attend to
-            raise BackendError(
-                f"max_tokens is too large: {max_new}. This model supports at most {context} completion tokens",
-                param="max_tokens",
-                code="invalid_value",
-            )
-        if req.choices:
-            self._choose(handle, model, tokenizer, ctx)
+        with torch.inference_mode():
+            for seq in [s for s in group.sequences() if s.request.handle.cancelled.is_set()]:
+                self._end(group, seq, "stop")
+            if group.prefilling is None and group.waiting and len(group.running) < self.max_batch:
+                if self._room(group, group.waiting[0]):
+                    self._begin_prefill(group, group.waiting.popleft())
+            if group.prefilling is not None:
+                self._prefill_step(group)
+            if group.running:
+                self._decode_step(group)
+
+    def _room(self, group: _Group, seq: Any) -> bool:
+        """Whether ``seq`` fits beside everything running: the cache's rows x width over every
+        batch stays within the budget."""
+        rows, width = group.reserved(seq)
+        others = sum(g.allocated_bytes() for g in self._groups.values() if g is not group)
+        have_rows, have_width = group.cache.shape if group.cache is not None else (0, 0)
+        mine = max(rows, have_rows) * max(width, have_width) * group.bytes_per_token
+        return others + mine <= self.budget.bytes
+
+    def _begin_prefill(self, group: _Group, seq: Any) -> None:
+        from transformers import DynamicCache
+
+        from .batching import Prefill
+
+        seq.prefill = Prefill(DynamicCache(config=group.model.config))
+        group.prefilling = seq
+        if not seq.request.started:
+            seq.request.started = True
+            with self._cond:
+                self._queued_inside -= 1
+                self._running += 1
+
+    def _forward(self, group: _Group, adapters: list[str | None], **kw: Any) -> Any:
+        model = group.model
+        if hasattr(model, "peft_config"):  # rows name their adapters; the base model's is __base__
+            kw["adapter_names"] = [a if a is not None else "__base__" for a in adapters]
+        return model(use_cache=True, logits_to_keep=1, **kw)
+
+    def _prefill_step(self, group: _Group) -> None:
+        from .batching import PREFILL_CHUNK, plain_attention
+
+        seq = group.prefilling
+        p = seq.prefill
+        chunk = seq.prompt[:, p.done : p.done + PREFILL_CHUNK]
+        out = self._forward(group, [seq.adapter], input_ids=chunk, **{_cache_arg(group.model): p.cache})
+        p.done += int(chunk.shape[1])
+        if p.done < seq.prompt.shape[1]:
             return
-        if req.label_choice:
-            self._choose_labels(handle, model, tokenizer, ctx)
-            return
-        if req.batch:
-            self._generate_batch(handle, model, tokenizer, ctx, max_new)
-            return
-        inputs = self._inputs(tokenizer, req.messages, model.device, self._prompt_limit(model, req.adapter, max_new))
-        prompt = inputs["input_ids"]
-        generator = torch.Generator(device=model.device)
-        if req.seed is not None:
-            generator.manual_seed(req.seed)
+        group.prefilling = None
+        logits = out.logits[0, -1].float()
+        if not group.running and group.cache is None:
+            group.plain = plain_attention(p.cache)
+        # the request's other choices share this prompt: they join now, from the same cache
+        siblings = [s for s in group.waiting if s.request is seq.request]
+        self._join(group, seq, p.cache, logits, share=bool(siblings))
+        for sib in siblings:
+            if len(group.running) >= self.max_batch or not self._room(group, sib):
+                break
+            group.waiting.remove(sib)
+            self._join(group, sib, p.cache, logits, share=True)
+
+    def _join(self, group: _Group, seq: Any, prefilled: Any, logits: Any, *, share: bool) -> None:
+        """A prefilled sequence takes the next row (or keeps its own cache) and its first token."""
+        import copy
+
+        from .batching import SlotCache
+
+        seq.length = int(seq.prompt.shape[1])
+        seq.prefill = None
+        if group.plain:
+            if group.cache is None:
+                group.cache = SlotCache(len(prefilled.layers))
+            rows, width = group.reserved(seq)
+            have_rows, have_width = group.cache.shape
+            if rows > have_rows or width > have_width:
+                # grow by doubling where the budget allows it (fewer copies), else to what is needed
+                grown = (min(self.max_batch, max(rows, 2 * have_rows)), max(width, have_width))
+                others = sum(g.allocated_bytes() for g in self._groups.values() if g is not group)
+                if others + grown[0] * grown[1] * group.bytes_per_token > self.budget.bytes:
+                    grown = (rows, max(width, have_width))
+                group.cache.reserve(*grown, like=prefilled)
+            group.cache.put(len(group.running), prefilled, seq.length)
         else:
-            generator.seed()
-        completion_tokens = 0
-        with torch.inference_mode(), ctx:
-            for choice in range(req.n):
-                end = _decode(model, tokenizer, prompt, req, max_new, generator, handle, choice)
-                completion_tokens += len(end.token_ids)
-                handle.emit(end)
-                if handle.cancelled.is_set():
-                    break
-        handle.emit(Usage(int(prompt.shape[1]), completion_tokens))
+            seq.own_cache = copy.deepcopy(prefilled) if share else prefilled
+        group.running.append(seq)
+        self._accept(group, seq, logits)
+        if seq.finish is not None:
+            self._end(group, seq, seq.finish)
 
-    def _generate_batch(self, handle: Handle, model: Any, tokenizer: Any, ctx: Any, max_new: int) -> None:
-        """Greedy answers to several prompts in one batch (left-padded), by transformers'
-        ``generate``: one ``ChoiceEnd`` per prompt, in order. Throughput for evaluation and batch
-        files; streaming, sampling and logprobs stay with single requests."""
+    def _decode_step(self, group: _Group) -> None:
         import torch
 
-        req = handle.request
-        prompts = [
-            self._inputs(tokenizer, m, model.device, self._prompt_limit(model, req.adapter, max_new))["input_ids"][0]
-            for m in req.batch or []
-        ]
-        width = max(len(p) for p in prompts)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long, device=model.device)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = p
-            mask[i, width - len(p) :] = 1
-        eos = tokenizer.eos_token_id
-        with torch.inference_mode(), ctx:
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=max_new,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                eos_token_id=eos,
-                pad_token_id=pad,
+        rows = list(group.running)
+        model = group.model
+        if group.plain:
+            cache = group.cache
+            device = model.device
+            positions = torch.tensor([s.length for s in rows], device=device)
+            cache.positions = positions
+            cache.width = int(positions.max()) + 1
+            visible = torch.arange(cache.width, device=device)[None, :] <= positions[:, None]
+            mask = torch.zeros(visible.shape, dtype=model.dtype, device=device)
+            mask.masked_fill_(~visible, torch.finfo(model.dtype).min)
+            out = self._forward(
+                group,
+                [s.adapter for s in rows],
+                input_ids=torch.tensor([[s.next_token] for s in rows], device=device),
+                position_ids=positions[:, None],
+                attention_mask=mask[:, None, None, :],
+                **{_cache_arg(model): cache},
             )
-        total = 0
-        for i in range(len(prompts)):
-            new = out[i, width:].tolist()
-            stopped = eos in new
-            new = new[: new.index(eos)] if stopped else new
-            total += len(new)
-            text = tokenizer.decode(new, skip_special_tokens=True)
-            handle.emit(ChoiceEnd(i, "stop" if stopped else "length", text, new, prompt_tokens=len(prompts[i])))
-        handle.emit(Usage(sum(len(p) for p in prompts), total))
+            logits = out.logits[:, -1].float()
+        else:
+            outs = [
+                self._forward(
+                    group,
+                    [s.adapter],
+                    input_ids=torch.tensor([[s.next_token]], device=model.device),
+                    **{_cache_arg(model): s.own_cache},
+                ).logits[0, -1]
+                for s in rows
+            ]
+            logits = torch.stack(outs).float()
+        self.peak_batch = max(self.peak_batch, len(rows))
+        self.peak_kv_bytes = max(self.peak_kv_bytes, sum(g.allocated_bytes() for g in self._groups.values()))
+        for i, seq in enumerate(rows):
+            seq.length += 1
+            self._accept(group, seq, logits[i])
+        for seq in rows:
+            if seq.finish is not None:
+                self._end(group, seq, seq.finish)
 
-    def _choose_labels(self, handle: Handle, model: Any, tokenizer: Any, ctx: Any) -> None:
+    def _accept(self, group: _Group, seq: Any, logits: Any) -> None:
+        """The sequence's next token from these logits: chosen, checked for its end and stop
+        strings, and emitted with its log-probabilities when asked."""
+        import torch
+
+        req = seq.request.handle.request
+        tokenizer = group.tokenizer
+        logp = torch.log_softmax(logits, dim=-1)
+        # a temperature under float32's reach (5e-324 is 0.0 there: 0/0 is NaN) samples the top
+        # token anyway: below MIN_TEMPERATURE the answer is greedy
+        if req.temperature is not None and req.temperature < MIN_TEMPERATURE:
+            token = int(torch.argmax(logits))
+        else:
+            # from the largest logit down, so that a tiny temperature cannot overflow to inf (and
+            # softmax to NaN): the others go to -inf, the largest stays 0, as greedy would choose
+            scaled = (logits - logits.max()) / (req.temperature if req.temperature is not None else 1.0)
+            probs = torch.softmax(scaled, dim=-1)
+            if req.top_p is not None and req.top_p < 1.0:
+                probs = _top_p(probs, req.top_p)
+            token = int(torch.multinomial(probs, 1, generator=seq.generator))
+        if token in _end_tokens(group):
+            seq.finish = "stop"
+            return
+        seq.ids.append(token)
+        text = tokenizer.decode(seq.ids, skip_special_tokens=True)
+        cut = _first_stop(text, req.stop)
+        if cut is not None:
+            text = text[:cut]
+        seq.text = text
+        visible = len(text) if cut is not None else _stable(text, req.stop)
+        info = None
+        if req.logprobs:
+            info = _token_logprob(tokenizer, token, float(logp[token]))
+            info["top_logprobs"] = []
+            if req.top_logprobs:
+                top = torch.topk(logp, req.top_logprobs)
+                info["top_logprobs"] = [
+                    _token_logprob(tokenizer, int(i), float(v)) for v, i in zip(top.values, top.indices, strict=True)
+                ]
+        seq.request.handle.emit(Token(seq.choice, token, text[seq.shown : visible], info))
+        seq.shown = max(seq.shown, visible)
+        if cut is not None:
+            seq.finish = "stop"
+        elif len(seq.ids) >= seq.max_new:
+            seq.finish = "length"
+        else:
+            seq.next_token = token
+
+    def _end(self, group: _Group, seq: Any, finish: str) -> None:
+        """A sequence is done: its row goes to the batch's last sequence, its answer to its caller."""
+        if seq in group.running:
+            i, last = group.running.index(seq), len(group.running) - 1
+            if i != last:
+                if group.plain:
+                    group.cache.move(last, i, group.running[last].length)
+                group.running[i] = group.running[last]
+            group.running.pop()
+        elif seq is group.prefilling:
+            group.prefilling = None
+        elif seq in group.waiting:
+            group.waiting.remove(seq)
+        seq.own_cache = seq.prefill = None
+        running = seq.request
+        handle = running.handle
+        if seq.shown < len(seq.text):
+            handle.emit(Token(seq.choice, -1, seq.text[seq.shown :], None))  # held back for a stop string
+        handle.emit(ChoiceEnd(seq.choice, finish, seq.text, seq.ids))
+        running.completion_tokens += len(seq.ids)
+        running.open -= 1
+        if running.open == 0:
+            handle.emit(Usage(running.prompt_tokens, running.completion_tokens))
+            with self._cond:
+                if running.started:
+                    self._running -= 1
+                else:
+                    self._queued_inside -= 1
+
+    def _fail_group(self, group: _Group, exc: BaseException) -> None:
+        """A step failed: every request of the batch gets the error, once."""
+        told: set[int] = set()
+        for seq in group.sequences():
+            running = seq.request
+            if id(running) not in told:
+                told.add(id(running))
+                running.handle.emit(Failed(exc))
+                with self._cond:
+                    if running.started:
+                        self._running -= 1
+                    else:
+                        self._queued_inside -= 1
+        group.running, group.waiting, group.prefilling = [], collections.deque(), None
+
+    def _choose_labels(self, handle: Handle, model: Any, tokenizer: Any) -> None:
         """Label by label: the subset of the labels the model scores highest, one label at a time."""
         from ..data.labels import format_labels
         from .scoring import choose_labels
@@ -417,16 +763,15 @@ class Engine:
         req = handle.request
         assert req.label_choice is not None
         choice = req.label_choice
-        with ctx:
-            answer = choose_labels(
-                model,
-                tokenizer,
-                req.messages,
-                list(choice.labels),
-                choice.label_format,
-                self._prompt_limit(model, req.adapter, 0),
-                dict(choice.thresholds) if choice.thresholds is not None else None,
-            )
+        answer = choose_labels(
+            model,
+            tokenizer,
+            req.messages,
+            list(choice.labels),
+            choice.label_format,
+            self._prompt_limit(model, req.adapter, 0),
+            dict(choice.thresholds) if choice.thresholds is not None else None,
+        )
         text = format_labels(answer.labels, choice.label_format)
         info = None
         if req.logprobs:
@@ -440,14 +785,13 @@ class Engine:
             }
         _emit_whole(handle, tokenizer, text, info)
 
-    def _choose(self, handle: Handle, model: Any, tokenizer: Any, ctx: Any) -> None:
+    def _choose(self, handle: Handle, model: Any, tokenizer: Any) -> None:
         """Label-constrained: the choice the model scores highest, as it was trained to write it."""
         from .scoring import score_choices
 
         req = handle.request
         choices = list(req.choices or [])
-        with ctx:
-            scores = score_choices(model, tokenizer, req.messages, choices, self._prompt_limit(model, req.adapter, 0))
+        scores = score_choices(model, tokenizer, req.messages, choices, self._prompt_limit(model, req.adapter, 0))
         best = max(range(len(choices)), key=lambda i: scores[i])
         info = None
         if req.logprobs:
@@ -510,85 +854,17 @@ def candidate_logprobs(scores: list[float]) -> list[float]:
     return [s - total for s in scores]
 
 
-def _decode(
-    model: Any,
-    tokenizer: Any,
-    prompt: Any,
-    req: GenRequest,
-    max_new: int,
-    generator: Any,
-    handle: Handle,
-    choice: int,
-) -> ChoiceEnd:
-    """One answer, token by token, with the model's KV cache."""
-    import torch
+def _cache_arg(model: Any) -> str:
+    """transformers 5 names the KV cache ``cache`` (``past_key_values`` before, still for some models)."""
+    forward = model.get_base_model().forward if hasattr(model, "get_base_model") else model.forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
+
+def _end_tokens(group: Any) -> set[int]:
+    """The tokens that end an answer: the tokenizer's end and the model's generation config's."""
+    tokenizer, model = group.tokenizer, group.model
     eos = {int(t) for t in ([tokenizer.eos_token_id] if isinstance(tokenizer.eos_token_id, int) else [])}
-    eos |= {int(t) for t in _as_list(getattr(model.generation_config, "eos_token_id", None))}
-    # a temperature under float32's reach (5e-324 is 0.0 there: 0/0 is NaN) samples the top token
-    # anyway: below MIN_TEMPERATURE the answer is greedy
-    greedy = req.temperature is not None and req.temperature < MIN_TEMPERATURE
-    ids: list[int] = []
-    shown = 0  # characters of the answer already emitted
-    text = ""
-    finish = "length"
-    past = None
-    step_input = prompt
-    # transformers 5 names the KV cache ``cache`` (``past_key_values`` before, still for some models)
-    cache_arg = (
-        "cache"
-        if "cache"
-        in inspect.signature(
-            model.get_base_model().forward if hasattr(model, "get_base_model") else model.forward
-        ).parameters
-        else "past_key_values"
-    )
-    for _ in range(max_new):
-        if handle.cancelled.is_set():
-            finish = "stop"
-            break
-        out = model(input_ids=step_input, use_cache=True, **{cache_arg: past})
-        past = getattr(out, cache_arg)
-        logits = out.logits[0, -1].float()
-        logp = torch.log_softmax(logits, dim=-1)
-        if greedy:
-            token = int(torch.argmax(logits))
-        else:
-            # from the largest logit down, so that a tiny temperature cannot overflow to inf (and
-            # softmax to NaN): the others go to -inf, the largest stays 0, as greedy would choose
-            scaled = (logits - logits.max()) / (req.temperature if req.temperature is not None else 1.0)
-            probs = torch.softmax(scaled, dim=-1)
-            if req.top_p is not None and req.top_p < 1.0:
-                probs = _top_p(probs, req.top_p)
-            token = int(torch.multinomial(probs, 1, generator=generator))
-        if token in eos:
-            finish = "stop"
-            break
-        ids.append(token)
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        cut = _first_stop(text, req.stop)
-        if cut is not None:
-            text = text[:cut]
-            finish = "stop"
-        visible = len(text) if cut is not None else _stable(text, req.stop)
-        info = None
-        if req.logprobs:
-            info = _token_logprob(tokenizer, token, float(logp[token]))
-            if req.top_logprobs:
-                top = torch.topk(logp, req.top_logprobs)
-                info["top_logprobs"] = [
-                    _token_logprob(tokenizer, int(i), float(v)) for v, i in zip(top.values, top.indices, strict=True)
-                ]
-            else:
-                info["top_logprobs"] = []
-        handle.emit(Token(choice, token, text[shown:visible], info))
-        shown = max(shown, visible)
-        if cut is not None:
-            break
-        step_input = torch.tensor([[token]], device=prompt.device)
-    if shown < len(text):
-        handle.emit(Token(choice, -1, text[shown:], None))  # what was held back for a stop string
-    return ChoiceEnd(choice, finish, text, ids)
+    return eos | {int(t) for t in _as_list(getattr(model.generation_config, "eos_token_id", None))}
 
 
 MIN_TEMPERATURE = 1e-5

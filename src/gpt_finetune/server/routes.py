@@ -37,8 +37,9 @@ def _page(data: list[dict[str, Any]], has_more: bool, *, ids: bool = False) -> d
 
 @router.api_route("/health", methods=["GET", "HEAD"])
 def health(request: Request) -> dict[str, Any]:
-    """Alive, and how many chat requests wait (no key needed)."""
-    return {"status": "ok", "queued_requests": _services(request).chat.pending()}
+    """Alive, and how many chat requests wait and run (no key needed)."""
+    chat = _services(request).chat
+    return {"status": "ok", "queued_requests": chat.pending(), "running_requests": chat.running()}
 
 
 # ---- files ----------------------------------------------------------------------------------

@@ -31,13 +31,15 @@ class Services:
         *,
         local_base_model: str | None = None,
         max_queue: int | None = None,
+        engine_options: dict[str, Any] | None = None,
         name_paths: bool = True,
         model_cache: str | Path | None = None,
         launcher: Launcher | None = None,
     ) -> Services:
         """``name_paths=False`` for a server: its clients name models, never directories.
         ``launcher`` starts the training runner when jobs wait (the adapters give
-        ``worker.launch.start_runner``; without one, nothing is started)."""
+        ``worker.launch.start_runner``; without one, nothing is started). ``engine_options``: the
+        engine's scheduling (``max_batch``, ``kv_cache_gb``, ``max_adapters``; see ``Engine``)."""
         home = Home(root, model_cache=model_cache)
         store = Store(home.db)
         files = FileService(store, home)
@@ -47,7 +49,7 @@ class Services:
         def engine() -> Any:  # loaded at the first chat request: torch is not needed before
             from ..local.inference import DEFAULT_QUEUE, Engine
 
-            return Engine(home, models.local_base_model, max_queue=max_queue or DEFAULT_QUEUE)
+            return Engine(home, models.local_base_model, max_queue=max_queue or DEFAULT_QUEUE, **(engine_options or {}))
 
         return cls(home, store, files, jobs, models, ChatService(models, engine))
 

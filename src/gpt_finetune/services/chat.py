@@ -187,6 +187,10 @@ class ChatService:
         """Requests waiting for the engine (0 before the first one loads it)."""
         return self._engine.pending() if self._engine is not None else 0
 
+    def running(self) -> int:
+        """Requests the engine is answering (0 before the first one loads it)."""
+        return self._engine.running() if self._engine is not None else 0
+
     def start(self, request: Any) -> ChatRun:
         """Check the request, find the model, and queue it on the engine (``EngineBusy`` when
         the queue is full)."""
@@ -214,64 +218,30 @@ class ChatService:
         return ChatRun(handle, parsed, parsed["model"])
 
     def create_many(self, requests: list[Any], *, batch_size: int = 8) -> list[dict[str, Any] | GptFinetuneError]:
-        """Several requests (a batch file): each answer, or the error that refused it. Greedy
-        requests for the same model and length that ask for nothing else are answered
-        ``batch_size`` at a time (batched generation); the others one by one."""
-        from ..local.inference import ChoiceEnd, GenRequest, Usage
+        """Several requests (a batch file, an evaluation): each answer, or the error that refused
+        it, in order. Up to ``batch_size`` are in the engine at once, where they are batched with
+        each other and with whatever else it is answering (its continuous batching)."""
+        from collections import deque
 
         out: list[dict[str, Any] | GptFinetuneError | None] = [None] * len(requests)
-        groups: dict[tuple[str, int | None], list[tuple[int, dict[str, Any]]]] = {}
-        for i, request in enumerate(requests):
+        in_flight: deque[tuple[int, ChatRun]] = deque()
+
+        def collect() -> None:
+            i, run = in_flight.popleft()
             try:
-                parsed = parse_request(request)
+                out[i] = run.completion()
             except GptFinetuneError as exc:
                 out[i] = exc
-                continue
-            plain = (
-                parsed["temperature"] == 0
-                and parsed["n"] == 1
-                and not (
-                    parsed["stop"]
-                    or parsed["logprobs"]
-                    or parsed["stream"]
-                    or parsed["choices"]
-                    or parsed["label_choice"]
-                )
-            )
-            if plain:
-                groups.setdefault((parsed["model"], parsed["max_tokens"]), []).append((i, parsed))
-            else:
-                try:
-                    out[i] = self.start(request).completion()
-                except GptFinetuneError as exc:
-                    out[i] = exc
-        for (model, max_tokens), items in groups.items():
-            # prompts of similar length batched together: left padding to the longest of a batch
-            # is wasted work (on real issues, batches in file order ran slower than single prompts)
-            items.sort(key=lambda item: sum(len(m["content"]) for m in item[1]["messages"]))
+
+        for i, request in enumerate(requests):
+            while len(in_flight) >= max(1, batch_size):
+                collect()
             try:
-                base, adapter = self.models.locate(model)
-            except GptFinetuneError as exc:
-                for i, _ in items:
-                    out[i] = exc
-                continue
-            for start in range(0, len(items), batch_size):
-                chunk = items[start : start + batch_size]
-                request = GenRequest(
-                    base, adapter, [], max_tokens=max_tokens, temperature=0, batch=[p["messages"] for _, p in chunk]
-                )
-                try:
-                    ends = [e for e in self.engine.run(request) if isinstance(e, ChoiceEnd)]
-                except GptFinetuneError as exc:
-                    for i, _ in chunk:
-                        out[i] = exc
-                    continue
-                for (i, parsed), end in zip(chunk, ends, strict=True):
-                    message = {"role": "assistant", "content": end.text, "refusal": None}
-                    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": end.finish_reason}
-                    out[i] = ChatRun(None, parsed, model).whole(
-                        [choice], _usage(Usage(end.prompt_tokens, len(end.token_ids)))
-                    )
+                in_flight.append((i, self.start(request)))
+            except GptFinetuneError as exc:  # refused before it reached the engine
+                out[i] = exc
+        while in_flight:
+            collect()
         assert all(x is not None for x in out)  # every request got its answer or its error
         return [x for x in out if x is not None]
 
