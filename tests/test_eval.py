@@ -384,9 +384,7 @@ def test_a_classification_job_records_its_label_sets_when_its_files_are_checked(
     }
 
 
-def test_a_classification_job_trains_with_the_classification_defaults_unless_told_otherwise(
-    tmp_path, tiny_model_dir
-):
+def test_a_classification_job_trains_with_the_classification_defaults_unless_told_otherwise(tmp_path, tiny_model_dir):
     pytest.importorskip("torch")
     from conftest import chat_example, toy_examples, write_jsonl
 
