@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import inspect
 import json
 import logging
@@ -188,6 +189,7 @@ class _Group:
         self.waiting: collections.deque[Any] = collections.deque()
         self.prefilling: Any = None
         self.bytes_per_token = 0
+        self.end_tokens: set[int] | None = None
 
     @property
     def model(self) -> Any:
@@ -734,11 +736,15 @@ class Engine:
         running.open -= 1
         if running.open == 0:
             handle.emit(Usage(running.prompt_tokens, running.completion_tokens))
-            with self._cond:
-                if running.started:
-                    self._running -= 1
-                else:
-                    self._queued_inside -= 1
+            self._retire(running)
+
+    def _retire(self, running: _Running) -> None:
+        """A request is done (answered or failed): it no longer counts as running or waiting."""
+        with self._cond:
+            if running.started:
+                self._running -= 1
+            else:
+                self._queued_inside -= 1
 
     def _fail_group(self, group: _Group, exc: BaseException) -> None:
         """A step failed: every request of the batch gets the error, once."""
@@ -748,11 +754,7 @@ class Engine:
             if id(running) not in told:
                 told.add(id(running))
                 running.handle.emit(Failed(exc))
-                with self._cond:
-                    if running.started:
-                        self._running -= 1
-                    else:
-                        self._queued_inside -= 1
+                self._retire(running)
         group.running, group.waiting, group.prefilling = [], collections.deque(), None
 
     def _choose_labels(self, handle: Handle, model: Any, tokenizer: Any) -> None:
@@ -856,15 +858,23 @@ def candidate_logprobs(scores: list[float]) -> list[float]:
 
 def _cache_arg(model: Any) -> str:
     """transformers 5 names the KV cache ``cache`` (``past_key_values`` before, still for some models)."""
-    forward = model.get_base_model().forward if hasattr(model, "get_base_model") else model.forward
-    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _cache_arg_of(type(base))
+
+
+@functools.cache
+def _cache_arg_of(cls: Any) -> str:  # a signature read once per model class, not every step
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def _end_tokens(group: Any) -> set[int]:
-    """The tokens that end an answer: the tokenizer's end and the model's generation config's."""
-    tokenizer, model = group.tokenizer, group.model
-    eos = {int(t) for t in ([tokenizer.eos_token_id] if isinstance(tokenizer.eos_token_id, int) else [])}
-    return eos | {int(t) for t in _as_list(getattr(model.generation_config, "eos_token_id", None))}
+    """The tokens that end an answer: the tokenizer's end and the model's generation config's
+    (read at the batch's first token; neither changes while it runs)."""
+    if group.end_tokens is None:
+        tokenizer, model = group.tokenizer, group.model
+        eos = {int(t) for t in ([tokenizer.eos_token_id] if isinstance(tokenizer.eos_token_id, int) else [])}
+        group.end_tokens = eos | {int(t) for t in _as_list(getattr(model.generation_config, "eos_token_id", None))}
+    return group.end_tokens
 
 
 MIN_TEMPERATURE = 1e-5
