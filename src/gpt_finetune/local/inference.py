@@ -859,7 +859,8 @@ def candidate_logprobs(scores: list[float]) -> list[float]:
 def _cache_arg(model: Any) -> str:
     """transformers 5 names the KV cache ``cache`` (``past_key_values`` before, still for some models)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return _cache_arg_of(type(base))
+    cls: Any = type(base)
+    return _cache_arg_of(cls)
 
 
 @functools.cache
