@@ -495,7 +495,8 @@ class Engine:
             return nullcontext()
         if name is None:
             return model.disable_adapter()
-        model.set_adapter(name)
+        if model.active_adapter != name:  # set_adapter walks every LoRA layer: not every step
+            model.set_adapter(name)
         return nullcontext()
 
     def _inputs(self, tokenizer: Any, messages: list[dict[str, Any]], device: Any, limit: int) -> Any:
@@ -567,9 +568,15 @@ class Engine:
 
     def _forward(self, group: _Group, adapters: list[str | None], **kw: Any) -> Any:
         model = group.model
-        if hasattr(model, "peft_config"):  # rows name their adapters; the base model's is __base__
+        if not hasattr(model, "peft_config"):
+            return model(use_cache=True, logits_to_keep=1, **kw)
+        if len(set(adapters)) > 1:  # rows name their adapters; the base model's is __base__
             kw["adapter_names"] = [a if a is not None else "__base__" for a in adapters]
-        return model(use_cache=True, logits_to_keep=1, **kw)
+            return model(use_cache=True, logits_to_keep=1, **kw)
+        # One adapter for every row (always so for a prompt chunk): PEFT's plain path, without the
+        # per-adapter gather and scatter of its mixed batches in every layer (bench/README.md).
+        with self._adapter_context([model], adapters[0]):
+            return model(use_cache=True, logits_to_keep=1, **kw)
 
     def _prefill_step(self, group: _Group) -> None:
         from .batching import PREFILL_CHUNK, plain_attention
