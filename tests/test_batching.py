@@ -204,3 +204,32 @@ def test_an_adapter_deleted_mid_answer_finishes_it_and_then_goes(tmp_path, tiny_
     assert done.wait(60)
     engine.complete(str(tiny_model_dir), None, _prompt(1), max_tokens=2, temperature=0)
     assert not engine._bases[str(tiny_model_dir)][2]  # detached once nothing used it
+
+
+def test_a_failed_batched_step_fails_that_batch_once_and_the_engine_serves_on(tmp_path, tiny_model_dir, monkeypatch):
+    from gpt_finetune.local.inference import ChoiceEnd, Engine, Failed, GenRequest, Token
+
+    engine = _engine(tmp_path, "faulty", max_batch=8)
+    expected = engine.complete(str(tiny_model_dir), None, _prompt(1), max_tokens=10, temperature=0).token_ids
+    real, calls = Engine._forward, {"n": 0, "rows": 0}
+
+    def forward(self, group, adapters, **kw):
+        calls["n"] += 1
+        if len(adapters) >= 3 and not calls["rows"]:  # the first step that decodes three rows at once
+            calls["rows"] = len(adapters)
+            raise RuntimeError("injected: a decoding step failed")
+        return real(self, group, adapters, **kw)
+
+    monkeypatch.setattr(Engine, "_forward", forward)
+    handles = [
+        engine.submit(GenRequest(str(tiny_model_dir), None, _prompt(k), max_tokens=30, temperature=0)) for k in range(3)
+    ]
+    for h in handles:
+        events = list(h.events())  # each stream ends, once, with the failure
+        assert isinstance(events[-1], Failed) and "injected" in str(events[-1].error)
+        assert sum(isinstance(e, Failed) for e in events) == 1 and not any(isinstance(e, ChoiceEnd) for e in events)
+        assert all(isinstance(e, Token) for e in events[:-1])
+    assert calls["rows"] == 3 and engine.running() == 0 and engine.pending() == 0
+    # the next request is served as if nothing had happened
+    after = engine.complete(str(tiny_model_dir), None, _prompt(1), max_tokens=10, temperature=0)
+    assert after.token_ids == expected
