@@ -437,6 +437,49 @@ def test_guided_choice_through_the_sdk(server):
     assert err.value.body["code"] == "unsupported_parameter"
 
 
+def test_concurrent_streams_each_get_the_answer_they_get_alone(server):
+    """Eight clients stream at once through the real server (one running batch in the engine):
+    each stream carries its own request's tokens and log-probabilities, none of another's (the
+    log-probabilities tell the prompts apart where a tiny model's tokens do not)."""
+    prompts = [[MSGS[0], {"role": "user", "content": f"thing {k} " + "more " * k}] for k in range(8)]
+
+    def answer(c) -> tuple[str, tuple[float, ...]]:
+        return c.message.content, tuple(round(t.logprob, 3) for t in c.logprobs.content)
+
+    client = server.client()
+    alone = [
+        answer(
+            client.chat.completions.create(
+                model="tiny-llama", messages=p, temperature=0, max_tokens=24, logprobs=True
+            ).choices[0]
+        )
+        for p in prompts
+    ]
+    got: dict[int, tuple[str, tuple[float, ...]]] = {}
+    start = threading.Barrier(len(prompts))
+
+    def stream(k: int) -> None:
+        start.wait()
+        chunks = [
+            c.choices[0]
+            for c in server.client().chat.completions.create(
+                model="tiny-llama", messages=prompts[k], temperature=0, max_tokens=24, stream=True, logprobs=True
+            )
+            if c.choices
+        ]
+        text = "".join(c.delta.content or "" for c in chunks)
+        got[k] = (text, tuple(round(t.logprob, 3) for c in chunks if c.logprobs for t in c.logprobs.content or []))
+
+    threads = [threading.Thread(target=stream, args=(k,)) for k in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(set(alone)) == len(prompts)  # every prompt's answer is told apart
+    assert got == dict(enumerate(alone))
+    assert httpx.get(server.url + "/health").json()["running_requests"] == 0
+
+
 def test_eval_through_the_openai_backend_equals_eval_on_the_local_engine(server, tmp_path):
     """`eval` on a remote model (this project's server, through the openai backend) scores free
     and label-constrained answers exactly as the same model scores in-process."""
