@@ -6,7 +6,7 @@ time and against ``transformers serve --continuous-batching``, on real prompts.
 
 Every request is a streamed chat completion sent with the official ``openai`` client at
 temperature 0; a client sends its next request when its last one ends (closed loop), and a level
-of C clients sends max(2C, 8) requests (long answers: max(2C, 4)). Per level: time to first token
+of C clients sends max(C, 8) requests (long answers: max(C, 4)), every prompt new to the server. Per level: time to first token
 and whole-request latency (p50, p95), and completion tokens per second over the level's wall time.
 
 Workloads:
@@ -42,6 +42,7 @@ import httpx
 from openai import AsyncOpenAI, OpenAI
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+BASE = "SmolLM2-135M-Instruct"
 SYSTEM = "Label the GitHub issue as one of: bug, feature, question. Answer with the label only."
 
 
@@ -191,7 +192,7 @@ def make_adapters(url: str, home: str, k: int) -> list[str]:
     for i in range(len(have), k):
         jobs.append(
             client.fine_tuning.jobs.create(
-                model="SmolLM2-135M-Instruct",
+                model=BASE,
                 training_file=file_id,
                 suffix=f"bench{i}",
                 hyperparameters={"n_epochs": 1, "batch_size": 10},
@@ -226,21 +227,25 @@ def main() -> int:
     from gpt_finetune.home import Home
     from gpt_finetune.local.base_weights import model_dir
 
-    rows, runs = [], []
-    base = "SmolLM2-135M-Instruct"
+    runs = []
+    hf_model = (
+        model_dir(resolve_base(BASE), Home(home))
+        if any(not k.startswith("ours") for k in args.servers.split(","))
+        else ""
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for kind in args.servers.split(","):
         for wl in args.workloads.split(","):
             if wl.startswith("mixed") and not kind.startswith("ours"):
                 continue
-            server = Server(kind, home, model_dir(resolve_base(base), Home(home)) if kind == "hf-cb" else "")
+            server = Server(kind, home, hf_model)
             try:
                 prompts, max_tokens = workload(wl)
                 if kind.startswith("ours"):
-                    models = [base] + (make_adapters(server.url, home, 4) if wl.startswith("mixed") else [])
+                    models = [BASE] + (make_adapters(server.url, home, 4) if wl.startswith("mixed") else [])
                 else:
-                    models = [model_dir(resolve_base(base), Home(home))]
+                    models = [hf_model]  # transformers serve names the model by its path
                 # warm up: every model loaded (an adapter is read on first use), the base converted once
                 first = max(2, len(models))
                 asyncio.run(level(server.url, models, prompts, 0, 2, first, max_tokens))
@@ -263,11 +268,9 @@ def main() -> int:
                         "lat_p95": pct([r["latency"] for r in res], 0.95),
                         "wall": wall,
                     }
-                    rows.append(row)
                     runs.append(row | {"results": res})
-                    out.write_text(
-                        json.dumps(runs, indent=1)
-                    )  # a level at a time: a stopped run keeps what it measured
+                    # a level at a time: a stopped run keeps what it measured
+                    out.write_text(json.dumps(runs, indent=1))
                     print(
                         f"| {kind} | {wl} | {c} | {n} | {row['tok_s']:.1f} | {row['ttft_p50']:.2f} | "
                         f"{row['ttft_p95']:.2f} | {row['lat_p50']:.2f} | {row['lat_p95']:.2f} | {wall:.0f} |",
@@ -294,7 +297,7 @@ def agreement(runs: list[dict]) -> None:
             if r["server"] != kind:
                 continue
             for x in r["results"]:
-                model = x["model"] if kind == "ours" else "SmolLM2-135M-Instruct"
+                model = x["model"] if kind == "ours" else BASE
                 ref = alone.get((r["workload"], model, x["prompt"]))
                 if ref is not None:
                     total += 1
