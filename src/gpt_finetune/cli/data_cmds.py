@@ -279,7 +279,8 @@ def _local_counter(ns: argparse.Namespace) -> Any:
 def render_stats(s: dict[str, Any]) -> str:
     t, m, job = s["tokens_per_example"], s["messages_per_example"], s["job"]
     lines = [
-        f"{s['file']}: {s['n_examples']} examples"
+        f"{s['file']}: {s['n_examples']} "
+        + ("preference pairs (method dpo)" if s.get("kind") == "preference" else "examples")
         + (f" ({s['n_errors']} lines with errors skipped)" if s["n_errors"] else ""),
         f"Tokens ({s['model']}, {s['encoding']}): total {s['total_tokens']:,}, assistant {s['assistant_tokens']:,}",
         f"  per example: min {t['min']}, mean {t['mean']}, p50 {t['p50']}, p95 {t['p95']}, max {t['max']}",
@@ -298,6 +299,11 @@ def render_stats(s: dict[str, Any]) -> str:
     lines.append(
         f"OpenAI job: {job['n_epochs']} epochs ({job['epochs_rule']}), {job['billed_tokens']:,} billed tokens, {cost}"
     )
+    if s.get("kind") == "preference":
+        lines.append(
+            "  (a pair counted as its prompt once plus both outputs: an assumption, OpenAI does not publish how "
+            "it bills a DPO pair)"
+        )
     local = s.get("local")
     if local:
         d = local["tokens_per_example"]

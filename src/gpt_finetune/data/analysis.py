@@ -42,6 +42,14 @@ class FileReport:
     answers: Counter[str] | None = field(default_factory=Counter)
     label_counts: Counter[str] | None = None
     local: LocalCounts | None = None  # counts with a local model's tokenizer, when asked
+    first_line: dict[str, int] = field(default_factory=dict)  # "chat" / "preference" -> first line of that kind
+
+    @property
+    def kind(self) -> str:
+        """What the file holds: ``preference`` pairs (DPO) or ``chat`` examples (the first line's)."""
+        if not self.first_line:
+            return "chat"
+        return min(self.first_line, key=lambda k: self.first_line[k])
 
     @property
     def errors(self) -> list[Finding]:
@@ -101,6 +109,20 @@ def analyze_file(
     finally:
         local_tokens.ACTIVE = None
     _find_duplicates(report, fingerprints, fp_lines)
+    if len(report.first_line) > 1:
+        other = max(report.first_line, key=lambda k: report.first_line[k])
+        report.add(
+            Finding(
+                "error",
+                "mixed_example_kinds",
+                report.first_line[other],
+                None,
+                f"a {'preference pair' if other == 'preference' else 'chat example'}, but line "
+                f"{report.first_line[report.kind]} is a {'preference pair' if report.kind == 'preference' else 'chat example'}: "
+                "a file holds one kind (chat examples train with method supervised, preference pairs with dpo)",
+            )
+        )
+        report.findings.sort(key=lambda f: f.line or 0)
     if report.n_examples < MIN_EXAMPLES and not report.n_errors:
         report.add(
             Finding(
@@ -138,6 +160,8 @@ def _merge(report: FileReport, chunk: ChunkResult, counted: bool, fingerprints: 
                         )
                     )
     report.messages.extend(chunk.messages)
+    for kind, line in chunk.first_line.items():
+        report.first_line.setdefault(kind, line)
     fingerprints.extend(chunk.fingerprints)
     fp_lines.extend(chunk.lines)
     if report.answers is not None:

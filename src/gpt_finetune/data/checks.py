@@ -20,6 +20,10 @@ from .tokens import count_message_tokens, get_encoding
 
 MESSAGE_KEYS = frozenset({"role", "content", "name", "function_call", "tool_calls", "tool_call_id", "weight"})
 EXAMPLE_KEYS = frozenset({"messages", "tools", "functions", "parallel_tool_calls"})
+# OpenAI's preference (DPO) example: {"input": {"messages": [...], "tools": [...]},
+# "preferred_output": [one assistant message], "non_preferred_output": [one assistant message]}
+PREFERENCE_KEYS = frozenset({"input", "preferred_output", "non_preferred_output"})
+PREFERENCE_INPUT_KEYS = frozenset({"messages", "tools", "parallel_tool_calls"})
 ROLES = frozenset({"system", "user", "assistant", "tool", "function"})
 ANSWER_SAMPLE_CHARS = 200  # answers longer than this are not labels
 
@@ -47,6 +51,7 @@ class LineResult:
     answer: str | None = None  # last assistant content, when short: candidate labels
     fingerprint: int = 0
     messages: list[Any] | None = None  # the parsed messages of a usable example
+    kind: str = "chat"  # or "preference": a DPO pair (``check_preference``)
 
     @property
     def ok(self) -> bool:
@@ -82,6 +87,110 @@ def _check_parts(parts: list[Any], lineno: int, i: int, findings: list[Finding])
                     f"a {part['type'][:40]!r} part: the local engine trains on text only",
                 )
             )
+
+
+def _check_messages(messages: list[Any], lineno: int, findings: list[Finding], where: str) -> tuple[bool, bool, Any]:
+    """Check each message of a list (``where`` names it in findings: ``messages``, or a
+    preference pair's ``input.messages``); returns (has an assistant message, has one to learn
+    from, the last assistant content)."""
+    has_assistant = trainable = False
+    last_answer: Any = None
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            findings.append(
+                Finding(
+                    "error",
+                    "data_type",
+                    lineno,
+                    f"{where}[{i}]",
+                    f"message must be an object, got {type(message).__name__}",
+                )
+            )
+            continue
+        if not message.keys() <= MESSAGE_KEYS:
+            for key in message.keys() - MESSAGE_KEYS:
+                findings.append(
+                    Finding(
+                        "error", "message_unrecognized_key", lineno, f"{where}[{i}].{key}", f"unrecognised key {key!r}"
+                    )
+                )
+        role = message.get("role")
+        if role not in ROLES:
+            if "role" not in message:
+                findings.append(
+                    Finding("error", "message_missing_key", lineno, f"{where}[{i}].role", "message has no 'role'")
+                )
+            else:
+                findings.append(
+                    Finding(
+                        "error",
+                        "unrecognized_role",
+                        lineno,
+                        f"{where}[{i}].role",
+                        f"role {role!r} is not one of {', '.join(sorted(ROLES))}",
+                    )
+                )
+        content = message.get("content")
+        if type(content) is str and content.strip():
+            pass  # the common case
+        elif role == "assistant" and (message.get("tool_calls") or message.get("function_call")):
+            pass  # a tool call needs no content (the cookbook wrongly flags this)
+        elif "content" not in message:
+            findings.append(
+                Finding("error", "message_missing_key", lineno, f"{where}[{i}].content", "message has no 'content'")
+            )
+        elif content is None or content == "" or content == [] or (isinstance(content, str) and not content.strip()):
+            findings.append(Finding("error", "missing_content", lineno, f"{where}[{i}].content", "content is empty"))
+        elif not isinstance(content, list):
+            findings.append(
+                Finding(
+                    "error",
+                    "invalid_content",
+                    lineno,
+                    f"{where}[{i}].content",
+                    f"content must be text, got {type(content).__name__}",
+                )
+            )
+        elif role == "assistant":
+            findings.append(
+                Finding(
+                    "error",
+                    "invalid_content",
+                    lineno,
+                    f"{where}[{i}].content",
+                    "assistant content must be text, not a list of parts",
+                )
+            )
+        else:
+            _check_parts(content, lineno, i, findings)
+        if "weight" in message:
+            weight = message["weight"]
+            if isinstance(weight, bool) or weight not in (0, 1):
+                findings.append(
+                    Finding(
+                        "error",
+                        "invalid_weight",
+                        lineno,
+                        f"{where}[{i}].weight",
+                        f"weight must be 0 or 1, got {weight!r}",
+                    )
+                )
+            elif role != "assistant":
+                findings.append(
+                    Finding(
+                        "error",
+                        "invalid_weight",
+                        lineno,
+                        f"{where}[{i}].weight",
+                        "weight is only allowed on assistant messages",
+                    )
+                )
+        if role == "assistant":
+            has_assistant = True
+            last_answer = content
+            if message.get("weight", 1) != 0:
+                trainable = True
+    return has_assistant, trainable, last_answer
 
 
 def check_line(lineno: int, raw: bytes, encoding: str | None, first: bool = False) -> LineResult:
@@ -128,6 +237,8 @@ def check_line(lineno: int, raw: bytes, encoding: str | None, first: bool = Fals
             )
         )
         return result
+    if "messages" not in example and PREFERENCE_KEYS & example.keys():
+        return check_preference(result, example, raw, encoding)
     messages = example.get("messages")
     if not isinstance(messages, list) or not messages:
         text = "no 'messages' list" if messages is None else "'messages' must be a non-empty list"
@@ -140,103 +251,7 @@ def check_line(lineno: int, raw: bytes, encoding: str | None, first: bool = Fals
                     Finding("warning", "example_unrecognized_key", lineno, key, f"unrecognised key {key!r} is ignored")
                 )
     result.n_messages = len(messages)
-    has_assistant = trainable = False
-    last_answer: Any = None
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            findings.append(
-                Finding(
-                    "error",
-                    "data_type",
-                    lineno,
-                    f"messages[{i}]",
-                    f"message must be an object, got {type(message).__name__}",
-                )
-            )
-            continue
-        if not message.keys() <= MESSAGE_KEYS:
-            for key in message.keys() - MESSAGE_KEYS:
-                findings.append(
-                    Finding(
-                        "error", "message_unrecognized_key", lineno, f"messages[{i}].{key}", f"unrecognised key {key!r}"
-                    )
-                )
-        role = message.get("role")
-        if role not in ROLES:
-            if "role" not in message:
-                findings.append(
-                    Finding("error", "message_missing_key", lineno, f"messages[{i}].role", "message has no 'role'")
-                )
-            else:
-                findings.append(
-                    Finding(
-                        "error",
-                        "unrecognized_role",
-                        lineno,
-                        f"messages[{i}].role",
-                        f"role {role!r} is not one of {', '.join(sorted(ROLES))}",
-                    )
-                )
-        content = message.get("content")
-        if type(content) is str and content.strip():
-            pass  # the common case
-        elif role == "assistant" and (message.get("tool_calls") or message.get("function_call")):
-            pass  # a tool call needs no content (the cookbook wrongly flags this)
-        elif "content" not in message:
-            findings.append(
-                Finding("error", "message_missing_key", lineno, f"messages[{i}].content", "message has no 'content'")
-            )
-        elif content is None or content == "" or content == [] or (isinstance(content, str) and not content.strip()):
-            findings.append(Finding("error", "missing_content", lineno, f"messages[{i}].content", "content is empty"))
-        elif not isinstance(content, list):
-            findings.append(
-                Finding(
-                    "error",
-                    "invalid_content",
-                    lineno,
-                    f"messages[{i}].content",
-                    f"content must be text, got {type(content).__name__}",
-                )
-            )
-        elif role == "assistant":
-            findings.append(
-                Finding(
-                    "error",
-                    "invalid_content",
-                    lineno,
-                    f"messages[{i}].content",
-                    "assistant content must be text, not a list of parts",
-                )
-            )
-        else:
-            _check_parts(content, lineno, i, findings)
-        if "weight" in message:
-            weight = message["weight"]
-            if isinstance(weight, bool) or weight not in (0, 1):
-                findings.append(
-                    Finding(
-                        "error",
-                        "invalid_weight",
-                        lineno,
-                        f"messages[{i}].weight",
-                        f"weight must be 0 or 1, got {weight!r}",
-                    )
-                )
-            elif role != "assistant":
-                findings.append(
-                    Finding(
-                        "error",
-                        "invalid_weight",
-                        lineno,
-                        f"messages[{i}].weight",
-                        "weight is only allowed on assistant messages",
-                    )
-                )
-        if role == "assistant":
-            has_assistant = True
-            last_answer = content
-            if message.get("weight", 1) != 0:
-                trainable = True
+    has_assistant, trainable, last_answer = _check_messages(messages, lineno, findings, "messages")
     if not has_assistant:
         findings.append(
             Finding(
@@ -264,6 +279,121 @@ def check_line(lineno: int, raw: bytes, encoding: str | None, first: bool = Fals
     return result
 
 
+def check_preference(result: LineResult, example: dict[str, Any], raw: bytes, encoding: str | None) -> LineResult:
+    """OpenAI's rules for one preference pair: an input conversation that ends where the model
+    answers (a user or tool message, never an assistant one), and two outputs of exactly one
+    assistant message each, with text, that differ. Its tokens are counted as the shared prompt
+    plus both outputs: how this project assumes OpenAI bills a pair (it publishes no rule)."""
+    result.kind = "preference"
+    findings = result.findings
+    lineno = result.line
+    for key in PREFERENCE_KEYS - example.keys():
+        findings.append(Finding("error", "missing_preference_key", lineno, key, f"a preference pair needs {key!r}"))
+    for key in example.keys() - PREFERENCE_KEYS:
+        findings.append(
+            Finding("warning", "example_unrecognized_key", lineno, key, f"unrecognised key {key!r} is ignored")
+        )
+    inp = example.get("input")
+    messages: Any = None
+    if "input" in example:
+        if not isinstance(inp, dict):
+            findings.append(Finding("error", "data_type", lineno, "input", "input must be an object with messages"))
+        else:
+            for key in inp.keys() - PREFERENCE_INPUT_KEYS:
+                findings.append(
+                    Finding("error", "message_unrecognized_key", lineno, f"input.{key}", f"unrecognised key {key!r}")
+                )
+            messages = inp.get("messages")
+            if not isinstance(messages, list) or not messages:
+                findings.append(
+                    Finding(
+                        "error",
+                        "missing_messages_list",
+                        lineno,
+                        "input.messages",
+                        "input needs a non-empty messages list",
+                    )
+                )
+                messages = None
+            else:
+                _check_messages(messages, lineno, findings, "input.messages")
+                last = messages[-1]
+                if isinstance(last, dict) and last.get("role") == "assistant":
+                    findings.append(
+                        Finding(
+                            "error",
+                            "input_ends_with_assistant",
+                            lineno,
+                            f"input.messages[{len(messages) - 1}]",
+                            "the input must end where the model answers (a user or tool message), not with an "
+                            "assistant message",
+                        )
+                    )
+    outputs: list[Any] = []
+    for key in ("preferred_output", "non_preferred_output"):
+        if key not in example:
+            continue
+        out = example[key]
+        if not isinstance(out, list) or len(out) != 1:
+            findings.append(
+                Finding(
+                    "error",
+                    "invalid_preference_output",
+                    lineno,
+                    key,
+                    f"{key} must be a list of exactly one assistant message, got "
+                    + (f"{len(out)} messages" if isinstance(out, list) else type(out).__name__),
+                )
+            )
+            continue
+        message = out[0]
+        if not isinstance(message, dict) or message.get("role") != "assistant":
+            role = message.get("role") if isinstance(message, dict) else type(message).__name__
+            findings.append(
+                Finding(
+                    "error", "invalid_preference_output", lineno, f"{key}[0].role", f"must be assistant, got {role!r}"
+                )
+            )
+            continue
+        _check_messages(out, lineno, findings, key)
+        if message.get("tool_calls") or message.get("function_call"):  # passes the chat rule, not this one
+            findings.append(
+                Finding(
+                    "error", "invalid_preference_output", lineno, f"{key}[0]", "an output must be text, not a tool call"
+                )
+            )
+        if "weight" in message:
+            findings.append(
+                Finding(
+                    "error",
+                    "invalid_weight",
+                    lineno,
+                    f"{key}[0].weight",
+                    "outputs of a preference pair carry no weight",
+                )
+            )
+        outputs.append(message)
+    if len(outputs) == 2 and outputs[0].get("content") == outputs[1].get("content"):
+        findings.append(
+            Finding(
+                "error",
+                "identical_outputs",
+                lineno,
+                "non_preferred_output[0].content",
+                "the preferred and non-preferred outputs are the same: nothing to prefer",
+            )
+        )
+    if not result.ok or messages is None or len(outputs) != 2:
+        return result
+    result.n_messages = len(messages) + 2
+    result.fingerprint = int.from_bytes(hashlib.blake2b(raw.strip(), digest_size=8).digest(), "little")
+    both = [*messages, *(dict(m) for m in outputs)]
+    if encoding is not None:
+        result.tokens, result.assistant_tokens = count_message_tokens(both, get_encoding(encoding))
+    result.messages = both
+    return result
+
+
 @dataclass
 class ChunkResult:
     """What the parent needs of a chunk of lines, compact to pickle: arrays, not objects."""
@@ -278,6 +408,7 @@ class ChunkResult:
     answers: Counter[str] = field(default_factory=Counter)
     unanswered: int = 0  # usable examples whose answer is not short text
     local: Any = None  # local_tokens.LocalCounts, when a local tokenizer counts too
+    first_line: dict[str, int] = field(default_factory=dict)  # kind ("chat", "preference") -> its first line
 
 
 def check_block(block: tuple[int, bytes], encoding: str | None, path: str, local: bool = False) -> ChunkResult:
@@ -292,6 +423,8 @@ def check_block(block: tuple[int, bytes], encoding: str | None, path: str, local
         out.n_lines += 1
         r = check_line(n, raw, encoding, n == 1)
         out.findings.extend(r.findings)
+        if r.messages is not None or r.kind == "preference":
+            out.first_line.setdefault(r.kind, n)
         if not r.ok:
             continue
         out.lines.append(n)

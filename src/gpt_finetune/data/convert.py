@@ -7,7 +7,12 @@ Record formats (chosen with ``--format`` or detected from the first record):
 - ``alpaca``: ``{"instruction", "input", "output"}`` (optional ``system``);
 - ``openai``: chat JSONL, ``{"messages": [...]}``, passed through;
 - ``csv``: rows of a CSV/TSV file, with ``prompt_columns`` joined as ``name: value`` (the seed's
-  ``title: ... body: ...`` shape) and the answer in ``label_column``.
+  ``title: ... body: ...`` shape) and the answer in ``label_column``;
+- ``preference``: preference pairs (for ``method: dpo``) to OpenAI's preference format,
+  ``{"input": {"messages"}, "preferred_output": [assistant], "non_preferred_output": [assistant]}``:
+  OpenAI's own passed through, or ``chosen`` / ``rejected`` as TRL and the Hugging Face datasets
+  write them, with a ``prompt`` (text or messages) or without one (two whole conversations that
+  share every message but the last answer: the shared part becomes the input).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any
 from ..errors import DataError
 from .labels import LabelError, format_labels, parse_labels
 
-RECORD_FORMATS = ("seed", "alpaca", "openai", "csv")
+RECORD_FORMATS = ("seed", "alpaca", "openai", "csv", "preference")
 
 ROLE_MAP = {
     "human": "user",
@@ -58,14 +63,17 @@ def detect_record_format(record: Any, container: str) -> str:
     if isinstance(record, dict):
         if "conversations" in record:
             return "seed"
+        if ("chosen" in record and "rejected" in record) or "preferred_output" in record:
+            return "preference"
         if "messages" in record:
             return "openai"
         if "instruction" in record and "output" in record:
             return "alpaca"
     raise DataError(
         "cannot tell the record format: expected 'conversations' (seed/ShareGPT), 'messages' (OpenAI chat) "
-        "or 'instruction' and 'output' (Alpaca)",
-        hint="choose it with --format seed|alpaca|openai|csv",
+        "or 'instruction' and 'output' (Alpaca), or a preference pair ('chosen' and 'rejected', or OpenAI's "
+        "'preferred_output')",
+        hint="choose it with --format seed|alpaca|openai|csv|preference",
     )
 
 
@@ -76,6 +84,8 @@ def convert_record(record: Any, fmt: str, opts: ConvertOptions, path: str, line:
     else:
         if not isinstance(record, dict):
             raise DataError(f"expected a JSON object, got {type(record).__name__}", path=path, line=line)
+        if fmt == "preference":
+            return Converted(_preference(record, opts, path, line))
         if fmt == "seed":
             messages = _from_seed(record, path, line)
         elif fmt == "alpaca":
@@ -220,3 +230,90 @@ def _from_csv(row: dict[str, str], opts: ConvertOptions, path: str, line: int) -
     messages.append({"role": "user", "content": " ".join(parts)})
     messages.append({"role": "assistant", "content": answer})
     return messages
+
+
+def _chat(value: Any, path: str, line: int, where: str, *, answer: bool) -> list[dict[str, Any]]:
+    """Text or a list of messages (``role``/``content``, or ShareGPT's ``from``/``value``) as
+    messages; plain text is one assistant message (``answer``) or one user message."""
+    if isinstance(value, str):
+        return [{"role": "assistant" if answer else "user", "content": value}]
+    if isinstance(value, dict):  # one message on its own
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise DataError("expected text or a non-empty list of messages", path=path, line=line, field=where)
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise DataError("expected a message object", path=path, line=line, field=f"{where}[{i}]")
+        speaker = m.get("role", m.get("from"))
+        if not isinstance(speaker, str) or speaker.strip().lower() not in ROLE_MAP:
+            raise DataError(f"unknown role {speaker!r}", path=path, line=line, field=f"{where}[{i}].role")
+        content = _text(m.get("content", m.get("value")), path, line, f"{where}[{i}].content")
+        out.append({"role": ROLE_MAP[speaker.strip().lower()], "content": content})
+    return out
+
+
+def _one_answer(messages: list[dict[str, Any]], path: str, line: int, where: str) -> dict[str, Any]:
+    if len(messages) != 1 or messages[0]["role"] != "assistant":
+        raise DataError(
+            f"must be one assistant answer, got {len(messages)} message(s)"
+            + (f" ending with a {messages[-1]['role']} one" if messages else ""),
+            path=path,
+            line=line,
+            field=where,
+        )
+    if not messages[0]["content"].strip():
+        raise DataError("the answer is empty", path=path, line=line, field=where)
+    return messages[0]
+
+
+def _preference(record: dict[str, Any], opts: ConvertOptions, path: str, line: int) -> dict[str, Any]:
+    """One preference pair in OpenAI's format (see the module's docstring for what is read)."""
+    if "preferred_output" in record:  # OpenAI's own
+        out: dict[str, Any] = {
+            k: record[k] for k in ("input", "preferred_output", "non_preferred_output") if k in record
+        }
+        inp = out.get("input")
+        if not isinstance(inp, dict) or not isinstance(inp.get("messages"), list):
+            raise DataError("expected an object with a messages list", path=path, line=line, field="input")
+        out["input"] = {**inp, "messages": [dict(m) for m in inp["messages"]]}
+        messages = out["input"]["messages"]
+    else:
+        for key in ("chosen", "rejected"):
+            if key not in record:
+                raise DataError(f"a preference pair needs {key!r}", path=path, line=line, field=key)
+        if record.get("prompt") is not None:
+            messages = _chat(record["prompt"], path, line, "prompt", answer=False)
+            chosen = _one_answer(_chat(record["chosen"], path, line, "chosen", answer=True), path, line, "chosen")
+            rejected = _one_answer(
+                _chat(record["rejected"], path, line, "rejected", answer=True), path, line, "rejected"
+            )
+        else:
+            if isinstance(record["chosen"], str) or isinstance(record["rejected"], str):
+                raise DataError(
+                    "chosen and rejected are plain text with no prompt: the prompt cannot be told from the answer",
+                    path=path,
+                    line=line,
+                    field="prompt",
+                    hint="give the prompt in a 'prompt' field, or chosen and rejected as lists of messages",
+                )
+            a = _chat(record["chosen"], path, line, "chosen", answer=True)
+            b = _chat(record["rejected"], path, line, "rejected", answer=True)
+            if a[:-1] != b[:-1]:
+                k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                raise DataError(
+                    f"chosen and rejected do not share their prompt: they differ at message {k + 1}, before the "
+                    "last answer (a pair's two outputs answer the same conversation)",
+                    path=path,
+                    line=line,
+                    field=f"chosen[{k}]",
+                )
+            messages = a[:-1]
+            chosen = _one_answer(a[-1:], path, line, f"chosen[{len(a) - 1}]")
+            rejected = _one_answer(b[-1:], path, line, f"rejected[{len(b) - 1}]")
+            if not messages:
+                raise DataError("chosen and rejected hold only the answers: no prompt", path=path, line=line)
+        out = {"input": {"messages": messages}, "preferred_output": [chosen], "non_preferred_output": [rejected]}
+    if opts.sys_prompt and not any(m.get("role") == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": opts.sys_prompt})
+    return out

@@ -61,6 +61,9 @@ def stats_dict(report: FileReport, n_epochs: int | str | None = None) -> dict[st
         "model": report.model.name,
         "encoding": report.model.encoding,
         "n_examples": report.n_examples,
+        # preference pairs (method dpo): a pair's tokens are its prompt once and both outputs,
+        # this project's assumption of how OpenAI bills one (it publishes no rule)
+        "kind": report.kind,
         "n_lines": report.n_lines,
         "n_errors": report.n_errors,
         "tokens_per_example": distribution(report.tokens),

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Generate examples/issues.json: Antrea-like GitHub issues in the seed's raw format.
+"""Generate examples/issues.json: Antrea-like GitHub issues in the seed's raw format, and
+examples/preferences.jsonl: preference pairs over the first 60 of them for ``method: dpo``.
 
 Written for this project (no real issue text). Each label has its own components, symptoms and
 commands, so a small model can learn the mapping in minutes; about one record in five has two
@@ -8,6 +9,7 @@ labels. Deterministic: ``python3 examples/make_issues.py`` rewrites the same fil
 
 from __future__ import annotations
 
+import ast
 import json
 import random
 from pathlib import Path
@@ -250,6 +252,33 @@ def main() -> None:
     out = Path(__file__).with_name("issues.json")
     out.write_text(json.dumps(records, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"wrote {len(records)} records to {out}")
+    write_preferences(records[:60], rng)
+
+
+def write_preferences(records: list[dict], rng: random.Random) -> None:
+    """Each issue's true labels preferred to a wrong answer, in TRL's format with an explicit
+    prompt (``prepare`` converts it to OpenAI's): the wrong answer is the label most often
+    paired with the issue's first one (the confusable one) or, for an issue with two labels,
+    the first alone (the habit DPO corrects: answering one label where two are due)."""
+    partner = {a: b for a, b in PAIRS} | {b: a for a, b in PAIRS}
+    lines = []
+    for r in records:
+        prompt, answer = r["conversations"][0]["value"], r["conversations"][1]["value"]
+        labels = ast.literal_eval(answer)  # our own str(list) above
+        if len(labels) > 1:
+            wrong = [labels[0]]
+        else:
+            others = [x for x in LABELS if x != labels[0]]
+            wrong = [partner.get(labels[0]) or rng.choice(others)]
+        pair = {
+            "prompt": [{"role": "user", "content": prompt}],
+            "chosen": [{"role": "assistant", "content": answer}],
+            "rejected": [{"role": "assistant", "content": str(wrong)}],
+        }
+        lines.append(json.dumps(pair, ensure_ascii=False))
+    out = Path(__file__).with_name("preferences.jsonl")
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print(f"wrote {len(lines)} preference pairs to {out}")
 
 
 if __name__ == "__main__":
