@@ -169,7 +169,7 @@ class Spec:
         """``an integer from 1 to 50 or 'auto'``: what the refusal of a bad value says."""
         what = "an integer" if self.kind == "int" else "a finite number"
         if self.lo is not None and self.hi is not None:
-            what += f" from {self.lo:g} to {self.hi:g}"
+            what += f" > {self.lo:g} and at most {self.hi:g}" if self.lo_open else f" from {self.lo:g} to {self.hi:g}"
         elif self.lo is not None:
             what += f" > {self.lo:g}" if self.lo_open else f" of at least {self.lo:g}"
         return what + (" or 'auto'" if self.auto else "")
@@ -269,13 +269,35 @@ def auto_batch_size(n_examples: int) -> int:
     return max(1, min(8, n_examples // 20))
 
 
-METHODS = ("supervised",)  # what this project trains; dpo and reinforcement are refused by name
-HYPERPARAMETERS: Mapping[str, type[SupervisedHyperparameters]] = {"supervised": SupervisedHyperparameters}
+DEFAULT_BETA = 0.1  # what ``beta: auto`` means here: TRL's default, and the DPO paper's usual value
+
+
+@dataclass(frozen=True)
+class DpoHyperparameters(SupervisedHyperparameters):
+    """OpenAI's knobs for ``method: dpo``: the supervised three and ``beta``, the strength of
+    the pull towards the reference model (the starting model) in the DPO loss."""
+
+    beta: float | str = setting(
+        AUTO, "how strongly the model is held to the reference model", "float", lo=0, lo_open=True, hi=2, auto=True
+    )
+
+    def resolved(self, n_examples: int) -> DpoHyperparameters:
+        base = SupervisedHyperparameters.resolved(self, n_examples)
+        return DpoHyperparameters(**base.to_json(), beta=DEFAULT_BETA if self.beta == AUTO else self.beta)
+
+
+# what this project trains; reinforcement (graders) is refused by name
+METHODS = ("supervised", "dpo")
+HYPERPARAMETERS: Mapping[str, type[SupervisedHyperparameters]] = {
+    "supervised": SupervisedHyperparameters,
+    "dpo": DpoHyperparameters,
+}
 
 
 # ---- local training options ---------------------------------------------------------------------
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 BASE_LEARNING_RATE = {"lora": 1e-3, "full": 5e-5}  # what learning_rate_multiplier scales
+DPO_LEARNING_RATE_FACTOR = 0.1  # a DPO job's base learning rate is this times the above
 
 # What a classification job (its answers are labels: ``data.labels.label_sets``) trains with
 # where the caller chose nothing; a setting given in the config, a flag or the server's options
@@ -325,6 +347,14 @@ class ModelOptions(Group):
     @property
     def learning_rate(self) -> float:
         return self.base_learning_rate or BASE_LEARNING_RATE[self.training_type]
+
+    def learning_rate_for(self, method: str) -> float:
+        """The base learning rate of a job of ``method``: DPO's default is a tenth of supervised
+        training's, as in TRL's and the DPO paper's practice (the policy starts at the reference
+        and a large step overshoots the margin; ``bench/README.md``, "Preference fine-tuning")."""
+        if self.base_learning_rate:
+            return self.base_learning_rate
+        return BASE_LEARNING_RATE[self.training_type] * (DPO_LEARNING_RATE_FACTOR if method == "dpo" else 1.0)
 
 
 @dataclass(frozen=True)
@@ -512,10 +542,11 @@ class JobSpec:
         labels = options.pop("labels", None)
         base = options.pop("base", None) or row["base_model"]
         known = LocalOptions.keys()
+        method = (row.get("method") or {}).get("type", "supervised")
         return cls(
             base=base,
-            method=(row.get("method") or {}).get("type", "supervised"),
-            hyperparameters=SupervisedHyperparameters.from_values(row.get("hyperparameters") or {}),
+            method=method,
+            hyperparameters=HYPERPARAMETERS[method].from_values(row.get("hyperparameters") or {}),
             local=LocalOptions.from_settings({k: v for k, v in options.items() if k in known}),
             labels=LabelSets.from_json(labels),
         )

@@ -160,6 +160,7 @@ class JobRequest:
             "training_file": self.training_file,
             "validation_file": self.validation_file,
             "hyperparameters": self.hyperparameters,
+            "method": self.method,
             "suffix": self.suffix,
             "seed": self.seed,
             "metadata": self.metadata,
@@ -185,9 +186,10 @@ def job_request(body: Any) -> JobRequest:
         if not isinstance(method, dict):
             raise bad("method must be an object", "method", "invalid_type")
         kind = method.get("type")
-        if kind in ("dpo", "reinforcement"):
+        if kind == "reinforcement":
             raise bad(
-                f"method.type {kind!r} is not supported yet; this server trains type {', '.join(map(repr, METHODS))}",
+                f"method.type {kind!r} (graders) is not supported yet; this server trains type "
+                f"{', '.join(map(repr, METHODS))}",
                 "method.type",
                 "unsupported_method",
             )
@@ -236,6 +238,7 @@ def _group_schema(group: Any) -> dict[str, Any]:
 
 def job_schema() -> dict[str, Any]:
     hyper = _group_schema(SupervisedHyperparameters)
+    by_method = {m: _group_schema(HYPERPARAMETERS[m]) for m in METHODS}
     return {
         "type": "object",
         "required": ["model", "training_file"],
@@ -249,7 +252,7 @@ def job_schema() -> dict[str, Any]:
                 "required": ["type"],
                 "properties": {
                     "type": {"type": "string", "enum": list(METHODS)},
-                    **{m: {"type": "object", "properties": {"hyperparameters": hyper}} for m in METHODS},
+                    **{m: {"type": "object", "properties": {"hyperparameters": by_method[m]}} for m in METHODS},
                 },
             },
             "suffix": {"type": ["string", "null"], "maxLength": SUFFIX_MAX, "pattern": SUFFIX_PATTERN.pattern},

@@ -24,6 +24,7 @@ from typing import Any
 
 from ..base_catalog import check_trainable
 from ..contract import (
+    METHODS,
     MIN_EXAMPLES,
     NEEDS_RUNNER,
     SEED_MAX,
@@ -75,12 +76,18 @@ class JobService:
         seed: int | None = None,
         metadata: dict[str, str] | None = None,
         options: LocalOptions | Mapping[str, Any] | None = None,
+        method: str = "supervised",
         start: bool = True,
     ) -> dict[str, Any]:
-        """Create a job. ``options`` are local-only settings (LoRA, checkpointing, processes):
+        """Create a job. ``method`` is OpenAI's (``supervised`` or ``dpo``), ``hyperparameters``
+        that method's. ``options`` are local-only settings (LoRA, checkpointing, processes):
         ``LocalOptions``, or settings keys (``lora_r``) with defaults for the rest."""
+        if method not in METHODS:
+            raise BackendError(
+                f"method must be one of {', '.join(METHODS)}, got {method!r}", code="unsupported_method", param="method"
+            )
         base = self.check_request(model=model, suffix=suffix, seed=seed)
-        hp = checked_hyperparameters(hyperparameters)
+        hp = checked_hyperparameters(hyperparameters, method)
         local = options if isinstance(options, LocalOptions) else _local_options(options or {})
         train = self.files.retrieve(training_file)
         valid = self.files.retrieve(validation_file) if validation_file else None
@@ -103,14 +110,14 @@ class JobService:
             "training_file": train["id"],
             "validation_file": valid["id"] if valid else None,
             "hyperparameters": hp.to_json(),
-            "method": {"type": "supervised"},
+            "method": {"type": method},
             "suffix": suffix,
             "seed": seed,
             "metadata": meta or None,
             # the description as asked; resolved (epochs, batch size, label sets) and stored
             # again, once, when the files are checked
             "spec": JobSpec(
-                base=base.location if base.source != "gguf" else base.id, hyperparameters=hp, local=local
+                base=base.location if base.source != "gguf" else base.id, method=method, hyperparameters=hp, local=local
             ).to_json(),
         }
         self.store.insert("jobs", row)
@@ -151,16 +158,17 @@ class JobService:
         except NotFoundError as exc:  # deleted between create and validation
             error, n_train = {"code": "invalid_training_file", "param": "training_file", "message": exc.message}, 0
         else:
-            error, n_train = self._validate(train, "training_file")
+            kind = JobSpec.from_row(row).method
+            error, n_train = self._validate(train, "training_file", kind)
             if error is None and valid:
-                error, _ = self._validate(valid, "validation_file")
+                error, _ = self._validate(valid, "validation_file", kind)
         if error:
             if self._finish(job_id, S.FAILED, error=error, worker_pid=None):
                 self.event(job_id, f"Training file validation failed: {error['message']}", level="error")
             return
         asked = JobSpec.from_row(row)
         # a classification job: what constrained prediction chooses among, and its own defaults
-        labels = self._label_sets(train["path"])
+        labels = self._label_sets(train["path"]) if asked.method == "supervised" else None
         local, applied = asked.local.for_classification() if labels else (asked.local, {})
         spec = dataclasses.replace(
             asked, hyperparameters=asked.hyperparameters.resolved(n_train), labels=labels, local=local
@@ -213,8 +221,11 @@ class JobService:
                     answers.append(last[-1]["content"])
         return LabelSets.from_json(label_sets(answers))
 
-    def _validate(self, file: dict[str, Any], param: str) -> tuple[dict[str, Any] | None, int]:
-        """(OpenAI-style error or None, number of valid examples)."""
+    def _validate(
+        self, file: dict[str, Any], param: str, method: str = "supervised"
+    ) -> tuple[dict[str, Any] | None, int]:
+        """(OpenAI-style error or None, number of valid examples): a ``dpo`` job's files hold
+        preference pairs, a ``supervised`` job's chat examples."""
         try:
             report = analyze_file(file["path"], None, count_tokens=False, workers=1)
         except Exception as exc:  # a whole-file problem: not JSONL, empty, unreadable
@@ -233,6 +244,19 @@ class JobService:
                 "code": "invalid_training_file" if param == "training_file" else "invalid_validation_file",
                 "param": param,
                 "message": f"{file['filename']} has {report.n_errors} format errors; the first, at {where}: {f.message}",
+            }, report.n_examples
+        want = "preference" if method == "dpo" else "chat"
+        other = report.first_line.get("chat" if want == "preference" else "preference")
+        if other is not None:
+            needs = (
+                "preference pairs (input, preferred_output, non_preferred_output)"
+                if want == "preference"
+                else "chat examples (messages); preference pairs train with method dpo"
+            )
+            return {
+                "code": "invalid_training_file" if param == "training_file" else "invalid_validation_file",
+                "param": param,
+                "message": f"{file['filename']}: a {method} job needs {needs}; line {other} is not one",
             }, report.n_examples
         if param == "training_file" and report.n_examples < MIN_EXAMPLES:
             return {
@@ -549,6 +573,7 @@ class JobService:
     # ---- shapes -------------------------------------------------------------------------
     def to_openai(self, row: dict[str, Any]) -> dict[str, Any]:
         hp = row["hyperparameters"]  # OpenAI's view of the spec's, kept with it (``_check_files``)
+        kind = (row.get("method") or {}).get("type", "supervised")
         return {
             "id": row["id"],
             "object": "fine_tuning.job",
@@ -556,7 +581,8 @@ class JobService:
             "error": row["error"],
             "fine_tuned_model": row["fine_tuned_model"],
             "finished_at": row["finished_at"],
-            "hyperparameters": hp,
+            # the top-level field is OpenAI's deprecated one: the supervised three only
+            "hyperparameters": {k: hp.get(k, "auto") for k in ("batch_size", "learning_rate_multiplier", "n_epochs")},
             "model": row["model"],
             "organization_id": "local",
             "result_files": row["result_files"],
@@ -568,7 +594,7 @@ class JobService:
             "estimated_finish": row["estimated_finish"],
             "integrations": None,
             "metadata": {**(row["metadata"] or {}), "base_model": row["base_model"]},
-            "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
+            "method": {"type": kind, kind: {"hyperparameters": hp}},
         }
 
 
