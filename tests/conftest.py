@@ -138,6 +138,24 @@ def toy_examples(n: int = 24) -> list[dict]:
     ]
 
 
+def pair(prompt: str, good: str, bad: str) -> dict:
+    return {
+        "input": {
+            "messages": [{"role": "system", "content": "Answer with a colour."}, {"role": "user", "content": prompt}]
+        },
+        "preferred_output": [{"role": "assistant", "content": good}],
+        "non_preferred_output": [{"role": "assistant", "content": bad}],
+    }
+
+
+WRONG = ["I do not know", "purple", "maybe", "no colour at all"]
+
+
+def toy_pairs(n: int, shift: int = 0) -> list[dict]:
+    """'thing k' answered with colour k, preferred to a wrong answer (k + shift of ``WRONG``)."""
+    return [pair(f"thing {i % 4}", TOY_ANSWERS[i % 4], WRONG[(i + shift) % 4]) for i in range(n)]
+
+
 def train_spec(tmp_path: Path, model_dir, n_examples: int = 24, **kw):
     """A TrainSpec over toy examples written under tmp_path: 6 epochs of batch 4 unless told."""
     from gpt_finetune.local.trainer import TrainSpec

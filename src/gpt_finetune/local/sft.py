@@ -155,6 +155,11 @@ class JobCallback(TrainerCallback):  # type: ignore[misc]
             metrics["valid_loss"] = float(logs["eval_loss"])
             if "eval_mean_token_accuracy" in logs:
                 metrics["valid_mean_token_accuracy"] = float(logs["eval_mean_token_accuracy"])
+        for key, value in logs.items():  # a DPO job's figures, by TRL's names (``dpo.METRICS``)
+            if key.startswith("rewards/"):
+                metrics[key] = float(value)
+            elif key.startswith("eval_rewards/"):
+                metrics["valid_" + key[len("eval_") :]] = float(value)
         if len(metrics) > 2:
             self.last.update(metrics)
             self.hooks.on_metrics(metrics)

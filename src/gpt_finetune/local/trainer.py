@@ -55,6 +55,8 @@ class TrainSpec:
     micro_batch_tokens: int | None = None  # overrides the plan's token budget per micro-batch
     plan: dict[str, Any] | None = None  # a stored plan (a resumed job): reused, not made anew
     allocator: str = "system"  # what the process runs on (worker.allocator), for the job's events
+    method: str = "supervised"  # or "dpo": preference pairs (``dpo``)
+    beta: float = 0.1  # DPO's beta
 
 
 @dataclass
@@ -155,6 +157,7 @@ class _Data:
     n_tokens: int
     n_assistant: int
     n_truncated: int
+    sizes: list[tuple[int, int]]  # (tokens, trained tokens) of each training row, for the memory plan
 
 
 def _load_data(spec: TrainSpec, hooks: Hooks) -> _Data:
@@ -165,6 +168,8 @@ def _load_data(spec: TrainSpec, hooks: Hooks) -> _Data:
     tokenizer = AutoTokenizer.from_pretrained(spec.model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if spec.method == "dpo":
+        return _load_pairs(spec, hooks, tokenizer)
     train_data = tokenize_file(tokenizer, spec.training_file, spec.max_length)
     valid_data = tokenize_file(tokenizer, spec.validation_file, spec.max_length) if spec.validation_file else None
     for what, data in (("training", train_data), ("validation", valid_data)):
@@ -182,7 +187,24 @@ def _load_data(spec: TrainSpec, hooks: Hooks) -> _Data:
         sum(len(r["input_ids"]) for r in rows),
         sum(_labelled(r) for r in rows),
         train_data.n_truncated,
+        [(len(r["input_ids"]), _labelled(r)) for r in rows],
     )
+
+
+def _load_pairs(spec: TrainSpec, hooks: Hooks, tokenizer: Any) -> _Data:
+    """A DPO job's preference pairs, each as its two sequences (``dpo.tokenize_pair``)."""
+    from .dpo import pair_size, tokenize_pairs
+
+    train, n_truncated, n_too_long = tokenize_pairs(tokenizer, spec.training_file, spec.max_length)
+    valid = tokenize_pairs(tokenizer, spec.validation_file, spec.max_length)[0] if spec.validation_file else None
+    if n_truncated or n_too_long:
+        hooks.on_message(
+            f"{n_truncated} preference pair(s) longer than max_length {spec.max_length} had the middle of their "
+            "longest user message shortened (answers are kept whole)"
+            + (f"; {n_too_long} dropped: their answers alone exceed it" if n_too_long else "")
+        )
+    sizes = [pair_size(r) for r in train]
+    return _Data(tokenizer, train, valid, sum(t for t, _ in sizes), sum(n for _, n in sizes), n_truncated, sizes)
 
 
 def _lora_config(spec: TrainSpec) -> Any:
@@ -208,6 +230,8 @@ def _training_args(spec: TrainSpec, per_device: int, log_every: int, kind: str, 
 
     world = _world_size()
     return SFTConfig(
+        # a DPO job's rows are pairs, tokenised already (``dpo``): TRL must not look for text in them
+        dataset_kwargs={"skip_prepare_dataset": True} if spec.method == "dpo" else None,
         output_dir=spec.output_dir,
         num_train_epochs=spec.n_epochs,
         max_steps=spec.max_steps or -1,
@@ -268,7 +292,7 @@ def _memory_plan(
         config=model.config,
         dtype_bytes=2 if bf16 else 4,
         static_bytes=static,
-        examples=[(len(r["input_ids"]), _labelled(r)) for r in data.train_rows],
+        examples=data.sizes,
         batch_size=per_device,
         checkpointing=spec.gradient_checkpointing,
         memory_limit_gb=spec.memory_limit_gb,
@@ -277,6 +301,37 @@ def _memory_plan(
         seed=spec.seed,
         saved_bytes_per_token=saved_bytes_per_token(trainer.model, trainer.args.device),
     )
+
+
+def _attach_reference(spec: TrainSpec, trainer: Any, data: _Data, plan: Any, hooks: Hooks) -> None:
+    """Give each pair its reference log-probabilities (``dpo``): read back from the job's
+    checkpoint directory when a run before this one computed them for the same data, else
+    computed now on the starting model and stored there."""
+    import time
+
+    from datasets import Dataset
+
+    from .dpo import REFERENCE_FILE, attach_reference, data_key, load_or_compute_reference, pair_logps
+
+    lora = spec.training_type == "lora"
+    valid = data.valid_rows or []
+
+    def compute() -> dict[str, list[list[float]]]:
+        t0 = time.time()
+        out = {
+            "train": pair_logps(trainer.model, data.train_rows, plan, trainer.args.device, lora),
+            "valid": pair_logps(trainer.model, valid, plan, trainer.args.device, lora),
+        }
+        hooks.on_message(
+            f"Reference log-probabilities of {len(data.train_rows) + len(valid)} pairs computed in "
+            f"{time.time() - t0:.0f} s (the starting model{' without its adapter' if lora else ''})"
+        )
+        return out
+
+    logps = load_or_compute_reference(Path(spec.output_dir) / REFERENCE_FILE, data_key(data.train_rows, valid), compute)
+    trainer.train_dataset = Dataset.from_list(attach_reference(data.train_rows, logps["train"]))
+    if valid:
+        trainer.eval_dataset = Dataset.from_list(attach_reference(valid, logps["valid"]))
 
 
 def _final_validation(trainer: Any, callback: Any) -> tuple[float | None, float | None]:
@@ -324,13 +379,20 @@ def train(spec: TrainSpec, hooks: Hooks, extra_callbacks: list[Any] | None = Non
     log_every = spec.log_every_steps or max(1, total_steps // 100)
     valid_ds = Dataset.from_list(data.valid_rows) if data.valid_rows else None
     callback = JobCallback(hooks)
-    trainer = PackedSFTTrainer(
+    dpo = spec.method == "dpo"
+    trainer_class: Any = PackedSFTTrainer
+    collator: Any = StepCollator(None)  # its plan is made below, once the model it measures is built
+    if dpo:
+        from .dpo import PackedDPOTrainer, StepPairCollator
+
+        trainer_class, collator = PackedDPOTrainer, StepPairCollator(None)
+    trainer = trainer_class(
         model=model,
         args=_training_args(spec, per_device, log_every, kind, bf16, valid_ds is not None),
         train_dataset=Dataset.from_list(data.train_rows),
         eval_dataset=valid_ds,
         processing_class=data.tokenizer,
-        data_collator=StepCollator(None),  # its plan is made below, once the model it measures is built
+        data_collator=collator,
         peft_config=_lora_config(spec),
         callbacks=[callback, *(extra_callbacks or [])],
     )
@@ -340,11 +402,16 @@ def train(spec: TrainSpec, hooks: Hooks, extra_callbacks: list[Any] | None = Non
     if spec.plan is None:
         hooks.on_plan(plan.to_dict())
     trainer.use_plan(plan)
+    if dpo:
+        trainer.beta = spec.beta
+        _attach_reference(spec, trainer, data, plan, hooks)
+    what = "preference pairs" if dpo else "examples"
     hooks.on_message(
-        f"Training {len(data.train_rows)} examples ({data.n_tokens:,} tokens, {data.n_assistant:,} trained) for "
+        f"Training {len(data.train_rows)} {what} ({data.n_tokens:,} tokens, {data.n_assistant:,} trained) for "
         f"{spec.n_epochs} epochs, batch {spec.batch_size}, {total_steps} steps, on {kind}"
         + (f" x{world}" if world > 1 else "")
-        + f" ({spec.training_type}, packed sequences, {attention} attention"
+        + (f" (dpo, beta {spec.beta:g}; " if dpo else " (")
+        + f"{spec.training_type}, packed sequences, {attention} attention"
         + (f", fused LoRA dropout in {fused['lora']} layers" if fused.get("lora") else "")
         + (f", fused SwiGLU in {fused['mlp']} MLPs" if fused.get("mlp") else "")
         + (f", {compiled} layers compiled" if compiled else "")

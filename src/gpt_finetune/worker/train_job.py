@@ -30,6 +30,9 @@ from ..services.models import fine_tuned_id
 from .allocator import prepare_process
 
 RESULT_COLUMNS = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
+# a DPO job's result file: its loss and TRL's figures, for training and validation
+DPO_FIGURES = ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"]
+DPO_RESULT_COLUMNS = ["step", "train_loss", *DPO_FIGURES, "valid_loss", *(f"valid_{k}" for k in DPO_FIGURES)]
 
 
 def latest_checkpoint(output_dir: Path) -> str | None:
@@ -41,11 +44,15 @@ def latest_checkpoint(output_dir: Path) -> str | None:
     return max(found)[1] if found else None
 
 
-def result_csv(services: Services, job_id: str) -> str:
+def result_csv(services: Services, job_id: str, method: str = "supervised") -> str:
     """OpenAI's result file, from the job's metrics events (so it survives a resume)."""
     rows: dict[int, dict[str, Any]] = {}
+    columns = DPO_RESULT_COLUMNS if method == "dpo" else RESULT_COLUMNS
     for d in services.jobs.metrics_rows(job_id):
         row = rows.setdefault(int(d["step"]), {"step": int(d["step"])})
+        if method == "dpo":
+            row.update({k: d[k] for k in columns if d.get(k) is not None})
+            continue
         row.update(
             {
                 "train_loss": d.get("train_loss", row.get("train_loss")),
@@ -55,10 +62,10 @@ def result_csv(services: Services, job_id: str) -> str:
             }
         )
     out = io.StringIO()
-    w = csv.DictWriter(out, RESULT_COLUMNS, lineterminator="\n")
+    w = csv.DictWriter(out, columns, lineterminator="\n")
     w.writeheader()
     for step in sorted(rows):
-        w.writerow({k: ("" if rows[step].get(k) is None else rows[step][k]) for k in RESULT_COLUMNS})
+        w.writerow({k: ("" if rows[step].get(k) is None else rows[step][k]) for k in columns})
     return out.getvalue()
 
 
@@ -125,7 +132,9 @@ def _run(services: Services, job: dict[str, Any], is_main: bool, runner_pid: int
         final_dir=str(final_dir),
         n_epochs=int(hp.n_epochs),
         batch_size=int(hp.batch_size),
-        learning_rate=local.model.learning_rate * float(hp.learning_rate_multiplier),
+        learning_rate=local.model.learning_rate_for(spec.method) * float(hp.learning_rate_multiplier),
+        method=spec.method,
+        beta=float(getattr(hp, "beta", 0.1)),
         seed=int(job["seed"]),
         training_type=local.model.training_type,
         lora=local.lora,
@@ -159,7 +168,7 @@ def _run(services: Services, job: dict[str, Any], is_main: bool, runner_pid: int
 
     def on_metrics(m: dict[str, Any]) -> None:
         parts = [f"Step {m['step']}/{m['total_steps']}"]
-        for key in ("train_loss", "valid_loss", "train_mean_token_accuracy"):
+        for key in ("train_loss", "valid_loss", "train_mean_token_accuracy", "rewards/margins", "rewards/accuracies"):
             if key in m:
                 parts.append(f"{key}={m[key]:.4f}")
         jobs.event(job_id, ": ".join([parts[0], ", ".join(parts[1:])]), type="metrics", data=m)
@@ -192,7 +201,7 @@ def _run(services: Services, job: dict[str, Any], is_main: bool, runner_pid: int
     result_path = home.job_dir(job_id) / "result.csv"
     from ..atomic import write_text_atomic
 
-    write_text_atomic(result_path, result_csv(services, job_id))
+    write_text_atomic(result_path, result_csv(services, job_id, spec.method))
     if not jobs.complete(
         job_id,
         model_id=model_id,
