@@ -288,9 +288,9 @@ def test_retrain_makes_one_job_per_succeeded_job_once_and_distils_where_the_data
     )
     retrain = ["migrate", "retrain", str(d), "--today", TODAY, "--model", str(tiny_model_dir)]
     capsys.readouterr()
-    assert main(retrain) == 1  # the DPO job waits, the lost one has no data
+    assert main(retrain) == 1  # the DPO job's file holds chat examples, the lost one has no data
     err = capsys.readouterr().err
-    assert "a DPO job: it waits for preference training" in err
+    assert "the training file of DPO job " + jobs["dpo"]["id"] + " holds chat examples, not preference pairs" in err
     assert "the training file file-" in err and "gone.jsonl" in err and "--from-recordings" in err
     from gpt_finetune.services import Services
 
@@ -304,7 +304,7 @@ def test_retrain_makes_one_job_per_succeeded_job_once_and_distils_where_the_data
     assert labeller["metadata"]["training_data"] == "original" and labeller["validation_file"]
     assert services.files.path(labeller["training_file"]).read_bytes() == (copies / "train.jsonl").read_bytes()
     # again, with the recordings for the lost one: nothing is made twice
-    assert main([*retrain, "--from-recordings"]) == 1  # the DPO job still waits
+    assert main([*retrain, "--from-recordings"]) == 1  # the DPO job's file still holds no pairs
     again = {j["metadata"]["migrated_from"]: j for j in services.jobs.list_jobs(limit=50)[0]}
     assert set(again) == set(made) | {lost["id"]}
     distilled = again[lost["id"]]
@@ -325,5 +325,28 @@ def test_all_does_what_it_can_and_says_what_it_could_not(org, copies, tmp_path, 
     assert main(argv) == 1
     out, err = capsys.readouterr()
     assert (d / "manifest.json").is_file() and len(rec.recordings(d, jobs["dpo"]["id"])) == 30
-    assert "waits for preference training" in err and "Could not finish: retrain, compare" in err
+    assert "holds chat examples, not preference pairs" in err and "Could not finish: retrain, compare" in err
     assert "recorded 30/30" in out or "recorded 30/30" in err
+
+
+def test_a_dpo_job_retrains_as_dpo_with_its_beta(
+    org, copies, tmp_path, capsys, no_runner, tiny_model_dir, isolated_home
+):
+    from conftest import EXAMPLES
+
+    from gpt_finetune.data.prepare import prepare
+    from gpt_finetune.services import Services
+
+    prefs = tmp_path / "prefs.jsonl"
+    prepare(EXAMPLES / "preferences.jsonl", prefs)
+    job = org.add_job(
+        base="gpt-4o-2024-08-06", training_file=org.add_file(prefs.read_bytes(), "prefs.jsonl"), method="dpo"
+    )
+    d = tmp_path / "move"
+    assert inventory(d) == 0
+    argv = ["migrate", "retrain", str(d), "--today", TODAY, "--model", str(tiny_model_dir)]
+    assert main(argv) == 0, capsys.readouterr().err
+    made = Services.open(isolated_home).jobs.list_jobs(limit=5)[0]
+    assert len(made) == 1 and made[0]["metadata"]["migrated_from"] == job["id"]
+    assert made[0]["method"]["type"] == "dpo"
+    assert made[0]["method"]["dpo"]["hyperparameters"]["beta"] == 0.1  # the OpenAI job's

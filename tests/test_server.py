@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, toy_examples, write_jsonl
+from conftest import ROOT, toy_examples, toy_pairs, write_jsonl
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -23,12 +23,18 @@ pytest.importorskip("torch")
 
 
 def _nullable(node):
-    """The spec mixes OpenAPI 3.0's ``nullable: true`` into 3.1 schemas: make it JSON Schema."""
+    """The spec mixes OpenAPI 3.0's ``nullable: true`` and boolean ``exclusiveMinimum`` into 3.1
+    schemas: make them JSON Schema (a boolean bound reads as the number 1 otherwise, and refuses
+    a learning_rate_multiplier of 1.0)."""
     if isinstance(node, list):
         return [_nullable(v) for v in node]
     if not isinstance(node, dict):
         return node
     node = {k: _nullable(v) for k, v in node.items()}
+    if node.get("exclusiveMinimum") is True and "minimum" in node:
+        node["exclusiveMinimum"] = node.pop("minimum")
+    elif node.get("exclusiveMinimum") is False:
+        node.pop("exclusiveMinimum")
     if node.pop("nullable", False):
         return {"anyOf": [node, {"type": "null"}]}
     return node
@@ -217,6 +223,39 @@ def test_a_job_trains_is_followed_and_its_model_answers(server, tmp_path):
         client.models.delete("tiny-llama")
 
 
+def test_a_dpo_job_through_the_sdk_is_created_followed_and_its_model_answers(server, tmp_path):
+    client = server.client()
+    train = upload(client, tmp_path, toy_pairs(12), "pairs.jsonl")
+    valid = upload(client, tmp_path, toy_pairs(4, shift=1), "valid-pairs.jsonl")
+    job = client.fine_tuning.jobs.create(
+        model="gpt-4o-mini",
+        training_file=train.id,
+        validation_file=valid.id,
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.5, "n_epochs": 2, "batch_size": 4}}},
+        suffix="prefs",
+    )
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.5
+    done = wait_job(client, job.id)
+    assert done.status == "succeeded", done.error
+    conforms("FineTuningJob", done.model_dump(exclude_unset=True))
+    assert [j.method.type for j in client.fine_tuning.jobs.list().data if j.id == job.id] == ["dpo"]
+    events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+    steps = [e.data for e in events if e.type == "metrics" and "train_loss" in e.data]
+    assert steps and all("rewards/margins" in d and "rewards/accuracies" in d for d in steps)
+    assert any("valid_rewards/accuracies" in (e.data or {}) for e in events if e.type == "metrics")
+    result = client.files.content(done.result_files[0]).text.splitlines()
+    assert result[0].startswith("step,train_loss,rewards/chosen,rewards/rejected,rewards/margins,rewards/accuracies")
+    assert len(result) == 1 + 6  # one row per step
+    answer = client.chat.completions.create(model=done.fine_tuned_model, messages=MSGS, temperature=0, max_tokens=4)
+    assert answer.choices[0].finish_reason in ("stop", "length")
+    # a chat file is not a preference file: the job fails with the line that says so
+    chat = upload(client, tmp_path, toy_examples(12))
+    wrong = client.fine_tuning.jobs.create(model="gpt-4o-mini", training_file=chat.id, method={"type": "dpo"})
+    failed = wait_job(client, wrong.id)
+    assert failed.status == "failed" and failed.error.code == "invalid_training_file"
+    assert "a dpo job needs preference pairs" in failed.error.message and "line 1" in failed.error.message
+
+
 def test_pause_and_resume(server, tmp_path):
     """The spec's pause answers status "paused", which the SDK's typed status does not list: a
     non-strict client reads it."""
@@ -263,8 +302,17 @@ def test_refusals_have_openais_shape(server, tmp_path):
     client = server.client()
     train = upload(client, tmp_path, toy_examples(12))
     with pytest.raises(openai.BadRequestError) as err:
-        client.fine_tuning.jobs.create(model="gpt-4o-mini", training_file=train.id, method={"type": "dpo", "dpo": {}})
+        client.fine_tuning.jobs.create(
+            model="gpt-4o-mini", training_file=train.id, method={"type": "reinforcement", "reinforcement": {}}
+        )
     assert err.value.code == "unsupported_method" and err.value.body["param"] == "method.type"
+    with pytest.raises(openai.BadRequestError) as err:  # beta is above OpenAI's bound of 2
+        client.fine_tuning.jobs.create(
+            model="gpt-4o-mini",
+            training_file=train.id,
+            method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 3}}},
+        )
+    assert err.value.code == "invalid_hyperparameters" and err.value.body["param"] == "hyperparameters.beta"
     for body, param in [
         ({"model": "gpt-4o-mini", "training_file": train.id, "frobnicate": 1}, "frobnicate"),
         ({"model": "gpt-4o-mini"}, "training_file"),

@@ -17,7 +17,17 @@ from pathlib import Path
 from typing import Any
 
 from .cfgfile import read_cfg
-from .contract import AUTO, SEED_MAX, TEMPERATURE_RANGE, LocalOptions, Spec, SupervisedHyperparameters, spec_of
+from .contract import (
+    AUTO,
+    METHODS,
+    SEED_MAX,
+    TEMPERATURE_RANGE,
+    DpoHyperparameters,
+    LocalOptions,
+    Spec,
+    SupervisedHyperparameters,
+    spec_of,
+)
 from .errors import ConfigError
 
 _ASCII_INT = re.compile(r"[0-9]+")
@@ -122,7 +132,25 @@ def parser_for(spec: Spec) -> Callable[[str], Any]:
         return _positive_float_or_auto if spec.auto else _positive_float
     elif lo is not None and hi is not None and not spec.auto:
         return _float_range(lo, hi)
+    elif spec.kind == "float":
+        return _declared_float(spec)
     raise TypeError(f"no parser for {spec}")  # a declaration this module cannot read yet
+
+
+def _declared_float(spec: Spec) -> Callable[[str], Any]:
+    """A number (or ``auto``, where declared) within the declaration's bounds: DPO's beta."""
+
+    def parse(text: str) -> Any:
+        text = text.strip()
+        if spec.auto and text == AUTO:
+            return AUTO
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"expected {spec.describe()}") from None
+        return spec.check(value)
+
+    return parse
 
 
 _positive_int = _whole_from(1)
@@ -211,6 +239,8 @@ class Settings:
     n_epochs: int | str | None = _declared(SupervisedHyperparameters, "n_epochs")
     batch_size: int | str | None = _declared(SupervisedHyperparameters, "batch_size")
     learning_rate_multiplier: float | str | None = _declared(SupervisedHyperparameters, "learning_rate_multiplier")
+    method: str | None = _opt(_choice(*METHODS))  # OpenAI's training method: supervised (default) or dpo
+    beta: float | str | None = _declared(DpoHyperparameters, "beta")  # dpo only
     suffix: str | None = _opt(_str)
     seed: int | None = _opt(_seed)
     validate_first: bool | None = _opt(_bool)

@@ -56,7 +56,12 @@ class Backend(Protocol):
         suffix: str | None = None,
         seed: int | None = None,
         metadata: dict[str, str] | None = None,
-    ) -> FineTuningJob: ...
+        method: str = "supervised",
+    ) -> FineTuningJob:
+        """Create a job of OpenAI's ``method`` (``supervised`` or ``dpo``) with that method's
+        ``hyperparameters`` (``contract.HYPERPARAMETERS``)."""
+        ...
+
     def retrieve_job(self, job_id: str) -> FineTuningJob: ...
     def list_jobs(
         self, *, limit: int = 20, after: str | None = None, metadata: dict[str, str] | None = None

@@ -79,6 +79,7 @@ class LocalBackend:
         suffix: str | None = None,
         seed: int | None = None,
         metadata: dict[str, str] | None = None,
+        method: str = "supervised",
     ) -> FineTuningJob:
         job = self.services.jobs.create(
             model=model,
@@ -89,6 +90,7 @@ class LocalBackend:
             seed=seed,
             metadata=metadata,
             options=self.options,
+            method=method,
         )
         return FineTuningJob(**job)
 

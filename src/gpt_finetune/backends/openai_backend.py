@@ -156,6 +156,7 @@ class OpenAIBackend:
         suffix: str | None = None,
         seed: int | None = None,
         metadata: dict[str, str] | None = None,
+        method: str = "supervised",
     ) -> FineTuningJob:
         kwargs: dict[str, Any] = {"model": model, "training_file": training_file}
         if metadata:
@@ -163,8 +164,8 @@ class OpenAIBackend:
         if validation_file:
             kwargs["validation_file"] = validation_file
         hp = hyperparameters.explicit() if hyperparameters else {}
-        if hp:
-            kwargs["method"] = {"type": "supervised", "supervised": {"hyperparameters": hp}}
+        if hp or method != "supervised":  # the method as OpenAI takes it, unchanged
+            kwargs["method"] = {"type": method, method: {"hyperparameters": hp}}
         if suffix:
             kwargs["suffix"] = suffix
         if seed is not None:

@@ -56,10 +56,17 @@ def declared_help(spec: Any) -> str:
 
 def add_hyperparameter_flags(p: argparse.ArgumentParser) -> None:
     """OpenAI's hyperparameters as flags (--n-epochs, ...), from their declarations."""
-    from ..contract import SupervisedHyperparameters, spec_of
+    from ..contract import METHODS, DpoHyperparameters, spec_of
 
-    for key, f in SupervisedHyperparameters.declared():
-        p.add_argument("--" + key.replace("_", "-"), dest=key, type=typed(key), help=declared_help(spec_of(f)))
+    p.add_argument(
+        "--method",
+        dest="method",
+        choices=METHODS,
+        help="OpenAI's training method: supervised (chat examples, the default) or dpo (preference pairs)",
+    )
+    for key, f in DpoHyperparameters.declared():  # the supervised three and dpo's beta
+        extra = " (method dpo only)" if key == "beta" else ""
+        p.add_argument("--" + key.replace("_", "-"), dest=key, type=typed(key), help=declared_help(spec_of(f)) + extra)
 
 
 def add_local_option_flags(p: argparse.ArgumentParser) -> None:

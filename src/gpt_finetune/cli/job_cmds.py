@@ -8,10 +8,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..backends.base import Hyperparameters
 from ..contract import SUFFIX_MAX, JobStatus
 from ..data.analysis import analyze_file
-from ..errors import BackendError, DataError
+from ..errors import BackendError, ConfigError, DataError
 from .common import (
     add_config_flag,
     add_connection_flags,
@@ -53,8 +52,17 @@ def add_finetune(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_finetune)
 
 
-def _check_local(path: str, model: str) -> None:
+def _check_local(path: str, model: str, method: str = "supervised") -> None:
     report = analyze_file(path, model, count_tokens=False)
+    want = "preference" if method == "dpo" else "chat"
+    if not report.n_errors and report.n_examples and report.kind != want:
+        raise DataError(
+            f"holds {'preference pairs' if report.kind == 'preference' else 'chat examples'}, but the job's method "
+            f"is {method}",
+            path=path,
+            line=1,
+            hint="preference pairs train with --method dpo (method = dpo in the config), chat examples without it",
+        )
     if report.n_errors:
         for f in report.errors[:10]:
             info(format_finding(f))
@@ -68,16 +76,37 @@ def _check_local(path: str, model: str) -> None:
         )
 
 
+def _method(s: Any) -> tuple[str, Any]:
+    """The job's method and its hyperparameters from the settings (``method``, ``beta``, ...)."""
+    from ..contract import HYPERPARAMETERS
+
+    method = s.method or "supervised"
+    if s.beta is not None and method != "dpo":
+        raise ConfigError(
+            f"beta is a hyperparameter of method dpo, not {method} (set in {s.origin('beta')})",
+            hint="add --method dpo (or method = dpo in the config), or drop beta",
+        )
+    values = {
+        "n_epochs": s.n_epochs,
+        "batch_size": s.batch_size,
+        "learning_rate_multiplier": s.learning_rate_multiplier,
+    }
+    if method == "dpo":
+        values["beta"] = s.beta
+    return method, HYPERPARAMETERS[method].from_values(values)
+
+
 def cmd_finetune(ns: argparse.Namespace) -> int:
     s = settings_from(ns)
     training = require(s.training_file, "training file", "pass -d/--data FILE or set training_file in the config")
     model = s.model or "gpt-3.5-turbo"
     files = [("training", training)] + ([("validation", s.validation_file)] if s.validation_file else [])
+    method, hyperparameters = _method(s)
     for _, path in files:
         if not Path(path).is_file():
             raise DataError("file does not exist", path=path)
         if s.validate_first is not False:
-            _check_local(path, model)
+            _check_local(path, model, method)
     backend = get_backend(s)
     backend.check_job(model=model, suffix=s.suffix, seed=s.seed)  # before anything is uploaded
     ids = {}
@@ -89,11 +118,10 @@ def cmd_finetune(ns: argparse.Namespace) -> int:
         model=model,
         training_file=ids["training"],
         validation_file=ids.get("validation"),
-        hyperparameters=Hyperparameters.from_values(
-            {"n_epochs": s.n_epochs, "batch_size": s.batch_size, "learning_rate_multiplier": s.learning_rate_multiplier}
-        ),
+        hyperparameters=hyperparameters,
         suffix=s.suffix,
         seed=s.seed,
+        method=method,
     )
     info(f"Created fine-tuning job {job.id} ({job.model}, status {job.status})")
     print(job.id)

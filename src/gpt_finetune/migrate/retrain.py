@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import write_text_atomic
-from ..contract import UNSUCCESSFUL, JobStatus, LocalOptions
+from ..contract import METHODS, UNSUCCESSFUL, JobStatus, LocalOptions
 from ..data.analysis import MIN_EXAMPLES
 from ..errors import BackendError
 from . import manifest as mf
@@ -40,13 +40,27 @@ def local_jobs(services: Any, openai_job_id: str) -> list[dict[str, Any]]:
     return services.jobs.list_jobs(limit=100, metadata={"migrated_from": openai_job_id})[0]
 
 
-def _hyperparameters(job: mf.Job) -> dict[str, Any]:
+def _hyperparameters(job: mf.Job, method: str = "supervised") -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key in ("n_epochs", "batch_size", "learning_rate_multiplier"):
+    keys = ("n_epochs", "batch_size", "learning_rate_multiplier") + (("beta",) if method == "dpo" else ())
+    for key in keys:
         value = job.hyperparameters.get(key)
         if value is not None and value != "auto":
             out[key] = value
     return out
+
+
+def _holds_pairs(path: Path) -> bool:
+    """Whether a training file's first example is a preference pair (OpenAI's DPO format)."""
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                try:
+                    first = json.loads(line)
+                except ValueError:
+                    return True  # not ours to judge: the job's own validation names the problem
+                return isinstance(first, dict) and "preferred_output" in first
+    return False
 
 
 def distillation_file(root: Path, model: mf.Model) -> tuple[Path | None, int]:
@@ -88,9 +102,7 @@ def retrain_one(
             "no OpenAI job is visible for this model, so neither its data nor its hyperparameters are known: "
             "train it on its recorded answers with --from-recordings",
         )
-    if job is not None and job.method == "dpo":
-        return Retrained(model.key, "waiting", "a DPO job: it waits for preference training, which is not built yet")
-    if job is not None and job.method != "supervised":
+    if job is not None and job.method not in METHODS:
         return Retrained(model.key, "unsupported", f"method {job.method!r} cannot be trained here")
     found = local_jobs(services, job.id if job else model.key)
     live = [j for j in found if j["status"] not in UNSUCCESSFUL]
@@ -139,6 +151,16 @@ def _create(
             f"the training file {what} was not recovered: give your copy (migrate inventory --data PATH), "
             "or train on the old model's recorded answers (--from-recordings)",
         )
+    # a DPO job retrains as DPO on its preference pairs; distilled from recordings (chat answers
+    # of the old model) it can only be supervised, and says so
+    method = job.method if job and training_data == "original" else "supervised"
+    if method == "dpo" and not _holds_pairs(train_path):
+        return Retrained(
+            model.key,
+            "unsupported",
+            f"the training file of DPO job {job.id if job else model.key} holds chat examples, not preference pairs "
+            "(input, preferred_output, non_preferred_output): give the preference file (migrate inventory --data PATH)",
+        )
     training = services.files.create_from_path(train_path)
     validation = services.files.create_from_path(valid_path) if valid_path is not None else None
     metadata = {
@@ -151,7 +173,8 @@ def _create(
         model=base_model,
         training_file=training["id"],
         validation_file=validation["id"] if validation else None,
-        hyperparameters=_hyperparameters(job) if job else {},
+        hyperparameters=_hyperparameters(job, method) if job else {},
+        method=method,
         suffix=job.suffix if job else None,
         seed=job.seed if job else None,
         metadata=metadata,
