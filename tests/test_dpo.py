@@ -240,3 +240,33 @@ def test_a_resumed_dpo_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_pat
     a = load_file(whole / "final" / "adapter_model.safetensors")
     b = load_file(cut / "final" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+# ---- evaluation ---------------------------------------------------------------------------------------
+def test_eval_on_a_preference_file_reports_each_models_preference_from_its_own_logprobs(
+    tmp_path, tiny_model_dir, capsys
+):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gpt_finetune.cli.main import main
+    from gpt_finetune.local.dpo import pair_logps, tokenize_pair
+    from gpt_finetune.local.packing import use_packed_attention
+
+    pairs = toy_pairs(4, shift=1) + toy_pairs(4, shift=2)
+    data = write_jsonl(tmp_path / "held-out.jsonl", pairs)
+    report = tmp_path / "report"
+    argv = ["eval", "--backend", "local", "-m", str(tiny_model_dir), "-d", str(data), "--json", "--report", str(report)]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["task"] == "preference"
+    got = out["results"][str(tiny_model_dir)]
+    # the same figures from the model directly: each pair's summed log-probabilities
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    use_packed_attention(model)
+    direct = [c - r for c, r in pair_logps(model, [tokenize_pair(tok, p, 2048) for p in pairs], None, "cpu")]
+    assert got["n_pairs"] == 8
+    assert got["preference_accuracy"] == sum(m > 0 for m in direct) / 8
+    assert got["mean_margin"] == pytest.approx(sum(direct) / 8, abs=1e-3)
+    assert "prefers the chosen answer" in (report / "report.md").read_text()

@@ -30,7 +30,8 @@ def add_eval(p: argparse.ArgumentParser) -> None:
         "--data",
         required=True,
         metavar="FILE",
-        help="held-out chat JSONL (the last assistant message is the reference)",
+        help="held-out chat JSONL (the last assistant message is the reference), or preference pairs "
+        "(method dpo's format): how often each model prefers the chosen answer",
     )
     p.add_argument(
         "--labels",
@@ -130,6 +131,10 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     s = settings_from(ns)
+    from ..eval import preference
+
+    if preference.is_preference_file(ns.data):
+        return _eval_preferences(ns, get_backend(s, announce=not ns.json))
     if ns.eval_batch is None:
         ns.eval_batch = default_batch()
     ex = ev.read_examples(ns.data, labels_file=ns.labels, task=ns.eval_task)
@@ -281,4 +286,36 @@ def cmd_eval(ns: argparse.Namespace) -> int:
                 info(f"Wrote {where} (infer --each-label --thresholds {where})")
         if not ns.json:
             info(f"Wrote {path}")
+    return 0
+
+
+def _eval_preferences(ns: argparse.Namespace, backend: Any) -> int:
+    """A preference file: each model's preference for the chosen answers, the first model
+    (the base, usually) compared with the others pair by pair."""
+    from tqdm import tqdm
+
+    from ..eval import preference
+
+    pairs = preference.read_pairs(ns.data)
+    if ns.eval_limit:
+        pairs = pairs[: ns.eval_limit]
+    results: dict[str, dict[str, Any]] = {}
+    first: list[float] | None = None
+    for model in ns.models:
+        with tqdm(total=len(pairs), desc=model[:40], file=sys.stderr, disable=ns.json) as bar:
+            m = preference.margins(backend, model, pairs, progress=bar)
+        results[model] = preference.summary(m, first)
+        first = m if first is None else first
+    text = preference.table(results)
+    if ns.json:
+        print(json.dumps({"data": ns.data, "task": "preference", "results": results}, indent=1))
+    else:
+        print(text)
+    if ns.report:
+        Path(ns.report).mkdir(parents=True, exist_ok=True)  # as write_report does
+        where = Path(ns.report) / "report.md"
+        body = f"# Preference evaluation\n\nData: `{ns.data}` ({len(pairs)} pairs)\n\n{text}\n"
+        write_text_atomic(where, body)
+        if not ns.json:
+            info(f"Wrote {where}")
     return 0
