@@ -103,3 +103,34 @@ def test_stats_counts_tokens_with_the_local_tokenizer(tmp_path, capsys, smol_tok
     )
     assert local["total_tokens"] == expected
     assert 0 < local["assistant_tokens"] < local["total_tokens"]
+
+
+def test_finetune_takes_method_dpo_and_beta_from_flags_or_the_config(tmp_path, capsys, tiny_model_dir, monkeypatch):
+    from conftest import toy_pairs
+
+    from gpt_finetune.services.jobs import JobService
+
+    monkeypatch.setattr(JobService, "kick", lambda self: False)  # created, not trained
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(12))
+    cfg = tmp_path / "train.cfg"
+    cfg.write_text(f"training_file = {pairs}\nmodel = {tiny_model_dir}\nmethod = dpo\nbeta = 0.3\nn_epochs = 2\n")
+    assert main(["finetune", "--config", str(cfg)]) == 0
+    job_id = capsys.readouterr().out.strip()
+    assert main(["jobs", "get", job_id, "--json"]) == 0
+    job = json.loads(capsys.readouterr().out)
+    assert job["method"]["type"] == "dpo"
+    assert job["method"]["dpo"]["hyperparameters"] == {
+        "n_epochs": 2,
+        "batch_size": "auto",
+        "learning_rate_multiplier": "auto",
+        "beta": 0.3,
+    }
+    # beta belongs to dpo; a chat file is not a preference file: both refused before any upload
+    chat = write_jsonl(tmp_path / "chat.jsonl", [chat_example(i) for i in range(12)])
+    assert main(["finetune", "-d", str(chat), "-m", str(tiny_model_dir), "--beta", "0.2"]) != 0
+    assert "beta is a hyperparameter of method dpo, not supervised" in capsys.readouterr().err
+    assert main(["finetune", "-d", str(chat), "-m", str(tiny_model_dir), "--method", "dpo"]) != 0
+    err = capsys.readouterr().err
+    assert "chat.jsonl:1" in err and "holds chat examples, but the job's method is dpo" in err
+    assert main(["finetune", "-d", str(pairs), "-m", str(tiny_model_dir), "--method", "dpo", "--beta", "3"]) != 0
+    assert "beta" in capsys.readouterr().err
