@@ -19,6 +19,7 @@ from conftest import ROOT, chat_example, toy_examples, write_jsonl
 
 from gpt_finetune.backends.base import Hyperparameters
 from gpt_finetune.backends.local import LocalBackend
+from gpt_finetune.contract import DpoHyperparameters
 from gpt_finetune.services import Services
 from gpt_finetune.worker.allocator import allocator_env
 
@@ -318,3 +319,42 @@ def test_quickstart_runs_on_the_local_backend_whatever_keys_are_set(tmp_path, ca
     work = tmp_path / "quickstart"
     assert len((work / "issues.valid.jsonl").read_text().splitlines()) == 20
     assert (work / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_dpo_job_on_a_fine_tuned_model_continues_its_adapter_from_its_own_reference(
+    tmp_path, tiny_model_dir, isolated_home
+):
+    """OpenAI's SFT-then-DPO path: the DPO job starts from the supervised model, whose adapter
+    it trains on, and its reference is that model (the first step's loss is ln 2 exactly)."""
+    from conftest import toy_pairs
+    from safetensors.torch import load_file
+
+    b = backend(isolated_home)
+    sft = b.create_job(
+        model=str(tiny_model_dir),
+        training_file=upload(b, tmp_path, toy_examples(12)),
+        hyperparameters=Hyperparameters(n_epochs=2, batch_size=4, learning_rate_multiplier=20),
+        suffix="sft",
+    )
+    done = wait_for(lambda: (j := b.retrieve_job(sft.id)).status in ("succeeded", "failed") and j, what="sft end")
+    assert done.status == "succeeded", done.error
+    dpo = b.create_job(
+        model=done.fine_tuned_model,
+        training_file=upload(b, tmp_path, toy_pairs(12), "pairs.jsonl"),
+        hyperparameters=DpoHyperparameters(n_epochs=1, batch_size=4, beta=0.5),
+        suffix="dpo",
+        method="dpo",
+    )
+    ended = wait_for(lambda: (j := b.retrieve_job(dpo.id)).status in ("succeeded", "failed") and j, what="dpo end")
+    assert ended.status == "succeeded", ended.error
+    assert ended.fine_tuned_model == f"ft:tiny-llama:dpo:{dpo.id}"
+    events = list(reversed(b.list_events(dpo.id, limit=200)))
+    messages = [e.message for e in events]
+    assert messages[0] == f"{done.fine_tuned_model} is trained further: its adapter continues, on base model tiny-llama"
+    assert any(m.startswith("Continuing the fine-tuned model's adapter (LoRA r 16") for m in messages)  # classification defaults
+    first = next(e.data for e in events if e.type == "metrics" and "train_loss" in e.data)
+    assert first["step"] == 1 and abs(first["train_loss"] - 0.6931) < 1e-3
+    home = b.services.home
+    before = load_file(home.model_dir(sft.id) / "adapter_model.safetensors")
+    after = load_file(home.model_dir(dpo.id) / "adapter_model.safetensors")
+    assert before.keys() == after.keys() and any(not (before[k] == after[k]).all() for k in before)

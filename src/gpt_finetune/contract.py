@@ -313,6 +313,12 @@ CLASSIFICATION_DEFAULTS: Mapping[str, Any] = {
 }
 
 
+# What a DPO job trains with where the caller chose nothing: no dropout, as TRL's DPOTrainer
+# (disable_dropout) does, so that the policy's log-probabilities in training are those the
+# reference's (computed without dropout) are compared with.
+DPO_DEFAULTS: Mapping[str, Any] = {"lora_dropout": 0.0}
+
+
 @dataclass(frozen=True)
 class LoraOptions(Group):
     """The adapter trained when ``training_type`` is ``lora``."""
@@ -434,8 +440,9 @@ class LocalOptions:
         return getattr(getattr(self, group), f.name)
 
     def for_classification(self, defaults: Mapping[str, Any] | None = None) -> tuple[LocalOptions, dict[str, Any]]:
-        """These options with ``defaults`` (``CLASSIFICATION_DEFAULTS``) in place of the defaults
-        the caller did not override; returns them and what was applied (settings key -> value)."""
+        """These options with ``defaults`` (``CLASSIFICATION_DEFAULTS``, or a method's own such as
+        ``DPO_DEFAULTS``) in place of the defaults the caller did not override; returns them and
+        what was applied (settings key -> value)."""
         chosen = CLASSIFICATION_DEFAULTS if defaults is None else defaults
         applied = {k: v for k, v in chosen.items() if k not in self.given and self.value(k) != v}
         if not applied:
@@ -509,6 +516,8 @@ class JobSpec:
     hyperparameters: SupervisedHyperparameters = field(default_factory=SupervisedHyperparameters)
     local: LocalOptions = field(default_factory=LocalOptions)
     labels: LabelSets | None = None
+    # a job on a fine-tuned model of this project continues its LoRA adapter (this directory)
+    init_adapter: str | None = None
 
     VERSION: ClassVar[int] = 1
 
@@ -519,6 +528,7 @@ class JobSpec:
             "method": {"type": self.method, "hyperparameters": self.hyperparameters.to_json()},
             "local": self.local.to_json(),
             "labels": self.labels.to_json() if self.labels else None,
+            "init_adapter": self.init_adapter,
         }
 
     @classmethod
@@ -530,6 +540,7 @@ class JobSpec:
             hyperparameters=HYPERPARAMETERS[method["type"]].from_values(method.get("hyperparameters") or {}),
             local=LocalOptions.from_json(data.get("local") or {}),
             labels=LabelSets.from_json(data.get("labels")),
+            init_adapter=data.get("init_adapter"),
         )
 
     @classmethod

@@ -57,6 +57,7 @@ class TrainSpec:
     allocator: str = "system"  # what the process runs on (worker.allocator), for the job's events
     method: str = "supervised"  # or "dpo": preference pairs (``dpo``)
     beta: float = 0.1  # DPO's beta
+    init_adapter: str | None = None  # a fine-tuned model's LoRA adapter, continued (not a new one)
 
 
 @dataclass
@@ -313,7 +314,10 @@ def _attach_reference(spec: TrainSpec, trainer: Any, data: _Data, plan: Any, hoo
 
     from .dpo import REFERENCE_FILE, attach_reference, data_key, load_or_compute_reference, pair_logps
 
-    lora = spec.training_type == "lora"
+    # the reference is the starting model: a new adapter switched off, or, continuing a
+    # fine-tuned model's adapter, that model as it starts (its figures are computed before the
+    # first step, so they are its own)
+    lora = spec.training_type == "lora" and not spec.init_adapter
     valid = data.valid_rows or []
 
     def compute() -> dict[str, list[list[float]]]:
@@ -332,6 +336,26 @@ def _attach_reference(spec: TrainSpec, trainer: Any, data: _Data, plan: Any, hoo
     trainer.train_dataset = Dataset.from_list(attach_reference(data.train_rows, logps["train"]))
     if valid:
         trainer.eval_dataset = Dataset.from_list(attach_reference(valid, logps["valid"]))
+
+
+def _continue_adapter(spec: TrainSpec, model: Any, hooks: Hooks) -> Any:
+    """A job on a fine-tuned model: its adapter loaded trainable (LoRA: training goes on from
+    it, with its own rank and layers; the job's LoRA settings do not apply) or merged into the
+    weights (full training)."""
+    if not spec.init_adapter:
+        return model
+    from peft import PeftModel
+
+    if spec.training_type == "full":
+        hooks.on_message("Starting from the fine-tuned model's weights (its adapter merged), training every weight")
+        return PeftModel.from_pretrained(model, spec.init_adapter).merge_and_unload()
+    peft_model = PeftModel.from_pretrained(model, spec.init_adapter, is_trainable=True)
+    cfg = peft_model.peft_config["default"]
+    hooks.on_message(
+        f"Continuing the fine-tuned model's adapter (LoRA r {cfg.r}, alpha {cfg.lora_alpha}, "
+        f"{', '.join(sorted(cfg.target_modules))})"
+    )
+    return peft_model
 
 
 def _final_validation(trainer: Any, callback: Any) -> tuple[float | None, float | None]:
@@ -371,6 +395,7 @@ def train(spec: TrainSpec, hooks: Hooks, extra_callbacks: list[Any] | None = Non
     before_model = resident_bytes()
     model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=torch.bfloat16 if bf16 else torch.float32)
     model.config.use_cache = False
+    model = _continue_adapter(spec, model, hooks)
     attention = use_packed_attention(model)
 
     world = _world_size()
@@ -393,7 +418,7 @@ def train(spec: TrainSpec, hooks: Hooks, extra_callbacks: list[Any] | None = Non
         eval_dataset=valid_ds,
         processing_class=data.tokenizer,
         data_collator=collator,
-        peft_config=_lora_config(spec),
+        peft_config=None if spec.init_adapter else _lora_config(spec),
         callbacks=[callback, *(extra_callbacks or [])],
     )
     fused = fuse(trainer.model) if not trainer.is_fsdp_enabled else {}

@@ -24,6 +24,7 @@ from typing import Any
 
 from ..base_catalog import check_trainable
 from ..contract import (
+    DPO_DEFAULTS,
     METHODS,
     MIN_EXAMPLES,
     NEEDS_RUNNER,
@@ -86,7 +87,9 @@ class JobService:
             raise BackendError(
                 f"method must be one of {', '.join(METHODS)}, got {method!r}", code="unsupported_method", param="method"
             )
-        base = self.check_request(model=model, suffix=suffix, seed=seed)
+        check_names(suffix=suffix, seed=seed)
+        base, adapter = self.models.starting_point(model)
+        check_trainable(base)
         hp = checked_hyperparameters(hyperparameters, method)
         local = options if isinstance(options, LocalOptions) else _local_options(options or {})
         train = self.files.retrieve(training_file)
@@ -117,11 +120,17 @@ class JobService:
             # the description as asked; resolved (epochs, batch size, label sets) and stored
             # again, once, when the files are checked
             "spec": JobSpec(
-                base=base.location if base.source != "gguf" else base.id, method=method, hyperparameters=hp, local=local
+                base=base.location if base.source != "gguf" else base.id,
+                method=method,
+                hyperparameters=hp,
+                local=local,
+                init_adapter=adapter,
             ).to_json(),
         }
         self.store.insert("jobs", row)
-        if model != base.id:
+        if adapter is not None:
+            self.event(job_id, f"{model} is trained further: its adapter continues, on base model {base.id}")
+        elif model != base.id:
             self.event(job_id, f"{model} is trained locally as base model {base.id}")
         self.event(
             job_id,
@@ -170,6 +179,8 @@ class JobService:
         # a classification job: what constrained prediction chooses among, and its own defaults
         labels = self._label_sets(train["path"]) if asked.method == "supervised" else None
         local, applied = asked.local.for_classification() if labels else (asked.local, {})
+        if asked.method == "dpo":
+            local, applied = asked.local.for_classification(DPO_DEFAULTS)
         spec = dataclasses.replace(
             asked, hyperparameters=asked.hyperparameters.resolved(n_train), labels=labels, local=local
         )
@@ -184,6 +195,12 @@ class JobService:
             },
             where=sql_in([S.VALIDATING_FILES]),
         ):
+            if applied and asked.method == "dpo":
+                self.event(
+                    job_id,
+                    "Preference training: lora_dropout = 0 (no dropout, as TRL's DPOTrainer does: the policy's "
+                    "log-probabilities then compare with the reference's; set lora_dropout to choose otherwise)",
+                )
             if applied and labels is not None:
                 chosen = ", ".join(f"{k} = {','.join(v) if isinstance(v, tuple) else v}" for k, v in applied.items())
                 self.event(
@@ -197,7 +214,7 @@ class JobService:
         """What can be refused before a file is uploaded: the model (and whether this machine can
         train it), the suffix and the seed. Returns the base model."""
         check_names(suffix=suffix, seed=seed)
-        base = self.models.trainable(model)
+        base, _ = self.models.starting_point(model)
         check_trainable(base)
         return base
 

@@ -212,6 +212,23 @@ class ModelService:
             raise not_found(model_id) from None
         return model_id, None
 
+    def starting_point(self, model: str) -> tuple[Any, str | None]:
+        """What a job asking for ``model`` starts from: (its base model, the adapter it continues
+        or None). A fine-tuned model (or checkpoint) of this project is its base and its adapter,
+        so a job on ``ft:...`` continues that model (OpenAI's SFT-then-DPO path); a fully
+        trained one is its own weights' directory; anything else is a base model."""
+        row = self.store.get("models", self.resolve(model))
+        if row is None:
+            return self.trainable(model), None
+        path = Path(row["path"])
+        if not path.exists():
+            raise NotFoundError(
+                f"the files of model {row['id']} are gone from the data directory", code="model_not_found"
+            )
+        if (path / "adapter_config.json").is_file():
+            return resolve_base(row["base"], self.local_base_model), str(path)
+        return resolve_base(str(path), self.local_base_model), None
+
     def trainable(self, model: str) -> Any:
         """The base model a job asking for ``model`` trains (a ``catalog.BaseModel``)."""
         if self.name_paths or is_openai_name(model) or model in (DEFAULT_BASE_MODEL, self.local_base_model):

@@ -134,6 +134,7 @@ def _run(services: Services, job: dict[str, Any], is_main: bool, runner_pid: int
         batch_size=int(hp.batch_size),
         learning_rate=local.model.learning_rate_for(spec.method) * float(hp.learning_rate_multiplier),
         method=spec.method,
+        init_adapter=spec.init_adapter,
         beta=float(getattr(hp, "beta", 0.1)),
         seed=int(job["seed"]),
         training_type=local.model.training_type,
