@@ -351,7 +351,9 @@ def test_a_dpo_job_on_a_fine_tuned_model_continues_its_adapter_from_its_own_refe
     events = list(reversed(b.list_events(dpo.id, limit=200)))
     messages = [e.message for e in events]
     assert messages[0] == f"{done.fine_tuned_model} is trained further: its adapter continues, on base model tiny-llama"
-    assert any(m.startswith("Continuing the fine-tuned model's adapter (LoRA r 16") for m in messages)  # classification defaults
+    assert any(
+        m.startswith("Continuing the fine-tuned model's adapter (LoRA r 16") for m in messages
+    )  # classification defaults
     first = next(e.data for e in events if e.type == "metrics" and "train_loss" in e.data)
     assert first["step"] == 1 and abs(first["train_loss"] - 0.6931) < 1e-3
     home = b.services.home
