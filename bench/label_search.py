@@ -395,9 +395,12 @@ def main() -> None:
         for name in set(CONFIGS) - set(args.configs.split(",")):
             del CONFIGS[name]
     if args.model_dir is None:
+        from gpt_finetune.base_catalog import resolve_base
         from gpt_finetune.home import Home
+        from gpt_finetune.local.base_weights import model_dir
 
-        args.model_dir = str(Home().base_models / "SmolLM2-135M-Instruct")
+        # Converted from the packaged GGUF on first use, as a job does.
+        args.model_dir = str(model_dir(resolve_base("SmolLM2-135M-Instruct"), Home()))
     args.workdir.mkdir(parents=True, exist_ok=True)
     folds = make_folds(args.train, args.workdir, args.folds)
     labels = sorted({x for r in read_rows(args.train) for x in _labels([answer(r)])[0]})
