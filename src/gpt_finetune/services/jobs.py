@@ -196,10 +196,11 @@ class JobService:
             where=sql_in([S.VALIDATING_FILES]),
         ):
             if applied and asked.method == "dpo":
+                chosen = ", ".join(f"{k} = {v}" for k, v in applied.items())
                 self.event(
                     job_id,
-                    "Preference training: lora_dropout = 0 (no dropout, as TRL's DPOTrainer does: the policy's "
-                    "log-probabilities then compare with the reference's; set lora_dropout to choose otherwise)",
+                    f"Preference training: {chosen} (no dropout, as TRL's DPOTrainer does: the policy's "
+                    "log-probabilities then compare with the reference's; set it to choose otherwise)",
                 )
             if applied and labels is not None:
                 chosen = ", ".join(f"{k} = {','.join(v) if isinstance(v, tuple) else v}" for k, v in applied.items())
