@@ -33,7 +33,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -41,22 +40,10 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SYS = "Label the GitHub issue as bug, feature or question."
+sys.path.insert(0, str(HERE))
+from train_bench import peak_rss_sampler  # noqa: E402  (the same sampler, beside this script)
+
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
-
-
-def peak_rss_sampler() -> tuple[threading.Event, list[int]]:
-    import psutil
-
-    stop, peak = threading.Event(), [0]
-    proc = psutil.Process()
-
-    def loop() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.05)
-
-    threading.Thread(target=loop, daemon=True).start()
-    return stop, peak
 
 
 # ---- the pairs ----------------------------------------------------------------------------------------

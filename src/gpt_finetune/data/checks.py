@@ -24,6 +24,25 @@ EXAMPLE_KEYS = frozenset({"messages", "tools", "functions", "parallel_tool_calls
 # "preferred_output": [one assistant message], "non_preferred_output": [one assistant message]}
 PREFERENCE_KEYS = frozenset({"input", "preferred_output", "non_preferred_output"})
 PREFERENCE_INPUT_KEYS = frozenset({"messages", "tools", "parallel_tool_calls"})
+
+
+def first_example_kind(path: Any) -> str | None:
+    """What the first example of a JSONL file is: ``preference`` (a DPO pair), ``chat``, or
+    None where it cannot be told (no example, not JSON): the file's own validation says why.
+    A cheap look for callers that route on it (eval, migrate) before the full check."""
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                try:
+                    first = loads(line)
+                except (ValueError, RecursionError):
+                    return None
+                if isinstance(first, dict) and "messages" not in first and PREFERENCE_KEYS & first.keys():
+                    return "preference"
+                return "chat"
+    return None
+
+
 ROLES = frozenset({"system", "user", "assistant", "tool", "function"})
 ANSWER_SAMPLE_CHARS = 200  # answers longer than this are not labels
 

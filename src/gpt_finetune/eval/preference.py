@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..data.checks import first_example_kind
 from ..data.readers import loads
 from ..errors import BackendError, DataError
 from ..request_rules import choice_constraint, ignored_constraint
@@ -32,15 +33,7 @@ class Pair:
 
 def is_preference_file(path: str | Path) -> bool:
     """Whether a JSONL file's first example is a preference pair (OpenAI's DPO format)."""
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                try:
-                    first = loads(line)
-                except (ValueError, RecursionError):
-                    return False
-                return isinstance(first, dict) and "preferred_output" in first and "messages" not in first
-    return False
+    return first_example_kind(path) == "preference"
 
 
 def read_pairs(path: str | Path) -> list[Pair]:

@@ -19,6 +19,7 @@ from typing import Any
 from ..atomic import write_text_atomic
 from ..contract import METHODS, UNSUCCESSFUL, JobStatus, LocalOptions
 from ..data.analysis import MIN_EXAMPLES
+from ..data.checks import first_example_kind
 from ..errors import BackendError
 from . import manifest as mf
 from .record import prompts_path, recordings
@@ -48,19 +49,6 @@ def _hyperparameters(job: mf.Job, method: str = "supervised") -> dict[str, Any]:
         if value is not None and value != "auto":
             out[key] = value
     return out
-
-
-def _holds_pairs(path: Path) -> bool:
-    """Whether a training file's first example is a preference pair (OpenAI's DPO format)."""
-    with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                try:
-                    first = json.loads(line)
-                except ValueError:
-                    return True  # not ours to judge: the job's own validation names the problem
-                return isinstance(first, dict) and "preferred_output" in first
-    return False
 
 
 def distillation_file(root: Path, model: mf.Model) -> tuple[Path | None, int]:
@@ -154,7 +142,7 @@ def _create(
     # a DPO job retrains as DPO on its preference pairs; distilled from recordings (chat answers
     # of the old model) it can only be supervised, and says so
     method = job.method if job and training_data == "original" else "supervised"
-    if method == "dpo" and not _holds_pairs(train_path):
+    if method == "dpo" and first_example_kind(train_path) == "chat":
         return Retrained(
             model.key,
             "unsupported",

@@ -24,6 +24,7 @@ from typing import Any
 
 from ..base_catalog import check_trainable
 from ..contract import (
+    CLASSIFICATION_DEFAULTS,
     DPO_DEFAULTS,
     METHODS,
     MIN_EXAMPLES,
@@ -178,9 +179,9 @@ class JobService:
         asked = JobSpec.from_row(row)
         # a classification job: what constrained prediction chooses among, and its own defaults
         labels = self._label_sets(train["path"]) if asked.method == "supervised" else None
-        local, applied = asked.local.for_classification() if labels else (asked.local, {})
-        if asked.method == "dpo":
-            local, applied = asked.local.for_classification(DPO_DEFAULTS)
+        # a method's or a classification job's own defaults, where the caller chose nothing
+        defaults = DPO_DEFAULTS if asked.method == "dpo" else CLASSIFICATION_DEFAULTS if labels else None
+        local, applied = asked.local.for_classification(defaults) if defaults else (asked.local, {})
         spec = dataclasses.replace(
             asked, hyperparameters=asked.hyperparameters.resolved(n_train), labels=labels, local=local
         )
