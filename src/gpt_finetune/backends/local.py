@@ -144,6 +144,16 @@ class LocalBackend:
     def remove_alias(self, alias: str) -> bool:
         return self.services.models.remove_alias(alias)
 
+    def export_model(
+        self, model_id: str, out: Path, fmt: str, dtype: str | None = None, *, force: bool = False, progress: Any = None
+    ) -> Any:
+        """Write a model of this data directory as ``fmt`` (``local.export``) at ``out``."""
+        from ..local.export import check_request, export
+
+        check_request(fmt, dtype)  # a bad pair is refused before any model is loaded
+        source = export_source(self.services, model_id)
+        return export(source, out, fmt, dtype, force=force, progress=progress or (lambda _m: None))
+
     # inference
     def chat(self, *, model: str, messages: list[dict[str, Any]], stream: bool = False, **params: Any) -> Any:
         from openai.types.chat import ChatCompletion, ChatCompletionChunk
@@ -159,3 +169,98 @@ class LocalBackend:
         self, requests: list[dict[str, Any]], *, batch_size: int = 8
     ) -> list[dict[str, Any] | GptFinetuneError]:
         return self.services.chat.create_many(requests, batch_size=batch_size)
+
+
+BASE_MODEL_REFS = {"SmolLM2-135M-Instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # the model card's base_model
+
+
+def export_source(services: Services, model_id: str) -> Any:
+    """What ``local.export`` needs to know about a model: its base's directory, its adapter or
+    weights, and for its model card what the job that made it did (from the store, read only)."""
+    import csv
+    import json
+
+    from ..local.base_weights import gguf_path, model_dir, resolve_base
+    from ..local.chat_data import TRAINING_SHAPE
+    from ..local.export import ExportSource
+
+    models = services.models
+    resolved = models.resolve(model_id)
+    base_name, weights = models.locate(resolved)
+    base = resolve_base(base_name, models.local_base_model)
+    adapter = full = None
+    if weights is not None:
+        adapter, full = (weights, None) if (Path(weights) / "adapter_config.json").is_file() else (None, weights)
+    row = services.store.get("models", resolved)
+    card: dict[str, Any] = {"base_model_ref": BASE_MODEL_REFS.get(base.id, base.id)}
+    system_prompt = max_length = None
+    if row is not None and row.get("job_id"):
+        job_row = services.jobs.row(row["job_id"])
+        spec = JobSpec.from_row(job_row)
+        job = services.jobs.retrieve(row["job_id"])
+        card |= {
+            "job_id": row["job_id"],
+            "method": spec.method,
+            "trained_tokens": job.get("trained_tokens"),
+            "hyperparameters": {k: v for k, v in spec.hyperparameters.to_json().items() if v not in (None, "auto")},
+            "lora": (
+                {
+                    "r": spec.local.lora.r,
+                    "alpha": spec.local.lora.alpha,
+                    "targets": list(spec.local.lora.target_modules),
+                }
+                if spec.local.model.training_type == "lora"
+                else None
+            ),
+            "labels": sorted(spec.labels.labels) if spec.labels else None,
+        }
+        max_length = spec.local.model.max_length
+        data = services.files.path(job_row["training_file"])
+        if data is not None and data.is_file():
+            card["training_file"] = f"{job_row['training_file']} ({data.name})"
+            card["n_examples"], system_prompt = _examples_and_system(data)
+        for file_id in job.get("result_files") or []:
+            path = services.files.path(file_id)
+            if path is not None and path.is_file():
+                with open(path, newline="", encoding="utf-8") as fh:
+                    last = list(csv.DictReader(fh))[-1:]
+                card["results"] = {f"final {k}": float(v) for r in last for k, v in r.items() if v and k != "step"}
+    shape = Path(adapter or full or "") / TRAINING_SHAPE
+    if shape.is_file():
+        max_length = json.loads(shape.read_text()).get("max_length") or max_length
+    tokenizer_gguf = gguf_path()
+    return ExportSource(
+        model_id=resolved,
+        base_id=base.id,
+        base_dir=model_dir(base, services.home),
+        adapter_dir=adapter,
+        full_dir=full,
+        tokenizer_gguf=str(tokenizer_gguf) if tokenizer_gguf else None,
+        system_prompt=system_prompt,
+        max_length=max_length,
+        card=card,
+    )
+
+
+def _examples_and_system(path: Path) -> tuple[int, str | None]:
+    """(how many examples, the system prompt most of them start with) of a training file
+    (chat or preference lines), for the model card and Ollama's SYSTEM."""
+    import json
+    from collections import Counter
+
+    systems: Counter[str] = Counter()
+    n = 0
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            n += 1
+            try:
+                row = json.loads(line)
+                messages = row.get("messages") or (row.get("input") or {}).get("messages") or []
+            except (ValueError, AttributeError):
+                continue
+            if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system":
+                systems[str(messages[0].get("content") or "")] += 1
+    common = systems.most_common(1)
+    return n, (common[0][0] if common and common[0][1] * 2 > n else None)

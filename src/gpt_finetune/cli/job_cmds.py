@@ -227,7 +227,7 @@ def cmd_jobs(ns: argparse.Namespace) -> int:
 
 
 def add_models(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="models_cmd", required=True, metavar="{list,get,delete,alias,unalias}")
+    sub = p.add_subparsers(dest="models_cmd", required=True, metavar="{list,get,delete,alias,unalias,export}")
     sub.add_parser("list", help="base and fine-tuned models, checkpoints and aliases")
     sub.add_parser("get", help="show a model").add_argument("model_id")
     sub.add_parser("delete", help="delete a fine-tuned model (or only an alias)").add_argument("model_id")
@@ -236,6 +236,28 @@ def add_models(p: argparse.ArgumentParser) -> None:
     alias.add_argument("model_id", help="the model it names")
     alias.add_argument("--force", action="store_true", help="replace an alias that names another model")
     sub.add_parser("unalias", help="remove an alias (the model stays)").add_argument("alias")
+    exp = sub.add_parser(
+        "export",
+        help="write a model for other runtimes: merged Hugging Face model, GGUF + Ollama Modelfile, or the adapter",
+    )
+    exp.add_argument("model_id", help="a fine-tuned model, a checkpoint, an alias or a base model")
+    exp.add_argument("-o", "--output", required=True, help="the directory to create")
+    exp.add_argument(
+        "--format",
+        dest="export_format",
+        choices=("hf", "gguf", "adapter"),
+        default="gguf",
+        help="hf: merged safetensors model; gguf: one GGUF file and a Modelfile (default); "
+        "adapter: the LoRA as PEFT wrote it and as a llama.cpp LoRA GGUF",
+    )
+    exp.add_argument(
+        "--dtype",
+        choices=("f32", "f16", "bf16", "q8_0"),
+        help="tensor type (default: q8_0 for gguf, f32 for hf and adapter; q8_0 is for gguf only)",
+    )
+    exp.add_argument(
+        "--force", action="store_true", help="replace an existing output (only once the export is complete)"
+    )
     for q in sub.choices.values():
         add_config_flag(q)
         add_connection_flags(q)
@@ -254,10 +276,40 @@ def cmd_models(ns: argparse.Namespace) -> int:
     elif ns.models_cmd == "unalias":
         backend.remove_alias(ns.alias)
         info(f"Removed the alias {ns.alias}")
+    elif ns.models_cmd == "export":
+        return _export(backend, ns)
     else:
         if not backend.delete_model(ns.model_id):
             raise BackendError(f"model {ns.model_id} was not deleted")
         info(f"Deleted {ns.model_id}")
+    return 0
+
+
+def _export(backend: Any, ns: argparse.Namespace) -> int:
+    """Exports read the model's files, so they run where the data directory is: OpenAI lets no one
+    download a fine-tune's weights, and a gpt-finetune server serves no weights (a file of
+    hundreds of MB per request, and a client would learn more than the API shows); run the
+    command on the server's machine with its data directory (--home) instead."""
+    if not hasattr(backend, "export_model"):
+        raise BackendError(
+            f"{ns.model_id} cannot be exported through {backend.describe()}: exports read the model's files",
+            hint="on OpenAI, move the model here first (gpt-finetune migrate); for a gpt-finetune server, run "
+            "this command on its machine with --backend local --home <its data directory>",
+        )
+    started = time.monotonic()
+    result = backend.export_model(
+        ns.model_id, Path(ns.output), ns.export_format, ns.dtype, force=ns.force, progress=lambda m: info(f"  {m}")
+    )
+    if ns.json:
+        print(json.dumps({"path": str(result.path), "files": result.files, "run": result.run}, indent=1))
+        return 0
+    info(f"Exported {ns.model_id} as {ns.export_format} in {time.monotonic() - started:.0f} s: {result.path}")
+    for name in result.files:
+        size = (result.path / name).stat().st_size
+        print(f"  {name:<60} {size / 1e6:9.1f} MB")
+    info("Run it:")
+    for line in result.run:
+        info(f"  {line}")
     return 0
 
 
