@@ -165,7 +165,7 @@ def run_one(args: argparse.Namespace) -> None:
         seed=0,
         lora={"r": c["r"], "alpha": c["alpha"], "dropout": 0.05, "target_modules": list(c["targets"])},
         max_length=args.max_length,
-        allocator=prepare_process(),
+        allocator=prepare_process()[0],
     )
     result = train(spec, Hooks(on_message=lambda text: print(text, flush=True)), [Score()])
     for e in epochs:

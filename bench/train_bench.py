@@ -10,7 +10,8 @@ computes the loss over the whole sequence); ``plain-fp32`` the same with bf16 of
 defaults given our assistant-only labels (the same objective as ours), ``masked-fp32`` with bf16
 off; ``ours`` the project's trainer as jobs run it;
 ``ours-gc`` the same with activation checkpointing on; ``ours-glibc`` on the system allocator
-instead of the tcmalloc/jemalloc jobs preload when installed (``trl-ga-fastmalloc``: TRL given it); ``ours-al`` with LoRA r 16 on every linear layer; ``ours-compile`` with ``torch_compile``; ``#N`` picks seed N. Throughput counts
+instead of the caching allocator jobs preload (``trl-ga-fastmalloc``: TRL given it;
+``ours-tcmalloc``, ``ours-jemalloc``, ``ours-mimalloc``: each one by name); ``ours-al`` with LoRA r 16 on every linear layer; ``ours-compile`` with ``torch_compile``; ``#N`` picks seed N. Throughput counts
 real (non-padding) tokens. Afterwards one evaluator measures every adapter's (and the base
 model's) validation loss on assistant tokens only, so quality is compared on the same footing,
 with a paired bootstrap interval (over validation examples) of each run's difference from
@@ -78,6 +79,11 @@ RUNS = {
     "trl-pf": "TRL + our labels, bf16 off, padding_free",
     # the allocator's share: ours on glibc's allocator, and TRL given the allocator ours uses
     "ours-glibc": "gpt-finetune trainer, system allocator",
+    # each caching allocator by name (README "Allocator"): Debian's tcmalloc and jemalloc, and the
+    # mimalloc that the project's own install brings (cmeel-mimalloc), for bench/README "Allocators"
+    "ours-tcmalloc": "gpt-finetune trainer, tcmalloc (libtcmalloc-minimal4)",
+    "ours-jemalloc": "gpt-finetune trainer, jemalloc (libjemalloc2)",
+    "ours-mimalloc": "gpt-finetune trainer, mimalloc (cmeel-mimalloc, from pip)",
     "trl-ga-fastmalloc": "TRL + our labels, bf16 off, micro-batches of 1 x gradient accumulation, our allocator",
 }
 
@@ -89,7 +95,13 @@ def child_env(name: str) -> dict[str, str]:
 
     kind, _ = split_kind(name)
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    choice = "system" if kind == "ours-glibc" else os.environ.get("GPT_FINETUNE_MALLOC")
+    named = {
+        "ours-glibc": "system",
+        "ours-tcmalloc": "tcmalloc_minimal",
+        "ours-jemalloc": "jemalloc",
+        "ours-mimalloc": "mimalloc",
+    }
+    choice = named.get(kind, os.environ.get("GPT_FINETUNE_MALLOC"))
     if kind.startswith("ours") or kind == "trl-ga-fastmalloc":
         env.update(allocator_env(env, choice))
     return env
@@ -131,7 +143,7 @@ def run(name: str, model_dir: str, train_file: str, out: str, args: argparse.Nam
             gradient_checkpointing=True if kind == "ours-gc" else None,
             **({"lora": ALL_LINEAR} if kind == "ours-al" else {}),
             torch_compile=kind == "ours-compile",
-            allocator=prepare_process(),  # as a job's process does (glibc's heap limit when no tcmalloc)
+            allocator=prepare_process()[0],  # as a job's process does (glibc's heap limit when no tcmalloc)
         )
         t = time.perf_counter()
         result = train(spec, Hooks())

@@ -21,7 +21,7 @@ from gpt_finetune.backends.base import Hyperparameters
 from gpt_finetune.backends.local import LocalBackend
 from gpt_finetune.contract import DpoHyperparameters
 from gpt_finetune.services import Services
-from gpt_finetune.worker.allocator import allocator_env
+from gpt_finetune.worker.allocator import KINDS, allocator_env
 
 
 def backend(home, **options):
@@ -80,9 +80,9 @@ def test_job_lifecycle_events_checkpoints_result_file_and_model(tmp_path, tiny_m
     messages = [e.message for e in events]
     assert messages[0] == f"{tiny_model_dir} is trained locally as base model tiny-llama"
     assert messages[1].startswith("Validating training file") and "successfully completed" in messages[-1]
-    # the runner starts training on tcmalloc/jemalloc when this machine has one (allocator_env)
+    # the runner starts training on a caching allocator: the system's, else the pip-installed mimalloc
     preload = allocator_env(dict(os.environ)).get("LD_PRELOAD", os.environ.get("LD_PRELOAD", ""))
-    expected = next((name for name in ("tcmalloc", "jemalloc") if name in preload), "system")
+    expected = next((name for name in KINDS if name in preload), "system")
     assert any(m.startswith("Training ") and f", {expected} allocator)" in m for m in messages), messages
     metrics = [e.data for e in events if e.type == "metrics"]
     assert {"step", "total_steps", "train_loss", "train_mean_token_accuracy"} <= metrics[0].keys()
@@ -195,9 +195,12 @@ def test_killed_worker_resumes_from_its_last_checkpoint(tmp_path, tiny_model_dir
     assert len(plans) == 2 and "up to 777 tokens" in plans[0]  # newest first: the resumed attempt's
 
 
-def test_memory_settings_reach_the_job(tmp_path, tiny_model_dir, isolated_home):
+def test_memory_and_allocator_settings_reach_the_job(tmp_path, tiny_model_dir, isolated_home, monkeypatch):
     """gradient_checkpointing and memory_limit_gb go from the settings through the backend to the
-    worker's plan: stated in the events, stored with the job; a job that cannot fit fails at once."""
+    worker's plan: stated in the events, stored with the job; a job that cannot fit fails at once.
+    An allocator that cannot be preloaded (``malloc``) is a warning, and the job trains on glibc's."""
+    missing = str(tmp_path / "libnot-there.so")
+    monkeypatch.setenv("GPT_FINETUNE_MALLOC", missing)  # read by the runner the backend starts
     b = backend(isolated_home, gradient_checkpointing=True)
     job = b.create_job(
         model=str(tiny_model_dir),
@@ -209,6 +212,10 @@ def test_memory_settings_reach_the_job(tmp_path, tiny_model_dir, isolated_home):
     assert b.services.jobs.row(job.id)["plan"]["checkpointing"] == "on"
     plan_msg = [e.message for e in b.list_events(job.id, limit=100) if e.message.startswith("Memory plan:")]
     assert len(plan_msg) == 1 and "activation checkpointing on" in plan_msg[0] and "estimated peak" in plan_msg[0]
+    events = b.list_events(job.id, limit=100)
+    warned = [e for e in events if e.message.startswith("Could not preload the allocator")]
+    assert len(warned) == 1 and warned[0].level == "warn" and missing in warned[0].message
+    assert any(e.message.startswith("Training ") and ", system allocator)" in e.message for e in events)
 
     small = backend(isolated_home, memory_limit_gb=0.5)  # less than the runtime alone
     job = small.create_job(

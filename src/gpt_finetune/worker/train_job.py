@@ -121,6 +121,9 @@ def _run(services: Services, job: dict[str, Any], is_main: bool, runner_pid: int
     base = resolve_base(spec.base)
     if is_main and job["attempts"] == 1:
         jobs.event(job_id, "Fine-tuning job started")
+    allocator, preload_warning = prepare_process()
+    if preload_warning and is_main:
+        jobs.event(job_id, preload_warning, level="warn")
     mdir = _base_dir(base, home)
     out_dir = home.job_dir(job_id) / "checkpoints"
     final_dir = home.model_dir(job_id)
@@ -148,7 +151,7 @@ def _run(services: Services, job: dict[str, Any], is_main: bool, runner_pid: int
         memory_limit_gb=local.memory.memory_limit_gb,
         micro_batch_tokens=local.memory.micro_batch_tokens,
         plan=job.get("plan"),  # made at the first start; a resumed job keeps it
-        allocator=prepare_process(),
+        allocator=allocator,
     )
     model_id = fine_tuned_id(base.id, job["suffix"], job_id)
     base_name = spec.base
