@@ -80,6 +80,9 @@ def test_the_pip_installed_mimalloc_is_found_and_used_when_the_system_has_none()
     none, asked = finder({})
     env = allocator_env({}, find=none)
     assert env["LD_PRELOAD"] == lib and asked == ["tcmalloc_minimal", "tcmalloc", "jemalloc"]
+    # mimalloc keeps freed pages (else a step faults them in afresh, as on glibc); a user's own setting stays
+    assert env["MIMALLOC_PURGE_DELAY"] == "-1"
+    assert allocator_env({"MIMALLOC_PURGE_DELAY": "100"}, find=none)["MIMALLOC_PURGE_DELAY"] == "100"
     # the system's tcmalloc still comes first where it is installed
     tc, _ = finder({"tcmalloc_minimal": "libtcmalloc_minimal.so.4"})
     assert allocator_env({}, find=tc)["LD_PRELOAD"] == "libtcmalloc_minimal.so.4"

@@ -100,12 +100,19 @@ def allocator_env(environ: Mapping[str, str], choice: str | None = None, find: A
         lib = choice
     if lib is None:
         return {}
-    return {
+    env = {
         "LD_PRELOAD": f"{lib} {preload}".strip(),
         PRELOADED: lib,
         # tcmalloc reports every allocation over 1 GB on stderr (the job's train.log): not news here
-        "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": environ.get("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 40)),
+        "TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD": str(1 << 40),
     }
+    if "mimalloc" in Path(lib).name:
+        # mimalloc gives freed pages back to the system 10 ms after they are freed, so a training
+        # step faults its activations in afresh as on glibc: no faster than glibc, measured. Kept
+        # (as tcmalloc keeps them), and on transparent huge pages where the kernel allows, it
+        # trains as fast as tcmalloc at a peak the memory plan covers (bench/README "Allocators").
+        env |= {"MIMALLOC_PURGE_DELAY": "-1", "MIMALLOC_ALLOW_LARGE_OS_PAGES": "1"}
+    return {k: environ.get(k, v) if k.startswith(("TCMALLOC_", "MIMALLOC_")) else v for k, v in env.items()}
 
 
 def allocator_in_use() -> str:
