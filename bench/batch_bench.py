@@ -1,13 +1,17 @@
 """Many clients at once: this server with continuous batching, against itself one request at a
 time and against ``transformers serve --continuous-batching``, on real prompts.
 
-    python bench/batch_bench.py --home DIR [--clients 1,4,16,64] [--servers ours,ours-b1,hf-cb]
+    python bench/batch_bench.py --home DIR [--clients 1,4,16,64] [--servers ours,ours-b1,hf-cb,ours-mimalloc]
                                 [--workloads short,long,mixed,mixed-long] [--out bench/out/batch.json]
 
 Every request is a streamed chat completion sent with the official ``openai`` client at
 temperature 0; a client sends its next request when its last one ends (closed loop), and a level
 of C clients sends max(C, 8) requests (long answers: max(C, 4)), every prompt new to the server. Per level: time to first token
 and whole-request latency (p50, p95), and completion tokens per second over the level's wall time.
+
+Servers: ``ours`` (this project's ``serve``), ``ours-b1`` (the same, ``--max-batch 1``), ``hf-cb``
+(``transformers serve --continuous-batching``), and ``ours-tcmalloc``, ``ours-jemalloc``,
+``ours-mimalloc``: ours with that allocator preloaded, as training processes are.
 
 Workloads:
   short  real GitHub issues (``../shared/data/nlbse24_sample.json``, bodies up to 4,000
@@ -67,6 +71,10 @@ def workload(name: str) -> tuple[list[list[dict]], int]:
     return [[{"role": "user", "content": _human(r)}] for r in records], 128
 
 
+# this server with a caching allocator preloaded (bench/README "Allocators": does it help serving?)
+ALLOCATOR_SERVERS = {"ours-tcmalloc": "tcmalloc_minimal", "ours-jemalloc": "jemalloc", "ours-mimalloc": "mimalloc"}
+
+
 class Server:
     """One server process on a loopback port, started and stopped by the benchmark."""
 
@@ -79,7 +87,13 @@ class Server:
             cli = str(Path(sys.executable).with_name("transformers"))
             cmd = [cli, "serve", model_dir, "--port", str(self.port), "--device", "cpu", "--dtype", "float32"]
             cmd += ["--continuous-batching"] if kind == "hf-cb" else []
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(Path(home) / f"{kind}.log", "w"))
+        env = dict(os.environ)
+        if kind in ALLOCATOR_SERVERS:
+            from gpt_finetune.worker.allocator import allocator_env
+
+            env.update(allocator_env(env, ALLOCATOR_SERVERS[kind]))
+        log = open(Path(home) / f"{kind}.log", "w")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env)
         self.url = f"http://127.0.0.1:{self.port}"
         for _ in range(600):
             try:
