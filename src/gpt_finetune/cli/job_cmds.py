@@ -11,6 +11,8 @@ from typing import Any
 from ..contract import SUFFIX_MAX, JobStatus
 from ..data.analysis import analyze_file
 from ..errors import BackendError, ConfigError, DataError
+from ..local.export import FORMATS as EXPORT_FORMATS
+from ..local.export import GGUF_DTYPES
 from .common import (
     add_config_flag,
     add_connection_flags,
@@ -245,14 +247,14 @@ def add_models(p: argparse.ArgumentParser) -> None:
     exp.add_argument(
         "--format",
         dest="export_format",
-        choices=("hf", "gguf", "adapter"),
+        choices=EXPORT_FORMATS,
         default="gguf",
         help="hf: merged safetensors model; gguf: one GGUF file and a Modelfile (default); "
         "adapter: the LoRA as PEFT wrote it and as a llama.cpp LoRA GGUF",
     )
     exp.add_argument(
         "--dtype",
-        choices=("f32", "f16", "bf16", "q8_0"),
+        choices=GGUF_DTYPES,  # the widest set; check_request refuses a pair that does not go together
         help="tensor type (default: q8_0 for gguf, f32 for hf and adapter; q8_0 is for gguf only)",
     )
     exp.add_argument(
