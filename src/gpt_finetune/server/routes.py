@@ -7,6 +7,7 @@ slow disk never stalls the event loop that streams chat answers.
 from __future__ import annotations
 
 import re
+from enum import Enum
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
@@ -94,6 +95,23 @@ def file_content(request: Request, file_id: str) -> FileResponse:
     return FileResponse(path, media_type="application/octet-stream", filename=row["filename"])
 
 
+# Extensions: what OpenAI's API has no endpoint for, on paths of their own beside OpenAI's (as
+# vLLM adds /tokenize); the dashboard uses these and nothing else, so any client can do what it does.
+EXTENSION: list[str | Enum] = ["extensions"]
+
+
+@router.get("/v1/files/{file_id}/check", tags=EXTENSION)
+def check_file(request: Request, file_id: str, model: str | None = None, n_epochs: str | None = None) -> dict[str, Any]:
+    """Extension: ``validate``'s findings and ``stats``' figures for an uploaded file (tokens
+    as ``model`` counts them, the label distribution, epochs and what OpenAI would have billed)."""
+    epochs: int | str | None = n_epochs
+    if n_epochs is not None and n_epochs != "auto":
+        if not n_epochs.isdigit() or int(n_epochs) < 1:
+            raise BackendError("n_epochs must be 'auto' or a whole number of at least 1", param="n_epochs")
+        epochs = int(n_epochs)
+    return _services(request).files.check(file_id, model=model, n_epochs=epochs)
+
+
 # ---- fine-tuning jobs ---------------------------------------------------------------------------
 @router.post("/v1/fine_tuning/jobs", openapi_extra=body_doc(job_schema()))
 async def create_job(request: Request) -> dict[str, Any]:
@@ -144,6 +162,13 @@ def list_events(
 ) -> dict[str, Any]:
     data, more = _services(request).jobs.list_events(job_id, limit=limit, after=after)
     return _page(data, more)
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}/details", tags=EXTENSION)
+def job_details(request: Request, job_id: str) -> dict[str, Any]:
+    """Extension: every hyperparameter as resolved, the local options, the label sets of a
+    classification job and the memory plan of its worker."""
+    return _services(request).jobs.details(job_id)
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")

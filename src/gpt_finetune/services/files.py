@@ -107,6 +107,34 @@ class FileService:
             pass
         return True
 
+    def check(self, file_id: str, *, model: str | None = None, n_epochs: int | str | None = None) -> dict[str, Any]:
+        """What ``validate`` and ``stats`` say of an uploaded file, before a job is started on it
+        (the dashboard's "create a job" page shows it; any client may ask). The findings name
+        the file by its upload name, never by its path on the server's disk."""
+        from ..data.analysis import analyze_file
+        from ..data.stats import stats_dict
+
+        row = self.retrieve(file_id)
+        path = self.path(file_id)
+        if not path.is_file():
+            raise NotFoundError(f"The content of file {file_id} is gone from the server's disk", code="file_not_found")
+        report = analyze_file(path, model, workers=1)
+        stats = stats_dict(report, n_epochs)
+        stats["file"] = row["filename"]
+        findings = [{**f.as_dict(), "path": row["filename"]} for f in report.findings]
+        counts = dict(report.finding_counts)
+        return {
+            "object": "file.check",
+            "id": row["id"],
+            "filename": row["filename"],
+            "ok": report.n_errors == 0,
+            "n_errors": report.n_errors,
+            "n_warnings": sum(n for k, n in counts.items() if k.startswith("warning:")),
+            "counts": counts,
+            "findings": findings,  # at most 100 of each kind, as validate prints them
+            "stats": stats,
+        }
+
     @staticmethod
     def to_openai(row: dict[str, Any]) -> dict[str, Any]:
         return {

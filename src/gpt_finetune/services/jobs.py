@@ -406,6 +406,26 @@ class JobService:
             },
         )
 
+    def details(self, job_id: str) -> dict[str, Any]:
+        """What OpenAI's job object has no field for: every hyperparameter as resolved, the local
+        training options, the label sets of a classification job (what a label-constrained
+        answer chooses among) and the memory plan its worker made (None before it started)."""
+        from ..local.memory import MemoryPlan
+
+        row = self._row(job_id)
+        spec = JobSpec.from_row(row)
+        plan = row.get("plan")
+        return {
+            "object": "fine_tuning.job.details",
+            "id": row["id"],
+            "method": spec.method,
+            "hyperparameters": spec.hyperparameters.to_json(),
+            "local": spec.local.to_json(),
+            "labels": spec.labels.to_json() if spec.labels else None,
+            "plan": plan,
+            "plan_summary": MemoryPlan.from_dict(plan).describe() if plan else None,
+        }
+
     def set_plan(self, job_id: str, plan: dict[str, Any]) -> None:
         """Keep the memory plan a job's worker made, so that a resumed job trains the same steps."""
         self.store.update("jobs", job_id, {"plan": plan})
