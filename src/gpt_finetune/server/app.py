@@ -25,6 +25,7 @@ from ..contract import LocalOptions
 from ..errors import GptFinetuneError, error_body
 from ..services import Services
 from ..settings import redact
+from .dashboard import SecurityHeaders, is_open
 
 log = logging.getLogger("gpt_finetune.server")
 
@@ -109,7 +110,7 @@ class ApiKeys:
         self.keys = [k.encode() for k in keys]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS or is_open(scope["path"]):
             await self.app(scope, receive, send)
             return
         sent = [v for k, v in scope.get("headers") or [] if k == b"authorization"]
@@ -140,7 +141,13 @@ class ApiKeys:
 
 def create_app(services: Services, config: ServerConfig | None = None) -> FastAPI:
     config = config or ServerConfig()
-    app = FastAPI(title="gpt-finetune", version=__version__, description="OpenAI's fine-tuning API on your machine")
+    app = FastAPI(
+        title="gpt-finetune",
+        version=__version__,
+        description="OpenAI's fine-tuning API on your machine",
+        docs_url=None,  # served by .dashboard from the package's own copy of Swagger UI, not a CDN
+        redoc_url=None,
+    )
     app.state.services = services
     app.state.config = config
 
@@ -176,10 +183,11 @@ def create_app(services: Services, config: ServerConfig | None = None) -> FastAP
         log.exception("%s %s failed", request.method, request.url.path)
         return error_response(500, "The server had an error while processing your request.", type="server_error")
 
-    from . import chat_routes, routes
+    from . import chat_routes, dashboard, routes
 
     app.include_router(routes.router)
     app.include_router(chat_routes.router)
+    dashboard.mount(app)
     # outermost last: the guards (and the access log) see every request first, then CORS answers
     # the preflights of the origins the operator allows, before keys and limits
     app.add_middleware(ApiKeys, keys=config.api_keys)  # type: ignore[arg-type]
@@ -201,4 +209,5 @@ def create_app(services: Services, config: ServerConfig | None = None) -> FastAP
         allowed_hosts=config.allowed_hosts,
         cors_origins=config.cors_origins,
     )
+    app.add_middleware(SecurityHeaders)  # type: ignore[arg-type]
     return app
