@@ -22,8 +22,8 @@ quickstart: install
 	$(BIN)/gpt-finetune quickstart
 
 lint: install
-	$(BIN)/ruff check src tests bench *.py examples
-	$(BIN)/ruff format --check src tests bench *.py examples
+	$(BIN)/ruff check src tests bench docs *.py examples
+	$(BIN)/ruff format --check src tests bench docs *.py examples
 	$(BIN)/mypy src
 
 test: lint

@@ -249,6 +249,8 @@ def test_the_playground_streams_compares_and_gives_a_labels_confidence(server, f
     assert answer in ("red", "blue", "green", "gold")
     assert re.fullmatch(r"confidence \d+\.\d%", page.inner_text(".confidence"))
     assert '"structured_outputs"' in watched.chat_bodies[-1]
+    page.select_option("#model-a", "tiny-llama")  # a base model has no labels to choose among
+    assert page.is_hidden("#constrained")
 
 
 def test_a_key_protected_server_refuses_the_dashboard_until_a_key_is_entered(browser, tmp_path, tiny_model_dir):

@@ -30,7 +30,7 @@ const SVG_NS = "http://www.w3.org/2000/svg";
 function svg(tag, attrs = {}, ...kids) {
   const node = document.createElementNS(SVG_NS, tag);
   for (const [name, value] of Object.entries(attrs)) node.setAttribute(name, String(value));
-  for (const kid of kids.flat()) if (kid) node.append(kid instanceof Node ? kid : String(kid));
+  for (const kid of kids.flat(Infinity)) if (kid) node.append(kid instanceof Node ? kid : String(kid));
   return node;
 }
 
