@@ -219,6 +219,8 @@ def test_a_job_started_from_the_page_trains_its_chart_grows_and_cancel_cancels(s
     first = int(page.get_attribute(chart, "data-points"))
     until(page, f"Number(document.querySelector('{chart}')?.dataset.points) > {first}", WAIT_MS)
     assert watched.status() == "running"  # it grew while the job ran, without a reload
+    drawn = page.locator(f"{chart} circle").count()  # a dot per point, and a line through them
+    assert drawn >= first + 1 and page.locator(f"{chart} polyline").count() >= 1
     page.click("button[data-action=cancel]")
     page.wait_for_selector("dd [data-status=cancelled]", timeout=WAIT_MS)
     assert server.client().fine_tuning.jobs.retrieve(job_id).status == "cancelled"
