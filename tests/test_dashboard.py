@@ -355,6 +355,9 @@ def test_the_extension_endpoints_answer_any_client(server, finished_job, tmp_pat
     assert str(server.home) not in str(check)
     r = httpx.get(f"{server.url}/v1/files/{bad.id}/check", params={"n_epochs": "zero"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "n_epochs"
+    array = client.files.create(file=("array.json", b'[{"messages": []}]'), purpose="fine-tune")
+    r = httpx.get(f"{server.url}/v1/files/{array.id}/check")
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith("array.json:1: is a JSON array")
     details = httpx.get(f"{server.url}/v1/fine_tuning/jobs/{finished_job.id}/details").json()
     assert details["hyperparameters"]["n_epochs"] == 2 and details["plan"]["estimated_peak_bytes"] > 0
     assert details["labels"]["label_sets"] and details["plan_summary"].startswith("Memory plan")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..atomic import atomic_outputs
-from ..errors import BackendError, NotFoundError
+from ..errors import BackendError, DataError, NotFoundError
 from ..home import Home, safe_name
 from ..store import Store, new_id, now
 
@@ -118,7 +118,12 @@ class FileService:
         path = self.path(file_id)
         if not path.is_file():
             raise NotFoundError(f"The content of file {file_id} is gone from the server's disk", code="file_not_found")
-        report = analyze_file(path, model, workers=1)
+        try:
+            report = analyze_file(path, model, workers=1)
+        except DataError as exc:  # the whole file is unusable: the same error, naming the upload
+            raise DataError(
+                exc.detail, path=row["filename"], line=exc.line, field=exc.field, hint=exc.hint, code=exc.code
+            ) from None
         stats = stats_dict(report, n_epochs)
         stats["file"] = row["filename"]
         findings = [{**f.as_dict(), "path": row["filename"]} for f in report.findings]
