@@ -637,18 +637,20 @@ async function newJobPage() {
 }
 
 // ---- files and models ---------------------------------------------------------------------------
+async function removeAfterConfirming(path, what) {
+  if (!confirm(`Delete ${what}?`)) return;
+  try {
+    await api(path, { method: "DELETE" });
+    notice(`Deleted ${what}.`);
+    render();
+  } catch (error) {
+    notice(error.message);
+  }
+}
+
 async function filesPage() {
   const files = await listAll("/v1/files", 1000);
-  const remove = async (f) => {
-    if (!confirm(`Delete ${f.filename} (${f.id})?`)) return;
-    try {
-      await api(`/v1/files/${encodeURIComponent(f.id)}`, { method: "DELETE" });
-      notice(`Deleted ${f.filename}.`);
-      render();
-    } catch (error) {
-      notice(error.message);
-    }
-  };
+  const remove = (f) => removeAfterConfirming(`/v1/files/${encodeURIComponent(f.id)}`, `${f.filename} (${f.id})`);
   return el(
     "section",
     {},
@@ -685,16 +687,7 @@ function modelKind(m) {
 async function modelsPage() {
   const models = (await api("/v1/models")).data;
   const kids = (id, kind) => models.filter((m) => m.parent === id && modelKind(m) === kind).map((m) => m.id);
-  const remove = async (m) => {
-    if (!confirm(`Delete ${m.id}?`)) return;
-    try {
-      await api(`/v1/models/${encodeURIComponent(m.id)}`, { method: "DELETE" });
-      notice(`Deleted ${m.id}.`);
-      render();
-    } catch (error) {
-      notice(error.message);
-    }
-  };
+  const remove = (m) => removeAfterConfirming(`/v1/models/${encodeURIComponent(m.id)}`, m.id);
   return el(
     "section",
     {},
