@@ -594,8 +594,15 @@ class Engine:
             group.plain = plain_attention(p.cache)
         # the request's other choices share this prompt: they join now, from the same cache
         siblings = [s for s in group.waiting if s.request is seq.request]
-        self._join(group, seq, p.cache, logits, share=bool(siblings))
-        for sib in siblings:
+        try:
+            self._join(group, seq, p.cache, logits, share=bool(siblings))
+        except BaseException:
+            # while it joins the sequence is in none of the group's lists: put it back, so the
+            # batch's failure reaches its caller instead of leaving it waiting for ever
+            if seq not in group.running:
+                group.waiting.appendleft(seq)
+            raise
+        for sib in siblings:  # a sibling failing to join fails with seq's request, now running
             if len(group.running) >= self.max_batch or not self._room(group, sib):
                 break
             group.waiting.remove(sib)
