@@ -125,6 +125,34 @@ def test_long_prompts_are_read_in_chunks_and_answer_the_same(tmp_path, tiny_mode
     assert _same(_together(engine, tiny_model_dir, jobs, late=[(adapters[2], 0)]), alone)
 
 
+def test_a_sliding_window_model_falls_back_to_a_cache_per_sequence_and_answers_the_same(tmp_path, smol_tokenizer_dir):
+    """A model whose layers are partly sliding-window (Qwen2 with ``use_sliding_window``: the
+    first layer full, the second seeing 8 positions) does not fit the slot layout, which keeps
+    every position; the engine then keeps one transformers cache per sequence. Every prompt here
+    is longer than the window, so a wrong fallback (slots, or a full cache) changes the answers."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    model = tmp_path / "tiny-sliding"
+    tok = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        use_sliding_window=True, sliding_window=8, max_window_layers=1, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    assert cfg.layer_types == ["full_attention", "sliding_attention"]
+    Qwen2ForCausalLM(cfg).save_pretrained(model)
+    tok.save_pretrained(model)
+    jobs = [(None, k) for k in range(4)]
+    alone = _alone(tmp_path, model, jobs)
+    assert all(len(v[0]) > 2 for v in alone.values())  # answers long enough to leave the window behind
+    engine = _engine(tmp_path, "sliding", max_batch=16)
+    assert _same(_together(engine, model, jobs, late=[(None, 3)]), alone)
+    assert engine.peak_batch > 1  # decoded side by side, each row from its own cache
+
+
 def test_a_seed_gives_the_same_sample_whatever_is_batched_beside_it(tmp_path, tiny_model_dir, adapters):
     from gpt_finetune.local.inference import ChoiceEnd, GenRequest
 
@@ -233,3 +261,34 @@ def test_a_failed_batched_step_fails_that_batch_once_and_the_engine_serves_on(tm
     # the next request is served as if nothing had happened
     after = engine.complete(str(tiny_model_dir), None, _prompt(1), max_tokens=10, temperature=0)
     assert after.token_ids == expected
+
+
+def test_a_sequence_that_fails_to_join_the_batch_fails_its_request_instead_of_hanging(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """Between its prefill and its row in the batch a sequence is in none of the batch's lists:
+    a failure there (growing the cache, here) must still reach its caller."""
+    from gpt_finetune.local import batching
+    from gpt_finetune.local.inference import Failed, GenRequest
+
+    engine = _engine(tmp_path, "joining", max_batch=8)
+    expected = engine.complete(str(tiny_model_dir), None, _prompt(2), max_tokens=10, temperature=0).token_ids
+    real, calls = batching.SlotCache.reserve, {"n": 0}
+
+    def reserve(self, rows, width, like):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected: no room for the row")
+        return real(self, rows, width, like)
+
+    monkeypatch.setattr(batching.SlotCache, "reserve", reserve)
+    handle = engine.submit(GenRequest(str(tiny_model_dir), None, _prompt(1), max_tokens=10, temperature=0))
+    events = []
+    thread = threading.Thread(target=lambda: events.extend(handle.events()), daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "the request was lost: its caller still waits"
+    assert isinstance(events[-1], Failed) and "injected" in str(events[-1].error)
+    assert engine.running() == 0 and engine.pending() == 0
+    after = engine.complete(str(tiny_model_dir), None, _prompt(2), max_tokens=10, temperature=0).token_ids
+    assert after == expected and calls["n"] > 1
