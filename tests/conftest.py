@@ -179,3 +179,29 @@ def train_spec(tmp_path: Path, model_dir, n_examples: int = 24, **kw):
     )
     args.update(kw)
     return TrainSpec(**args)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for the session (tests/postgres.py). Skipped where PostgreSQL or
+    psycopg is missing, unless GPT_FINETUNE_REQUIRE_POSTGRES is set (CI): then that fails."""
+    from postgres import Server
+
+    try:
+        import psycopg  # noqa: F401
+
+        server = Server()
+        server.start()
+    except (ImportError, FileNotFoundError) as exc:
+        if os.environ.get("GPT_FINETUNE_REQUIRE_POSTGRES"):
+            raise
+        pytest.skip(f"no PostgreSQL here: {exc}")
+    yield server
+    server.remove()
+
+
+@pytest.fixture
+def pg_url(postgres, request):
+    """The URL of a new, empty database on the session's server, for this test alone."""
+    name = "t_" + re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:50] + "_" + os.urandom(3).hex()
+    return postgres.new_database(name)

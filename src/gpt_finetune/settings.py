@@ -228,6 +228,8 @@ class Settings:
     base_url: str | None = _opt(_str, env=("OPENAI_BASE_URL",))
     backend: str | None = _opt(_choice("auto", "openai", "local"))
     home: str | None = _opt(_str)
+    # the store: a PostgreSQL URL shared by several machines (default: SQLite in the home)
+    store_url: str | None = _opt(_str, secret=True)
     # data preparation (data_process.cfg)
     sys_prompt: str | None = _opt(_str)
     task_type: str | None = _opt(_choice("answering", "classification"))

@@ -1,8 +1,18 @@
-"""The SQLite store: files, jobs, events, checkpoints and models under one data directory.
+"""The store: files, jobs, events, checkpoints and models. SQLite in the data directory by default;
+PostgreSQL when ``store_url`` names one (several machines, one queue: README "Several machines").
 
-Schema changes are an append-only list of migrations (``PRAGMA user_version`` counts how many
-ran). WAL mode lets the CLI, the server and the training worker read while one writes; each
-thread gets its own connection.
+Schema changes are an append-only list of migrations, one list per dialect, entry for entry the
+same change (``tests/test_store.py`` checks that both give the same tables and columns); the
+version is SQLite's ``PRAGMA user_version``, PostgreSQL's ``schema_version`` table. The services
+write SQL once, in the common subset of the two (``?`` placeholders, ``rowid`` for insertion
+order, which PostgreSQL's tables carry as a column), and ask the store for the two things that
+differ: a JSON field (``json_field``) and the row lock of a claim (``claim_lock``).
+
+SQLite: WAL mode lets the CLI, the server and the training worker read while one writes; each
+thread gets its own connection. PostgreSQL through psycopg 3 rather than SQLAlchemy: the
+services' SQL is already written and small, and what is needed beyond it (a connection per
+thread, reconnecting after the server restarts, ``FOR UPDATE SKIP LOCKED``) is a few lines of
+psycopg, where an ORM or SQLAlchemy Core would mean rewriting every query.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from typing import Any
 
 from .errors import StoreError
 
+# SQLite's migrations; POSTGRES_MIGRATIONS below is the same list in PostgreSQL's words
 MIGRATIONS: list[str] = [
     """
     CREATE TABLE files (
@@ -65,6 +76,50 @@ MIGRATIONS: list[str] = [
     "ALTER TABLE jobs ADD COLUMN spec TEXT;",
 ]
 
+# The same migrations for PostgreSQL, entry for entry: 64-bit integers (sizes, epoch seconds past
+# 2038), a ``rowid`` column where SQLite has its implicit one (the services order by it), and
+# BIGSERIAL for SQLite's AUTOINCREMENT.
+POSTGRES_MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE files (
+        rowid BIGSERIAL UNIQUE, id TEXT PRIMARY KEY, filename TEXT NOT NULL, purpose TEXT NOT NULL,
+        bytes BIGINT NOT NULL, created_at BIGINT NOT NULL, path TEXT NOT NULL
+    );
+    CREATE TABLE jobs (
+        rowid BIGSERIAL UNIQUE, id TEXT PRIMARY KEY, created_at BIGINT NOT NULL, model TEXT NOT NULL,
+        base_model TEXT NOT NULL, status TEXT NOT NULL, training_file TEXT NOT NULL, validation_file TEXT,
+        hyperparameters TEXT NOT NULL, method TEXT NOT NULL, suffix TEXT, seed BIGINT NOT NULL,
+        fine_tuned_model TEXT, finished_at BIGINT, error TEXT, trained_tokens BIGINT,
+        result_files TEXT NOT NULL DEFAULT '[]', metadata TEXT, options TEXT NOT NULL DEFAULT '{}',
+        attempts INTEGER NOT NULL DEFAULT 0, worker_pid BIGINT, estimated_finish BIGINT
+    );
+    CREATE INDEX jobs_status ON jobs(status, created_at);
+    CREATE TABLE events (
+        seq BIGSERIAL PRIMARY KEY, id TEXT UNIQUE NOT NULL, job_id TEXT NOT NULL,
+        created_at BIGINT NOT NULL, level TEXT NOT NULL, message TEXT NOT NULL, type TEXT NOT NULL,
+        data TEXT
+    );
+    CREATE INDEX events_job ON events(job_id, seq);
+    CREATE TABLE checkpoints (
+        id TEXT PRIMARY KEY, job_id TEXT NOT NULL, created_at BIGINT NOT NULL, step_number BIGINT NOT NULL,
+        fine_tuned_model_checkpoint TEXT NOT NULL UNIQUE, metrics TEXT NOT NULL, path TEXT NOT NULL
+    );
+    CREATE INDEX checkpoints_job ON checkpoints(job_id, step_number);
+    CREATE TABLE models (
+        id TEXT PRIMARY KEY, created BIGINT NOT NULL, owned_by TEXT NOT NULL, kind TEXT NOT NULL,
+        base TEXT, path TEXT NOT NULL, job_id TEXT
+    );
+    """,
+    "ALTER TABLE jobs ADD COLUMN plan TEXT;",
+    """
+    CREATE TABLE aliases (
+        id TEXT PRIMARY KEY, model TEXT NOT NULL, created BIGINT NOT NULL, note TEXT
+    );
+    CREATE INDEX aliases_model ON aliases(model);
+    """,
+    "ALTER TABLE jobs ADD COLUMN spec TEXT;",
+]
+
 JSON_COLUMNS = {
     "hyperparameters",
     "method",
@@ -88,6 +143,82 @@ def now() -> int:
 
 
 class Store:
+    """What the services call, whichever database holds the rows. ``tx()`` is one write
+    transaction; the helpers are each one statement in a transaction of its own."""
+
+    dialect = ""
+    url: str | None = None  # as configured (store_url); None for the data directory's own file
+    _local: threading.local  # each thread's connection
+
+    def environment(self) -> dict[str, str]:
+        """What a process started for this data directory (the runner, its workers) needs in its
+        environment to open this same store."""
+        return {"GPT_FINETUNE_STORE_URL": self.url} if self.url else {}
+
+    def _connect(self) -> Any:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            self._local.conn = None
+            try:
+                conn.close()
+            except Exception:  # a connection the server already dropped
+                pass
+
+    @contextmanager
+    def tx(self) -> Iterator[Any]:
+        raise NotImplementedError
+        yield
+
+    def json_field(self, column: str, key: str) -> tuple[str, list[Any]]:
+        """(SQL, parameters) reading ``key`` of the JSON object in ``column`` as text."""
+        raise NotImplementedError
+
+    @property
+    def claim_lock(self) -> str:
+        """What a claim's SELECT ends with so that two claimers never take one row (SQLite's
+        BEGIN IMMEDIATE already serialises writers: nothing)."""
+        return ""
+
+    # generic helpers
+    def insert(self, table: str, row: dict[str, Any]) -> None:
+        cols = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        with self.tx() as conn:
+            conn.execute(f"INSERT INTO {table} ({cols}) VALUES ({marks})", [_enc(k, v) for k, v in row.items()])
+
+    def update(self, table: str, key: str, changes: dict[str, Any], *, where: str = "", params: tuple = ()) -> bool:
+        """Update one row; ``where`` adds a condition (a ``contract.sql_in`` clause). True if it changed."""
+        sets = ", ".join(f"{k} = ?" for k in changes)
+        sql = f"UPDATE {table} SET {sets} WHERE id = ?" + (f" AND ({where})" if where else "")
+        with self.tx() as conn:
+            cur = conn.execute(sql, [*(_enc(k, v) for k, v in changes.items()), key, *params])
+            return bool(cur.rowcount > 0)
+
+    def get(self, table: str, key: str) -> dict[str, Any] | None:
+        rows = self.query(f"SELECT * FROM {table} WHERE id = ?", (key,))
+        return rows[0] if rows else None
+
+    def query(self, sql: str, params: tuple | list = ()) -> list[dict[str, Any]]:
+        return [_dec(r) for r in self._read(sql, params)]
+
+    def _read(self, sql: str, params: tuple | list) -> list[Any]:
+        return list(self._connect().execute(sql, params).fetchall())
+
+    def execute(self, sql: str, params: tuple | list = ()) -> int:
+        with self.tx() as conn:
+            return int(conn.execute(sql, params).rowcount)
+
+    def delete(self, table: str, key: str) -> bool:
+        with self.tx() as conn:
+            return bool(conn.execute(f"DELETE FROM {table} WHERE id = ?", (key,)).rowcount > 0)
+
+
+class SqliteStore(Store):
+    dialect = "sqlite"
+
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,6 +236,9 @@ class Store:
             self.close()
             raise StoreError(f"the store {self.path} cannot be read: {exc}", hint=hint) from None
 
+    def __str__(self) -> str:
+        return str(self.path)
+
     def _connect(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
@@ -115,12 +249,6 @@ class Store:
             conn.execute("PRAGMA foreign_keys=ON")
             self._local.conn = conn
         return conn
-
-    def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
@@ -135,6 +263,9 @@ class Store:
             raise
         conn.execute("COMMIT")
 
+    def json_field(self, column: str, key: str) -> tuple[str, list[Any]]:
+        return f"json_extract({column}, ?)", ['$."' + key.replace('"', '""') + '"']
+
     def _migrate(self) -> None:
         conn = self._connect()
         conn.execute("PRAGMA quick_check(1)")  # a corrupt file fails here, not in the middle of a command
@@ -146,35 +277,34 @@ class Store:
                         conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {i + 1}")
 
-    # generic helpers
-    def insert(self, table: str, row: dict[str, Any]) -> None:
-        cols = ", ".join(row)
-        marks = ", ".join("?" for _ in row)
-        with self.tx() as conn:
-            conn.execute(f"INSERT INTO {table} ({cols}) VALUES ({marks})", [_enc(k, v) for k, v in row.items()])
 
-    def update(self, table: str, key: str, changes: dict[str, Any], *, where: str = "", params: tuple = ()) -> bool:
-        """Update one row; ``where`` adds a condition (a ``contract.sql_in`` clause). True if it changed."""
-        sets = ", ".join(f"{k} = ?" for k in changes)
-        sql = f"UPDATE {table} SET {sets} WHERE id = ?" + (f" AND ({where})" if where else "")
-        with self.tx() as conn:
-            cur = conn.execute(sql, [*(_enc(k, v) for k, v in changes.items()), key, *params])
-            return cur.rowcount > 0
+def open_store(url: str | None, default_path: Path) -> Store:
+    """The store ``url`` names (``postgresql://...``), else the SQLite file ``default_path``."""
+    if not url:
+        return SqliteStore(default_path)
+    if url.startswith(("postgresql://", "postgres://")):
+        from .store_pg import PostgresStore
 
-    def get(self, table: str, key: str) -> dict[str, Any] | None:
-        row = self._connect().execute(f"SELECT * FROM {table} WHERE id = ?", (key,)).fetchone()
-        return _dec(row) if row else None
+        return PostgresStore(url)
+    if url.startswith("sqlite:///"):
+        store = SqliteStore(Path(url.removeprefix("sqlite:///")).expanduser())
+        store.url = url
+        return store
+    raise StoreError(
+        f"store_url {redact_url(url)!r} is not a store this project can use",
+        hint="postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE, or sqlite:///PATH (default: the data directory's file)",
+    )
 
-    def query(self, sql: str, params: tuple | list = ()) -> list[dict[str, Any]]:
-        return [_dec(r) for r in self._connect().execute(sql, params).fetchall()]
 
-    def execute(self, sql: str, params: tuple | list = ()) -> int:
-        with self.tx() as conn:
-            return conn.execute(sql, params).rowcount
+def redact_url(url: str) -> str:
+    """A store URL with its password hidden: what messages and logs show."""
+    from urllib.parse import urlsplit, urlunsplit
 
-    def delete(self, table: str, key: str) -> bool:
-        with self.tx() as conn:
-            return conn.execute(f"DELETE FROM {table} WHERE id = ?", (key,)).rowcount > 0
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _enc(key: str, value: Any) -> Any:
@@ -196,8 +326,9 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _dec(row: sqlite3.Row) -> dict[str, Any]:
+def _dec(row: Any) -> dict[str, Any]:
     out = dict(row)
+    out.pop("rowid", None)  # PostgreSQL's stand-in for SQLite's implicit column: not part of a row
     for key in JSON_COLUMNS & out.keys():
         if out[key] is not None:
             out[key] = json.loads(out[key])

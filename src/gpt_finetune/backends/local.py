@@ -28,6 +28,7 @@ def open_services(settings: Settings, **kw: Any) -> Services:
         settings.home,
         local_base_model=settings.local_base_model,
         model_cache=settings.model_cache,
+        store_url=settings.store_url,
         launcher=start_runner,
         **kw,
     )

@@ -52,6 +52,14 @@ def _common(p: argparse.ArgumentParser, *, nested: bool = False) -> None:
         help="data directory (default $GPT_FINETUNE_HOME or ~/.gpt-finetune)",
         **extra,
     )
+    p.add_argument(
+        "--store-url",
+        dest="store_url",
+        metavar="URL",
+        help="the store: postgresql://USER@HOST/DB shared by several machines (default $GPT_FINETUNE_STORE_URL, "
+        "else SQLite in the data directory)",
+        **extra,
+    )
     for action in p._actions if not nested else []:
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():

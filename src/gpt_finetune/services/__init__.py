@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from ..home import Home
-from ..store import Store
+from ..settings import from_env
+from ..store import Store, open_store
 from .chat import ChatService
 from .files import FileService
 from .jobs import JobService, Launcher
@@ -35,13 +36,16 @@ class Services:
         name_paths: bool = True,
         model_cache: str | Path | None = None,
         launcher: Launcher | None = None,
+        store_url: str | None = None,
     ) -> Services:
         """``name_paths=False`` for a server: its clients name models, never directories.
         ``launcher`` starts the training runner when jobs wait (the adapters give
         ``worker.launch.start_runner``; without one, nothing is started). ``engine_options``: the
-        engine's scheduling (``max_batch``, ``kv_cache_gb``, ``max_adapters``; see ``Engine``)."""
+        engine's scheduling (``max_batch``, ``kv_cache_gb``, ``max_adapters``; see ``Engine``).
+        ``store_url``: a PostgreSQL database instead of the data directory's SQLite file (default:
+        ``GPT_FINETUNE_STORE_URL``, which the runner and its workers inherit)."""
         home = Home(root, model_cache=model_cache)
-        store = Store(home.db)
+        store = open_store(store_url or from_env("store_url"), home.db)
         files = FileService(store, home)
         models = ModelService(store, home, local_base_model=local_base_model, name_paths=name_paths)
         jobs = JobService(store, home, files, models, launcher=launcher)

@@ -50,7 +50,9 @@ from .models import ModelService
 
 S = JobStatus
 MAX_ATTEMPTS = 3
-Launcher = Callable[[Home], None]  # starts a runner for a data directory (worker.launch)
+# starts a runner for a data directory (worker.launch), with what its environment needs beyond
+# the user's (the store's URL where it is not the data directory's file)
+Launcher = Callable[[Home, dict[str, str]], None]
 
 
 class JobService:
@@ -327,8 +329,9 @@ class JobService:
             where.append("(created_at < ? OR (created_at = ? AND rowid < ?))")
             params += [cursor[0]["created_at"], cursor[0]["created_at"], cursor[0]["r"]]
         for key, value in (metadata or {}).items():
-            where.append("json_extract(metadata, ?) = ?")
-            params += ['$."' + key.replace('"', '""') + '"', value]
+            field, field_params = self.store.json_field("metadata", key)
+            where.append(f"{field} = ?")
+            params += [*field_params, value]
         sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
         rows = self.store.query(f"{sql} ORDER BY created_at DESC, rowid DESC LIMIT ?", [*params, limit + 1])
         return [self.to_openai(r) for r in rows[:limit]], len(rows) > limit
@@ -556,6 +559,7 @@ class JobService:
         with self.store.tx() as conn:
             row = conn.execute(
                 f"SELECT id FROM jobs WHERE {sql_in([S.QUEUED])} ORDER BY created_at, rowid LIMIT 1"
+                + self.store.claim_lock
             ).fetchone()
             if row is None:
                 return None
@@ -606,7 +610,7 @@ class JobService:
         """Start a runner (through the launcher) if jobs wait and none is alive. True if one was started."""
         if self.launcher is None or not self.has_active() or self.runner_alive():
             return False
-        self.launcher(self.home)
+        self.launcher(self.home, self.store.environment())
         return True
 
     # ---- shapes -------------------------------------------------------------------------

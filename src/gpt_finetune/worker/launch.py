@@ -18,8 +18,9 @@ from ..process_env import user_environ
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the directory that holds gpt_finetune/
 
 
-def start_runner(home: Home) -> None:
+def start_runner(home: Home, extra_env: dict[str, str] | None = None) -> None:
     env = user_environ()
+    env.update(extra_env or {})  # the store's URL, set in a config file or flag rather than the environment
     # found from a source checkout too (no install), whatever the working directory
     env["PYTHONPATH"] = PACKAGE_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     with open(home.logs / "runner.log", "ab") as log:
