@@ -173,3 +173,22 @@ def test_a_job_through_serve_and_its_runner_with_the_store_on_postgresql(pg_url,
     pg = open_store(pg_url, tmp_path / "unused.db")
     assert pg.query("SELECT status FROM jobs WHERE id = ?", (job.id,)) == [{"status": "succeeded"}]
     assert not (home / "gpt-finetune.db").exists()
+
+
+def test_one_runner_per_postgresql_store_whichever_data_directory_asks(pg_url, tmp_path):
+    """Two machines (two data directories) sharing one store: while a runner holds the lock, the
+    other sees a runner alive and would not start one (whose orphan recovery would take the first
+    one's running job for an orphan); the SQLite store's lock stays per data directory."""
+    a = Services.open(tmp_path / "machine-a", store_url=pg_url)
+    b = Services.open(tmp_path / "machine-b", store_url=pg_url)
+    lock = a.jobs.runner_lock()
+    assert not b.jobs.runner_alive() and lock.acquire()
+    assert b.jobs.runner_alive() and a.jobs.runner_alive()
+    assert not b.jobs.runner_lock().acquire(attempts=2)
+    lock.release()
+    assert not b.jobs.runner_alive()
+    c, d = Services.open(tmp_path / "sqlite-c"), Services.open(tmp_path / "sqlite-d")
+    held = c.jobs.runner_lock()
+    assert held.acquire() and c.jobs.runner_alive() and not d.jobs.runner_alive()
+    held.release()
+    assert not c.jobs.runner_alive()

@@ -149,6 +149,24 @@ class PostgresStore(Store):
     def delete(self, table: str, key: str) -> bool:
         return self._retry(lambda: Store.delete(self, table, key))
 
+    def try_lock(self, name: str) -> Any | None:
+        """A session advisory lock on ``name``, held by a connection of its own until ``unlock``
+        (or until this process dies: the server then drops the session and the lock), else None
+        when another session holds it."""
+        try:
+            conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+            got = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", [name]).fetchone()
+        except psycopg.OperationalError as exc:
+            raise StoreError(f"cannot reach the store {self}: {_reason(exc)}") from None
+        if got and got[0]:
+            return conn
+        conn.close()
+        return None
+
+    @staticmethod
+    def unlock(handle: Any) -> None:
+        handle.close()  # the session's end releases its advisory locks
+
     def _migrate(self) -> None:
         with self.tx() as conn:
             conn.execute(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")

@@ -55,6 +55,54 @@ MAX_ATTEMPTS = 3
 Launcher = Callable[[Home, dict[str, str]], None]
 
 
+class RunnerLock:
+    """Held by the one runner of a store while it lives. For the default SQLite store, a file lock
+    in the data directory; for a PostgreSQL store, which several machines may share, an advisory
+    lock in the database, so that there is one runner in all: its ``recover_orphans`` then never
+    takes a job another machine is training for an orphan. (Workers on several machines, each
+    holding its jobs under a lease, are issue 26's next part.)"""
+
+    def __init__(self, store: Store, home: Home) -> None:
+        self.store, self.home = store, home
+        self._held: Any = None
+
+    def acquire(self, attempts: int = 10, wait: float = 0.05) -> bool:
+        """Take it without blocking. A client's ``runner_alive`` probe holds it for microseconds, a
+        runner for as long as it lives: a few tries apart tell them apart, so a probe at the wrong
+        moment does not make a runner leave jobs waiting with no runner at all."""
+        for attempt in range(attempts):
+            if self._try():
+                return True
+            if attempt + 1 < attempts:
+                time.sleep(wait)
+        return False
+
+    def _try(self) -> bool:
+        try_lock = getattr(self.store, "try_lock", None)
+        if try_lock is not None:
+            self._held = try_lock("gpt-finetune runner")
+            return self._held is not None
+        fh = open(self.home.runner_lock, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            return False
+        self._held = fh
+        return True
+
+    def release(self) -> None:
+        held, self._held = self._held, None
+        if held is None:
+            return
+        unlock = getattr(self.store, "unlock", None)
+        if unlock is not None:
+            unlock(held)
+        else:
+            fcntl.flock(held, fcntl.LOCK_UN)
+            held.close()
+
+
 class JobService:
     def __init__(
         self, store: Store, home: Home, files: FileService, models: ModelService, launcher: Launcher | None = None
@@ -597,14 +645,15 @@ class JobService:
     def has_active(self) -> bool:
         return bool(self.store.query(f"SELECT 1 FROM jobs WHERE {sql_in(NEEDS_RUNNER)} LIMIT 1"))
 
+    def runner_lock(self) -> RunnerLock:
+        return RunnerLock(self.store, self.home)
+
     def runner_alive(self) -> bool:
-        with open(self.home.runner_lock, "a+") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(fh, fcntl.LOCK_UN)
-            return False
+        lock = self.runner_lock()
+        if not lock.acquire(attempts=1):
+            return True
+        lock.release()
+        return False
 
     def kick(self) -> bool:
         """Start a runner (through the launcher) if jobs wait and none is alive. True if one was started."""

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import fcntl
 import logging
 import os
 import signal
 import subprocess
 import sys
 import time
-from typing import IO, Any
+from typing import Any
 
 from ..contract import JobSpec, JobStatus
 from ..services import Services
@@ -95,20 +94,6 @@ def run_job(services: Services, job: dict[str, Any], malloc: str | None = None) 
         )
 
 
-def _try_lock(fh: IO[str], attempts: int = 10, wait: float = 0.05) -> bool:
-    """Take the runner lock. A client's ``runner_alive`` probe holds it for microseconds, a
-    runner for as long as it lives: a few tries apart tell them apart, so a probe at the wrong
-    moment does not make this runner leave jobs waiting with no runner at all."""
-    for attempt in range(attempts):
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            if attempt + 1 < attempts:
-                time.sleep(wait)
-    return False
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="gpt_finetune.worker.runner")
     ap.add_argument("--home", required=True)
@@ -117,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     # what the user set for training, from the environment the launcher gave (settings.from_env)
     malloc = from_env("malloc")
     services = Services.open(args.home)
-    fh = open(services.home.runner_lock, "a+")
-    if not _try_lock(fh):
-        return 0  # another runner is alive
+    lock = services.jobs.runner_lock()
+    if not lock.acquire():
+        return 0  # another runner is alive (for a PostgreSQL store: on any machine)
     log.info("runner started")
     services.jobs.recover_orphans()
     while True:
@@ -129,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             run_job(services, job, malloc)
             continue
         # nothing queued: let go, then look once more, so a job queued meanwhile is not stranded
-        fcntl.flock(fh, fcntl.LOCK_UN)
-        if not services.jobs.has_active() or not _try_lock(fh):
+        lock.release()
+        if not services.jobs.has_active() or not lock.acquire():
             log.info("runner done")
             return 0
 
