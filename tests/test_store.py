@@ -133,6 +133,15 @@ def test_a_postgresql_restart_is_waited_out_and_nothing_written_is_lost(postgres
     assert not errors and written == list(range(40))
     events, _ = s.jobs.list_events(job_id, limit=100)
     assert sorted(int(e["message"].split()[1]) for e in events if e["message"].startswith("step ")) == written
+    # a transaction (a claim's kind) on the connection that a second restart dropped while idle
+    s.store.execute("UPDATE jobs SET status = 'queued'")
+    s.store.idle_ping_seconds = 0.0
+    postgres.restart()
+    with s.store.tx() as conn:
+        assert (
+            conn.execute("SELECT id FROM jobs WHERE status = 'queued'" + s.store.claim_lock).fetchone()["id"] == job_id
+        )
+    assert s.jobs.claim_next(4242)["id"] == job_id
 
 
 def test_a_store_that_cannot_be_reached_is_one_clear_error_without_its_password(tmp_path, postgres):

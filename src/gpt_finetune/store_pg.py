@@ -47,8 +47,10 @@ class _Connection:
 
     def __init__(self, conn: Any) -> None:
         self.raw = conn
+        self.used = time.monotonic()
 
     def execute(self, sql: str, params: tuple | list = ()) -> Any:
+        self.used = time.monotonic()
         if params:
             return self.raw.execute(_pg_sql(sql), list(params))
         return self.raw.execute(sql)
@@ -64,6 +66,9 @@ class _Connection:
 class PostgresStore(Store):
     dialect = "postgresql"
     url: str
+    # a transaction on a connection idle this long first checks that the server is still the
+    # one it connected to (a restart drops every session, which shows only at the next statement)
+    idle_ping_seconds = 5.0
 
     def __init__(self, url: str, *, reconnect_seconds: float = RECONNECT_SECONDS) -> None:
         if psycopg is None:
@@ -74,6 +79,7 @@ class PostgresStore(Store):
         self.url: str = url
         self.reconnect_seconds = reconnect_seconds
         self._local = threading.local()
+        self._connect()  # a wrong URL or a server that is down fails now, not after the retries
         try:
             self._migrate()
         except psycopg.Error as exc:
@@ -104,9 +110,33 @@ class PostgresStore(Store):
     def tx(self) -> Iterator[_Connection]:
         """One transaction. A claim's ``SELECT ... FOR UPDATE SKIP LOCKED`` (``claim_lock``) inside
         it holds its row until the commit, and other claimers skip that row."""
-        conn = self._connect()
-        with conn.raw.transaction():
-            yield conn
+        conn = self._live()
+        try:
+            with conn.raw.transaction():
+                yield conn
+        except psycopg.OperationalError as exc:  # the server went away mid-transaction: nothing committed
+            self.close()
+            raise StoreError(f"the store {self} failed: {_reason(exc)}") from None
+
+    def _live(self) -> _Connection:
+        """The thread's connection, checked if it has been idle, or a new one: retried while the
+        server cannot be reached, up to ``reconnect_seconds``."""
+        deadline = time.monotonic() + self.reconnect_seconds
+        delay = 0.2
+        while True:
+            try:
+                conn = self._connect()
+                if time.monotonic() - conn.used > self.idle_ping_seconds:
+                    conn.execute("SELECT 1")
+                return conn
+            except (psycopg.OperationalError, StoreError) as exc:
+                self.close()
+                if time.monotonic() + delay > deadline:
+                    if isinstance(exc, StoreError):
+                        raise
+                    raise StoreError(f"cannot reach the store {self}: {_reason(exc)}") from None
+                time.sleep(delay)
+                delay = min(2 * delay, 2.0)
 
     def json_field(self, column: str, key: str) -> tuple[str, list[Any]]:
         return f"({column}::jsonb ->> ?)", [key]
