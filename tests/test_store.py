@@ -201,3 +201,21 @@ def test_one_runner_per_postgresql_store_whichever_data_directory_asks(pg_url, t
     assert held.acquire() and c.jobs.runner_alive() and not d.jobs.runner_alive()
     held.release()
     assert not c.jobs.runner_alive()
+
+
+def test_the_runner_is_started_with_the_store_and_model_cache_it_was_configured_with(
+    pg_url, tmp_path, chat_file, monkeypatch
+):
+    """Set by a flag or a config file, neither is in the environment the runner inherits: the
+    launcher is given both."""
+    monkeypatch.delenv("GPT_FINETUNE_MODEL_CACHE", raising=False)
+    started: list[dict[str, str]] = []
+    s = Services.open(
+        tmp_path / "home",
+        store_url=pg_url,
+        model_cache=tmp_path / "cache",
+        launcher=lambda home, env: started.append(env),
+    )
+    file_id = s.files.create_from_path(chat_file)["id"]
+    s.jobs.create(model="gpt-4o-mini", training_file=file_id)
+    assert started == [{"GPT_FINETUNE_STORE_URL": pg_url, "GPT_FINETUNE_MODEL_CACHE": str(tmp_path / "cache")}]

@@ -659,7 +659,10 @@ class JobService:
         """Start a runner (through the launcher) if jobs wait and none is alive. True if one was started."""
         if self.launcher is None or not self.has_active() or self.runner_alive():
             return False
-        self.launcher(self.home, self.store.environment())
+        env = self.store.environment()
+        if self.home.model_cache is not None:  # given by a flag or config file: the runner reads the environment
+            env["GPT_FINETUNE_MODEL_CACHE"] = str(self.home.model_cache)
+        self.launcher(self.home, env)
         return True
 
     # ---- shapes -------------------------------------------------------------------------
