@@ -121,22 +121,14 @@ class PostgresStore(Store):
     def _live(self) -> _Connection:
         """The thread's connection, checked if it has been idle, or a new one: retried while the
         server cannot be reached, up to ``reconnect_seconds``."""
-        deadline = time.monotonic() + self.reconnect_seconds
-        delay = 0.2
-        while True:
-            try:
-                conn = self._connect()
-                if time.monotonic() - conn.used > self.idle_ping_seconds:
-                    conn.execute("SELECT 1")
-                return conn
-            except (psycopg.OperationalError, StoreError) as exc:
-                self.close()
-                if time.monotonic() + delay > deadline:
-                    if isinstance(exc, StoreError):
-                        raise
-                    raise StoreError(f"cannot reach the store {self}: {_reason(exc)}") from None
-                time.sleep(delay)
-                delay = min(2 * delay, 2.0)
+
+        def checked() -> _Connection:
+            conn = self._connect()
+            if time.monotonic() - conn.used > self.idle_ping_seconds:
+                conn.execute("SELECT 1")
+            return conn
+
+        return self._retry(checked)
 
     def json_field(self, column: str, key: str) -> tuple[str, list[Any]]:
         return f"({column}::jsonb ->> ?)", [key]
