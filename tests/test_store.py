@@ -219,3 +219,51 @@ def test_the_runner_is_started_with_the_store_and_model_cache_it_was_configured_
     file_id = s.files.create_from_path(chat_file)["id"]
     s.jobs.create(model="gpt-4o-mini", training_file=file_id)
     assert started == [{"GPT_FINETUNE_STORE_URL": pg_url, "GPT_FINETUNE_MODEL_CACHE": str(tmp_path / "cache")}]
+
+
+def test_a_postgresql_restart_while_a_job_trains_loses_nothing_and_the_job_finishes(
+    postgres, pg_url, tmp_path, tiny_model_dir
+):
+    from conftest import toy_examples
+    from test_server import Server, upload, wait_job
+
+    home = tmp_path / "home"
+    server = Server(home, tiny_model_dir, env={"GPT_FINETUNE_TRAINING_TYPE": "full", "GPT_FINETUNE_STORE_URL": pg_url})
+    try:
+        client = server.client()
+        train = upload(client, tmp_path, toy_examples(40))
+        job = client.fine_tuning.jobs.create(
+            model="gpt-4o-mini", training_file=train.id, hyperparameters={"n_epochs": 3, "batch_size": 4}
+        )
+        deadline = time.time() + 120
+        while time.time() < deadline:  # training: its first metrics are in the store
+            events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+            if any(e.type == "metrics" for e in events):
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the job did not start training")
+        postgres.restart()  # every session dropped: the server's, the runner's, the training process's
+        done = wait_job(client, job.id)
+        assert done.status == "succeeded", done.error
+        events = client.fine_tuning.jobs.list_events(job.id, limit=1000).data
+        steps = sorted(e.data["step"] for e in events if e.type == "metrics")
+        messages = [e.message for e in reversed(events) if e.type != "metrics"]
+        assert steps == list(range(1, steps[-1] + 1)) and steps[-1] == 30, messages  # each step's metrics, once
+        assert not any("resume" in e.message for e in events)  # waited out, not recovered from a checkpoint
+    finally:
+        server.stop()
+
+
+def test_on_a_shared_store_only_a_running_job_whose_lease_lapsed_is_taken_for_an_orphan(pg_url, tmp_path, chat_file):
+    s = Services.open(tmp_path / "home", store_url=pg_url)
+    file_id = s.files.create_from_path(chat_file)["id"]
+    for _ in range(2):
+        s.jobs.create(model="gpt-4o-mini", training_file=file_id, start=False)
+    s.store.execute("UPDATE jobs SET status = 'queued'")
+    held, lapsed = s.jobs.claim_next(1)["id"], s.jobs.claim_next(2)["id"]
+    s.store.execute("UPDATE jobs SET lease_until = ? WHERE id = ?", (int(time.time()) - 1, lapsed))
+    assert s.jobs.recover_orphans() == [lapsed]  # the other runner's job, its lease live, stays its own
+    assert s.jobs.status(held) == "running" and s.jobs.status(lapsed) == "queued"
+    s.jobs.renew_lease(held)
+    assert s.jobs.row(held)["lease_until"] >= int(time.time()) + 20

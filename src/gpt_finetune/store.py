@@ -74,6 +74,9 @@ MIGRATIONS: list[str] = [
     # a job's resolved description (contract.JobSpec), stored when its files are checked; rows
     # from before keep their options and load through JobSpec.from_row
     "ALTER TABLE jobs ADD COLUMN spec TEXT;",
+    # until when the runner training a job holds it (epoch seconds; renewed while it trains): on a
+    # store several machines share, only a job whose lease lapsed is taken for an orphan
+    "ALTER TABLE jobs ADD COLUMN lease_until INTEGER;",
 ]
 
 # The same migrations for PostgreSQL, entry for entry: 64-bit integers (sizes, epoch seconds past
@@ -118,6 +121,7 @@ POSTGRES_MIGRATIONS: list[str] = [
     CREATE INDEX aliases_model ON aliases(model);
     """,
     "ALTER TABLE jobs ADD COLUMN spec TEXT;",
+    "ALTER TABLE jobs ADD COLUMN lease_until BIGINT;",
 ]
 
 JSON_COLUMNS = {

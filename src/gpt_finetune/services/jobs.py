@@ -50,6 +50,10 @@ from .models import ModelService
 
 S = JobStatus
 MAX_ATTEMPTS = 3
+# How long a claimed job is held without its runner renewing the lease (it renews every third of
+# it). Only a shared store (PostgreSQL) needs it: there a runner cannot tell from a lock whether
+# the runner of another machine, or one whose database session a restart dropped, is alive.
+LEASE_SECONDS = 30
 # starts a runner for a data directory (worker.launch), with what its environment needs beyond
 # the user's (the store's URL where it is not the data directory's file)
 Launcher = Callable[[Home, dict[str, str]], None]
@@ -612,8 +616,8 @@ class JobService:
             if row is None:
                 return None
             conn.execute(
-                "UPDATE jobs SET status = ?, attempts = attempts + 1, worker_pid = ? WHERE id = ?",
-                (S.RUNNING.value, pid, row["id"]),
+                "UPDATE jobs SET status = ?, attempts = attempts + 1, worker_pid = ?, lease_until = ? WHERE id = ?",
+                (S.RUNNING.value, pid, now() + LEASE_SECONDS, row["id"]),
             )
         return self._row(row["id"])
 
@@ -632,13 +636,25 @@ class JobService:
             return True
         return False
 
-    def recover_orphans(self) -> list[str]:
-        """Called by a runner that holds the lock: every ``running`` job lost its worker, and a
-        job whose file check was cut short is checked again."""
-        self.store.execute(f"UPDATE jobs SET worker_pid = NULL WHERE {sql_in([S.VALIDATING_FILES])}")
+    def renew_lease(self, job_id: str) -> None:
+        """The runner training ``job_id`` still holds it, for another ``LEASE_SECONDS``."""
+        self.store.update("jobs", job_id, {"lease_until": now() + LEASE_SECONDS}, where=sql_in([S.RUNNING]))
+
+    def recover_orphans(self, *, startup: bool = True) -> list[str]:
+        """Called by a runner that holds the lock. On the data directory's own store every
+        ``running`` job lost its worker (the lock proves no other runner lives), and a job whose
+        file check was cut short is checked again. On a shared store only a running job whose
+        lease lapsed did: another machine's runner may be training the others."""
+        shared = self.store.dialect == "postgresql"
+        if startup and not shared:
+            self.store.execute(f"UPDATE jobs SET worker_pid = NULL WHERE {sql_in([S.VALIDATING_FILES])}")
+        sql, params = f"SELECT * FROM jobs WHERE {sql_in([S.RUNNING])}", []
+        if shared:
+            sql += " AND (lease_until IS NULL OR lease_until < ?)"
+            params.append(now())
         return [
             row["id"]
-            for row in self.store.query(f"SELECT * FROM jobs WHERE {sql_in([S.RUNNING])}")
+            for row in self.store.query(sql, params)
             if self.requeue_or_fail(row, "the training worker died", str(self.home.logs / "runner.log"))
         ]
 

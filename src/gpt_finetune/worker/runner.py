@@ -23,6 +23,7 @@ from typing import Any
 
 from ..contract import JobSpec, JobStatus
 from ..services import Services
+from ..services.jobs import LEASE_SECONDS
 from ..settings import from_env
 from .allocator import allocator_env
 
@@ -77,8 +78,12 @@ def run_job(services: Services, job: dict[str, Any], malloc: str | None = None) 
             start_new_session=False,
         )
         stop_by: float | None = None  # when a cancelled or paused job's process is killed
+        renewed = time.monotonic()
         while child.poll() is None:
             time.sleep(0.5)
+            if time.monotonic() - renewed > LEASE_SECONDS / 3:
+                jobs.renew_lease(job["id"])
+                renewed = time.monotonic()
             status = jobs.status(job["id"])
             if status in (JobStatus.CANCELLED, JobStatus.PAUSED) and stop_by is None:
                 stop_by = time.time() + (CANCEL_GRACE if status == JobStatus.CANCELLED else PAUSE_GRACE)
@@ -113,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
             log.info("training %s (attempt %s)", job["id"], job["attempts"])
             run_job(services, job, malloc)
             continue
+        if services.jobs.store.dialect == "postgresql" and services.jobs.has_active():
+            # a shared store: other machines' runners may hold running jobs; take over any whose
+            # lease lapses, and look again shortly instead of spinning
+            services.jobs.recover_orphans(startup=False)
+            time.sleep(1.0)
         # nothing queued: let go, then look once more, so a job queued meanwhile is not stranded
         lock.release()
         if not services.jobs.has_active() or not lock.acquire():
