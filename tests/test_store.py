@@ -267,3 +267,23 @@ def test_on_a_shared_store_only_a_running_job_whose_lease_lapsed_is_taken_for_an
     assert s.jobs.status(held) == "running" and s.jobs.status(lapsed) == "queued"
     s.jobs.renew_lease(held)
     assert s.jobs.row(held)["lease_until"] >= int(time.time()) + 20
+
+
+def test_an_insert_retried_after_its_answer_was_lost_is_not_doubled_nor_an_error(pg_url, tmp_path, monkeypatch):
+    import psycopg
+
+    from gpt_finetune.store import Store
+
+    store = open_store(pg_url, tmp_path / "unused.db")
+    real, calls = Store.insert, {"n": 0}
+
+    def committed_then_lost(self, table, row):
+        calls["n"] += 1
+        real(self, table, row)
+        if calls["n"] == 1:  # the row is committed; the answer never comes back
+            self._local.conn.raw.close()
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(Store, "insert", committed_then_lost)
+    store.insert("aliases", {"id": "old-name", "model": "ft:x", "created": 1, "note": None})
+    assert calls["n"] == 2 and store.query("SELECT id FROM aliases") == [{"id": "old-name"}]

@@ -8,8 +8,8 @@ the server dropped (a restart, a failover) is replaced on the next call, and the
 one-statement helpers retry for up to ``RECONNECT_SECONDS`` while the server is unreachable, so a
 restart during a job is waited out rather than failing it. A statement whose commit was sent but
 whose answer was lost may then run twice: the helpers' statements are updates of a row to a
-value (the same twice) or inserts of a row with a fresh id, which a second run refuses as a
-duplicate key instead of doubling.
+value (the same twice) or inserts of a row with a fresh id, which the retry finds there as a
+duplicate key and takes for done instead of doubling.
 """
 
 from __future__ import annotations
@@ -157,7 +157,18 @@ class PostgresStore(Store):
                 delay = min(2 * delay, 2.0)
 
     def insert(self, table: str, row: dict[str, Any]) -> None:
-        self._retry(lambda: Store.insert(self, table, row))
+        tries = [0]
+
+        def once() -> None:
+            tries[0] += 1
+            try:
+                Store.insert(self, table, row)
+            except psycopg.errors.UniqueViolation:
+                if tries[0] == 1:
+                    raise
+                # a retry after a lost answer: the first try committed this very row (its id is new)
+
+        self._retry(once)
 
     def update(self, table: str, key: str, changes: dict[str, Any], *, where: str = "", params: tuple = ()) -> bool:
         return self._retry(lambda: Store.update(self, table, key, changes, where=where, params=params))
