@@ -5,6 +5,7 @@ runner and the official client with the store on PostgreSQL."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -154,13 +155,25 @@ def test_a_store_that_cannot_be_reached_is_one_clear_error_without_its_password(
         open_store("mysql://u@h/db", tmp_path / "unused.db")
 
 
+@contextlib.contextmanager
+def _serve_on_postgresql(pg_url, tmp_path, tiny_model_dir):
+    """``gpt-finetune serve`` (and the runner it starts) with the store on PostgreSQL."""
+    from test_server import Server
+
+    server = Server(
+        tmp_path / "home", tiny_model_dir, env={"GPT_FINETUNE_TRAINING_TYPE": "full", "GPT_FINETUNE_STORE_URL": pg_url}
+    )
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 def test_a_job_through_serve_and_its_runner_with_the_store_on_postgresql(pg_url, tmp_path, tiny_model_dir):
     from conftest import toy_examples
-    from test_server import Server, upload, wait_job
+    from test_server import upload, wait_job
 
-    home = tmp_path / "home"
-    server = Server(home, tiny_model_dir, env={"GPT_FINETUNE_TRAINING_TYPE": "full", "GPT_FINETUNE_STORE_URL": pg_url})
-    try:
+    with _serve_on_postgresql(pg_url, tmp_path, tiny_model_dir) as server:
         client = server.client()
         train = upload(client, tmp_path, toy_examples(12))
         job = client.fine_tuning.jobs.create(
@@ -176,12 +189,10 @@ def test_a_job_through_serve_and_its_runner_with_the_store_on_postgresql(pg_url,
             model=done.fine_tuned_model, messages=[{"role": "user", "content": "thing 1"}], max_tokens=4
         )
         assert answer.choices[0].message.content is not None
-    finally:
-        server.stop()
     # the rows are in PostgreSQL, and the data directory has no SQLite store of its own
     pg = open_store(pg_url, tmp_path / "unused.db")
     assert pg.query("SELECT status FROM jobs WHERE id = ?", (job.id,)) == [{"status": "succeeded"}]
-    assert not (home / "gpt-finetune.db").exists()
+    assert not (tmp_path / "home" / "gpt-finetune.db").exists()
 
 
 def test_one_runner_per_postgresql_store_whichever_data_directory_asks(pg_url, tmp_path):
@@ -225,11 +236,9 @@ def test_a_postgresql_restart_while_a_job_trains_loses_nothing_and_the_job_finis
     postgres, pg_url, tmp_path, tiny_model_dir
 ):
     from conftest import toy_examples
-    from test_server import Server, upload, wait_job
+    from test_server import upload, wait_job
 
-    home = tmp_path / "home"
-    server = Server(home, tiny_model_dir, env={"GPT_FINETUNE_TRAINING_TYPE": "full", "GPT_FINETUNE_STORE_URL": pg_url})
-    try:
+    with _serve_on_postgresql(pg_url, tmp_path, tiny_model_dir) as server:
         client = server.client()
         train = upload(client, tmp_path, toy_examples(40))
         job = client.fine_tuning.jobs.create(
@@ -251,8 +260,6 @@ def test_a_postgresql_restart_while_a_job_trains_loses_nothing_and_the_job_finis
         messages = [e.message for e in reversed(events) if e.type != "metrics"]
         assert steps == list(range(1, steps[-1] + 1)) and steps[-1] == 30, messages  # each step's metrics, once
         assert not any("resume" in e.message for e in events)  # waited out, not recovered from a checkpoint
-    finally:
-        server.stop()
 
 
 def test_on_a_shared_store_only_a_running_job_whose_lease_lapsed_is_taken_for_an_orphan(pg_url, tmp_path, chat_file):

@@ -68,10 +68,6 @@ class Home:
     def logs(self) -> Path:
         return self._dir("logs")
 
-    @property
-    def runner_lock(self) -> Path:
-        return self.root / "runner.lock"
-
     def _dir(self, name: str) -> Path:
         path = self.root / name
         path.mkdir(parents=True, exist_ok=True)

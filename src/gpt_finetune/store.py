@@ -17,6 +17,7 @@ psycopg, where an ORM or SQLAlchemy Core would mean rewriting every query.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import secrets
@@ -151,6 +152,7 @@ class Store:
     transaction; the helpers are each one statement in a transaction of its own."""
 
     dialect = ""
+    shared = False  # whether other machines may use this store too (their runners' jobs are not ours)
     url: str | None = None  # as configured (store_url); None for the data directory's own file
     _local: threading.local  # each thread's connection
 
@@ -178,6 +180,14 @@ class Store:
 
     def json_field(self, column: str, key: str) -> tuple[str, list[Any]]:
         """(SQL, parameters) reading ``key`` of the JSON object in ``column`` as text."""
+        raise NotImplementedError
+
+    def try_lock(self, name: str) -> Any | None:
+        """A lock on ``name`` across every process using this store, held until ``unlock`` (or
+        until the holder dies), without waiting: a handle, or None when another holds it."""
+        raise NotImplementedError
+
+    def unlock(self, handle: Any) -> None:
         raise NotImplementedError
 
     @property
@@ -266,6 +276,19 @@ class SqliteStore(Store):
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
+
+    def try_lock(self, name: str) -> Any | None:
+        fh = open(self.path.parent / f"{name}.lock", "a+")  # the data directory's runner.lock
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            return None
+        return fh
+
+    def unlock(self, handle: Any) -> None:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
 
     def json_field(self, column: str, key: str) -> tuple[str, list[Any]]:
         return f"json_extract({column}, ?)", ['$."' + key.replace('"', '""') + '"']

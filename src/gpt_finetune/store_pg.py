@@ -65,6 +65,7 @@ class _Connection:
 
 class PostgresStore(Store):
     dialect = "postgresql"
+    shared = True
     url: str
     # a transaction on a connection idle this long first checks that the server is still the
     # one it connected to (a restart drops every session, which shows only at the next statement)
@@ -188,7 +189,7 @@ class PostgresStore(Store):
         when another session holds it."""
         try:
             conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
-            got = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", [name]).fetchone()
+            got = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", ["gpt-finetune " + name]).fetchone()
         except psycopg.OperationalError as exc:
             raise StoreError(f"cannot reach the store {self}: {_reason(exc)}") from None
         if got and got[0]:
@@ -196,8 +197,7 @@ class PostgresStore(Store):
         conn.close()
         return None
 
-    @staticmethod
-    def unlock(handle: Any) -> None:
+    def unlock(self, handle: Any) -> None:
         handle.close()  # the session's end releases its advisory locks
 
     def _migrate(self) -> None:

@@ -16,7 +16,6 @@ it fails with ``worker_died``.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -60,14 +59,14 @@ Launcher = Callable[[Home, dict[str, str]], None]
 
 
 class RunnerLock:
-    """Held by the one runner of a store while it lives. For the default SQLite store, a file lock
-    in the data directory; for a PostgreSQL store, which several machines may share, an advisory
-    lock in the database, so that there is one runner in all: its ``recover_orphans`` then never
+    """Held by the one runner of a store while it lives (``Store.try_lock``: for the default SQLite
+    store a file lock beside it in the data directory; for a PostgreSQL store, which several
+    machines may share, an advisory lock in the database), so that there is one runner in all: its ``recover_orphans`` then never
     takes a job another machine is training for an orphan. (Workers on several machines, each
     holding its jobs under a lease, are issue 26's next part.)"""
 
-    def __init__(self, store: Store, home: Home) -> None:
-        self.store, self.home = store, home
+    def __init__(self, store: Store) -> None:
+        self.store = store
         self._held: Any = None
 
     def acquire(self, attempts: int = 10, wait: float = 0.05) -> bool:
@@ -82,29 +81,13 @@ class RunnerLock:
         return False
 
     def _try(self) -> bool:
-        try_lock = getattr(self.store, "try_lock", None)
-        if try_lock is not None:
-            self._held = try_lock("gpt-finetune runner")
-            return self._held is not None
-        fh = open(self.home.runner_lock, "a+")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.close()
-            return False
-        self._held = fh
-        return True
+        self._held = self.store.try_lock("runner")
+        return self._held is not None
 
     def release(self) -> None:
         held, self._held = self._held, None
-        if held is None:
-            return
-        unlock = getattr(self.store, "unlock", None)
-        if unlock is not None:
-            unlock(held)
-        else:
-            fcntl.flock(held, fcntl.LOCK_UN)
-            held.close()
+        if held is not None:
+            self.store.unlock(held)
 
 
 class JobService:
@@ -645,7 +628,7 @@ class JobService:
         ``running`` job lost its worker (the lock proves no other runner lives), and a job whose
         file check was cut short is checked again. On a shared store only a running job whose
         lease lapsed did: another machine's runner may be training the others."""
-        shared = self.store.dialect == "postgresql"
+        shared = self.store.shared
         if startup and not shared:
             self.store.execute(f"UPDATE jobs SET worker_pid = NULL WHERE {sql_in([S.VALIDATING_FILES])}")
         sql, params = f"SELECT * FROM jobs WHERE {sql_in([S.RUNNING])}", []
@@ -662,7 +645,7 @@ class JobService:
         return bool(self.store.query(f"SELECT 1 FROM jobs WHERE {sql_in(NEEDS_RUNNER)} LIMIT 1"))
 
     def runner_lock(self) -> RunnerLock:
-        return RunnerLock(self.store, self.home)
+        return RunnerLock(self.store)
 
     def runner_alive(self) -> bool:
         lock = self.runner_lock()

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("training %s (attempt %s)", job["id"], job["attempts"])
             run_job(services, job, malloc)
             continue
-        if services.jobs.store.dialect == "postgresql" and services.jobs.has_active():
+        if services.jobs.store.shared and services.jobs.has_active():
             # a shared store: other machines' runners may hold running jobs; take over any whose
             # lease lapses, and look again shortly instead of spinning
             services.jobs.recover_orphans(startup=False)
