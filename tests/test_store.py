@@ -153,6 +153,10 @@ def test_a_store_that_cannot_be_reached_is_one_clear_error_without_its_password(
     assert redact_url("postgresql://u@h/db") == "postgresql://u@h/db"
     with pytest.raises(StoreError, match="not a store"):
         open_store("mysql://u@h/db", tmp_path / "unused.db")
+    for unparsable in ("postgresql://u:s3cret-pw@[::1/db", "postgresql://u:s3cret-pw@h:notaport/db"):
+        with pytest.raises(StoreError) as err:
+            open_store(unparsable, tmp_path / "unused.db")
+        assert "s3cret-pw" not in str(err.value) and "u:***@" in str(err.value)
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import json
 import math
+import re
 import secrets
 import sqlite3
 import threading
@@ -327,7 +328,11 @@ def redact_url(url: str) -> str:
     """A store URL with its password hidden: what messages and logs show."""
     from urllib.parse import urlsplit, urlunsplit
 
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises for a port that is not a number
+    except ValueError:  # unparsable (an unclosed [, a bad port): hide whatever stands where a password would
+        return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
     if parts.password is None:
         return url
     netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")

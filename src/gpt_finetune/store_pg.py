@@ -85,7 +85,7 @@ class PostgresStore(Store):
             self._migrate()
         except psycopg.Error as exc:
             self.close()
-            raise StoreError(f"the store {self} cannot be used: {_reason(exc)}") from None
+            raise StoreError(f"the store {self} cannot be used: {self._reason(exc)}") from None
 
     def __str__(self) -> str:
         return redact_url(self.url)
@@ -100,8 +100,13 @@ class PostgresStore(Store):
             raw = psycopg.connect(self.url, autocommit=True, row_factory=dict_row, connect_timeout=10)
         except psycopg.OperationalError as exc:
             raise StoreError(
-                f"cannot reach the store {self}: {_reason(exc)}",
+                f"cannot reach the store {self}: {self._reason(exc)}",
                 hint="check that PostgreSQL is running and that store_url names its host, port, user and database",
+            ) from None
+        except psycopg.Error as exc:  # a URL libpq cannot parse (a bad port, an unclosed [, an unknown option)
+            raise StoreError(
+                f"store_url {self} is not a PostgreSQL URL libpq can use: {self._reason(exc)}",
+                hint="postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE[?OPTION=VALUE]",
             ) from None
         conn = _Connection(raw)
         self._local.conn = conn
@@ -117,7 +122,7 @@ class PostgresStore(Store):
                 yield conn
         except psycopg.OperationalError as exc:  # the server went away mid-transaction: nothing committed
             self.close()
-            raise StoreError(f"the store {self} failed: {_reason(exc)}") from None
+            raise StoreError(f"the store {self} failed: {self._reason(exc)}") from None
 
     def _live(self) -> _Connection:
         """The thread's connection, checked if it has been idle, or a new one: retried while the
@@ -152,7 +157,7 @@ class PostgresStore(Store):
                 if not lost or time.monotonic() + delay > deadline:
                     if isinstance(exc, StoreError):
                         raise
-                    raise StoreError(f"the store {self} failed: {_reason(exc)}") from None
+                    raise StoreError(f"the store {self} failed: {self._reason(exc)}") from None
                 self.close()
                 time.sleep(delay)
                 delay = min(2 * delay, 2.0)
@@ -183,6 +188,12 @@ class PostgresStore(Store):
     def delete(self, table: str, key: str) -> bool:
         return self._retry(lambda: Store.delete(self, table, key))
 
+    def _reason(self, exc: BaseException) -> str:
+        """psycopg's message, first line only (the rest repeats the connection details), with the
+        URL, which libpq's parse errors quote, shown without its password."""
+        text = str(exc).strip().splitlines()
+        return text[0].replace(self.url, str(self)) if text else type(exc).__name__
+
     def try_lock(self, name: str) -> Any | None:
         """A session advisory lock on ``name``, held by a connection of its own until ``unlock``
         (or until this process dies: the server then drops the session and the lock), else None
@@ -191,7 +202,7 @@ class PostgresStore(Store):
             conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
             got = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", ["gpt-finetune " + name]).fetchone()
         except psycopg.OperationalError as exc:
-            raise StoreError(f"cannot reach the store {self}: {_reason(exc)}") from None
+            raise StoreError(f"cannot reach the store {self}: {self._reason(exc)}") from None
         if got and got[0]:
             return conn
         conn.close()
@@ -219,9 +230,3 @@ class PostgresStore(Store):
                     if statement.strip():
                         conn.execute(statement)
                 conn.execute("UPDATE schema_version SET version = ?", (i + 1,))
-
-
-def _reason(exc: BaseException) -> str:
-    """psycopg's message, first line only (the rest repeats the connection details)."""
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
