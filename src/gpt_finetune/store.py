@@ -79,6 +79,23 @@ MIGRATIONS: list[str] = [
     # until when the runner training a job holds it (epoch seconds; renewed while it trains): on a
     # store several machines share, only a job whose lease lapsed is taken for an orphan
     "ALTER TABLE jobs ADD COLUMN lease_until INTEGER;",
+    # workers on several machines (``gpt-finetune worker``; the auto-started runner is one too):
+    # which holds a running job (its lease is renewed only by that worker), what a job needs of
+    # one (GPUs; memory once its plan is made), since when it waits in the queue, and the workers
+    # themselves, for listing and metrics
+    """
+    ALTER TABLE jobs ADD COLUMN worker_id TEXT;
+    ALTER TABLE jobs ADD COLUMN queued_at INTEGER;
+    ALTER TABLE jobs ADD COLUMN need_gpus INTEGER;
+    ALTER TABLE jobs ADD COLUMN need_memory_gb REAL;
+    CREATE TABLE workers (
+        id TEXT PRIMARY KEY, kind TEXT NOT NULL, hostname TEXT NOT NULL, pid INTEGER NOT NULL,
+        started_at INTEGER NOT NULL, heartbeat_at INTEGER NOT NULL, stopped_at INTEGER,
+        lease_seconds INTEGER NOT NULL, gpus INTEGER NOT NULL, memory_gb REAL NOT NULL, job_id TEXT,
+        metrics_url TEXT, jobs_done INTEGER NOT NULL DEFAULT 0, tokens_trained INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX workers_heartbeat ON workers(heartbeat_at);
+    """,
 ]
 
 # The same migrations for PostgreSQL, entry for entry: 64-bit integers (sizes, epoch seconds past
@@ -124,6 +141,19 @@ POSTGRES_MIGRATIONS: list[str] = [
     """,
     "ALTER TABLE jobs ADD COLUMN spec TEXT;",
     "ALTER TABLE jobs ADD COLUMN lease_until BIGINT;",
+    """
+    ALTER TABLE jobs ADD COLUMN worker_id TEXT;
+    ALTER TABLE jobs ADD COLUMN queued_at BIGINT;
+    ALTER TABLE jobs ADD COLUMN need_gpus INTEGER;
+    ALTER TABLE jobs ADD COLUMN need_memory_gb DOUBLE PRECISION;
+    CREATE TABLE workers (
+        rowid BIGSERIAL UNIQUE, id TEXT PRIMARY KEY, kind TEXT NOT NULL, hostname TEXT NOT NULL,
+        pid BIGINT NOT NULL, started_at BIGINT NOT NULL, heartbeat_at BIGINT NOT NULL, stopped_at BIGINT,
+        lease_seconds INTEGER NOT NULL, gpus INTEGER NOT NULL, memory_gb DOUBLE PRECISION NOT NULL,
+        job_id TEXT, metrics_url TEXT, jobs_done BIGINT NOT NULL DEFAULT 0, tokens_trained BIGINT NOT NULL DEFAULT 0
+    );
+    CREATE INDEX workers_heartbeat ON workers(heartbeat_at);
+    """,
 ]
 
 JSON_COLUMNS = {

@@ -14,6 +14,7 @@ from .chat import ChatService
 from .files import FileService
 from .jobs import JobService, Launcher
 from .models import ModelService
+from .workers import WorkerService
 
 
 @dataclass
@@ -24,6 +25,7 @@ class Services:
     jobs: JobService
     models: ModelService
     chat: ChatService
+    workers: WorkerService
 
     @classmethod
     def open(
@@ -48,14 +50,15 @@ class Services:
         store = open_store(store_url or from_env("store_url"), home.db)
         files = FileService(store, home)
         models = ModelService(store, home, local_base_model=local_base_model, name_paths=name_paths)
-        jobs = JobService(store, home, files, models, launcher=launcher)
+        workers = WorkerService(store)
+        jobs = JobService(store, home, files, models, launcher=launcher, workers=workers)
 
         def engine() -> Any:  # loaded at the first chat request: torch is not needed before
             from ..local.inference import DEFAULT_QUEUE, Engine
 
             return Engine(home, models.local_base_model, max_queue=max_queue or DEFAULT_QUEUE, **(engine_options or {}))
 
-        return cls(home, store, files, jobs, models, ChatService(models, engine))
+        return cls(home, store, files, jobs, models, ChatService(models, engine), workers)
 
 
-__all__ = ["ChatService", "FileService", "JobService", "ModelService", "Services"]
+__all__ = ["ChatService", "FileService", "JobService", "ModelService", "Services", "WorkerService"]

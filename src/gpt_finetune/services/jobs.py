@@ -16,6 +16,7 @@ it fails with ``worker_died``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -46,6 +47,7 @@ from ..request_rules import hyperparameters as checked_hyperparameters
 from ..store import Store, new_id, now
 from .files import FileService
 from .models import ModelService
+from .workers import WorkerService
 
 S = JobStatus
 MAX_ATTEMPTS = 3
@@ -92,7 +94,13 @@ class RunnerLock:
 
 class JobService:
     def __init__(
-        self, store: Store, home: Home, files: FileService, models: ModelService, launcher: Launcher | None = None
+        self,
+        store: Store,
+        home: Home,
+        files: FileService,
+        models: ModelService,
+        launcher: Launcher | None = None,
+        workers: WorkerService | None = None,
     ) -> None:
         self.store = store
         self.home = home
@@ -101,6 +109,8 @@ class JobService:
         # the adapters (the CLI's local backend, the server) give the launcher; without one (the
         # worker's own processes, which never start a runner) ``kick`` starts nothing
         self.launcher = launcher
+        self.workers = workers or WorkerService(store)
+        self.lease_seconds = LEASE_SECONDS  # a worker may hold its jobs under a shorter or longer lease
         self._kicked_at = 0.0  # when retrieve last looked for a runner (time.monotonic)
 
     # ---- create -------------------------------------------------------------------------
@@ -191,7 +201,11 @@ class JobService:
             if not rows:
                 return done
             job_id = rows[0]["id"]
-            if not self.store.update("jobs", job_id, {"worker_pid": pid}, where=waiting):
+            # the lease lets a worker on another machine check the files again if this one dies
+            # meanwhile (recover_orphans); a check that outlasts it is at worst done twice, to the
+            # same verdict
+            claim = {"worker_pid": pid, "lease_until": now() + self.lease_seconds}
+            if not self.store.update("jobs", job_id, claim, where=waiting):
                 continue  # another process took it
             self._check_files(self._row(job_id))
             done.append(job_id)
@@ -227,9 +241,13 @@ class JobService:
             job_id,
             {
                 "status": S.QUEUED,
+                "queued_at": now(),
                 "worker_pid": None,
                 "hyperparameters": spec.hyperparameters.to_json(),
                 "spec": spec.to_json(),
+                # data-parallel processes are one a GPU (worker.runner.child_command); one process
+                # trains on whatever the worker has
+                "need_gpus": spec.local.run.num_processes if spec.local.run.num_processes > 1 else 0,
             },
             where=sql_in([S.VALIDATING_FILES]),
         ):
@@ -465,8 +483,12 @@ class JobService:
         }
 
     def set_plan(self, job_id: str, plan: dict[str, Any]) -> None:
-        """Keep the memory plan a job's worker made, so that a resumed job trains the same steps."""
-        self.store.update("jobs", job_id, {"plan": plan})
+        """Keep the memory plan a job's worker made, so that a resumed job trains the same steps,
+        and only on a worker with the memory the plan needs (its estimated peak). Before a job's
+        first start there is no plan, and any worker may take it: the plan is made against that
+        worker's memory (``memory_limit_gb`` caps it, and asks no more of the worker than that)."""
+        need = math.ceil(int(plan.get("estimated_peak_bytes") or 0) / 1e7) / 100  # GB, rounded up
+        self.store.update("jobs", job_id, {"plan": plan, "need_memory_gb": need or None})
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         row = self._row(job_id)
@@ -500,7 +522,7 @@ class JobService:
     def resume(self, job_id: str) -> dict[str, Any]:
         """Queue a paused job again; it continues from its last checkpoint."""
         row = self._row(job_id)
-        if not self.store.update("jobs", job_id, {"status": S.QUEUED}, where=sql_in([S.PAUSED])):
+        if not self.store.update("jobs", job_id, {"status": S.QUEUED, "queued_at": now()}, where=sql_in([S.PAUSED])):
             raise BackendError(
                 f"Job {job_id} is {row['status']}; only a paused job can be resumed",
                 code="job_not_resumable",
@@ -510,13 +532,24 @@ class JobService:
         self.kick()
         return self.to_openai(self._row(job_id))
 
-    def _finish(self, job_id: str, status: JobStatus, *, error: dict[str, Any] | None = None, **changes: Any) -> bool:
-        """Move a job to a terminal state, from a state that may go there (a cancel wins)."""
+    def _finish(
+        self,
+        job_id: str,
+        status: JobStatus,
+        *,
+        error: dict[str, Any] | None = None,
+        where: str = "",
+        params: tuple = (),
+        **changes: Any,
+    ) -> bool:
+        """Move a job to a terminal state, from a state that may go there (a cancel wins); ``where``
+        narrows it further."""
         return self.store.update(
             "jobs",
             job_id,
             {"status": status, "finished_at": now(), "error": error, **changes},
-            where=sql_in(sources(status)),
+            where=sql_in(sources(status)) + (f" AND {where}" if where else ""),
+            params=params,
         )
 
     def succeed(self, job_id: str, **changes: Any) -> bool:
@@ -587,30 +620,75 @@ class JobService:
         return False
 
     # ---- the worker ---------------------------------------------------------------------
-    def claim_next(self, pid: int) -> dict[str, Any] | None:
-        """The oldest queued job, now ``running`` for process ``pid`` (files of new jobs are
-        checked first)."""
+    def claim_next(
+        self, pid: int, *, worker_id: str | None = None, gpus: int | None = None, memory_gb: float | None = None
+    ) -> dict[str, Any] | None:
+        """The oldest queued job that fits (``gpus``, ``memory_gb``: what the claiming worker has;
+        None, no limit), now ``running`` for process ``pid`` of worker ``worker_id`` under a lease
+        of ``lease_seconds`` (files of new jobs are checked first). One short transaction: the row
+        lock of ``claim_lock`` (PostgreSQL's FOR UPDATE SKIP LOCKED) lets claimers on other
+        machines pass over a row one of them is taking instead of waiting for it."""
         self.validate_pending(pid)
+        fits, params = self._fits(gpus, memory_gb)
         with self.store.tx() as conn:
             row = conn.execute(
-                f"SELECT id FROM jobs WHERE {sql_in([S.QUEUED])} ORDER BY created_at, rowid LIMIT 1"
-                + self.store.claim_lock
+                f"SELECT id FROM jobs WHERE {sql_in([S.QUEUED])}{fits} ORDER BY created_at, rowid LIMIT 1"
+                + self.store.claim_lock,
+                params,
             ).fetchone()
             if row is None:
                 return None
             conn.execute(
-                "UPDATE jobs SET status = ?, attempts = attempts + 1, worker_pid = ?, lease_until = ? WHERE id = ?",
-                (S.RUNNING.value, pid, now() + LEASE_SECONDS, row["id"]),
+                "UPDATE jobs SET status = ?, attempts = attempts + 1, worker_pid = ?, worker_id = ?, lease_until = ? "
+                "WHERE id = ?",
+                (S.RUNNING.value, pid, worker_id, now() + self.lease_seconds, row["id"]),
             )
         return self._row(row["id"])
 
+    @staticmethod
+    def _fits(gpus: int | None, memory_gb: float | None) -> tuple[str, list[Any]]:
+        sql, params = "", list[Any]()
+        if gpus is not None:
+            sql += " AND COALESCE(need_gpus, 0) <= ?"
+            params.append(gpus)
+        if memory_gb is not None:
+            sql += " AND (need_memory_gb IS NULL OR need_memory_gb <= ?)"
+            params.append(memory_gb)
+        return sql, params
+
+    def waiting_for_a_worker(self, gpus: int | None, memory_gb: float | None) -> list[dict[str, Any]]:
+        """Queued jobs that a worker with ``gpus`` and ``memory_gb`` cannot take."""
+        fits, params = self._fits(gpus, memory_gb)
+        if not fits:
+            return []
+        return self.store.query(
+            f"SELECT id, need_gpus, need_memory_gb FROM jobs WHERE {sql_in([S.QUEUED])} AND NOT (1 = 1{fits})", params
+        )
+
     def requeue_or_fail(self, row: dict[str, Any], what: str, log: str) -> bool:
         """A running job lost its worker: queue it to resume from its last checkpoint, or fail it
-        after ``MAX_ATTEMPTS`` attempts in all. True if it was queued again."""
+        after ``MAX_ATTEMPTS`` attempts in all. True if it was queued again. Only the attempt
+        ``row`` saw is moved: a job another worker has claimed again meanwhile (its attempt
+        count went up) is that worker's."""
+        same = sql_in([S.RUNNING]) + " AND attempts = ?"
         if row["attempts"] >= MAX_ATTEMPTS:
-            self.fail(row["id"], "worker_died", f"{what} {row['attempts']} times; giving up (see {log})")
+            message = f"{what} {row['attempts']} times; giving up (see {log})"
+            if self._finish(
+                row["id"],
+                S.FAILED,
+                error={"code": "worker_died", "message": message, "param": None},
+                where=same,
+                params=(row["attempts"],),
+            ):
+                self.event(row["id"], f"Job failed: {message}", level="error")
             return False
-        if self.store.update("jobs", row["id"], {"status": S.QUEUED}, where=sql_in([S.RUNNING])):
+        if self.store.update(
+            "jobs",
+            row["id"],
+            {"status": S.QUEUED, "worker_id": None, "queued_at": now()},
+            where=same,
+            params=(row["attempts"],),
+        ):
             self.event(
                 row["id"],
                 "The training worker stopped unexpectedly; the job will resume from its last checkpoint",
@@ -619,18 +697,52 @@ class JobService:
             return True
         return False
 
-    def renew_lease(self, job_id: str) -> None:
-        """The runner training ``job_id`` still holds it, for another ``LEASE_SECONDS``."""
-        self.store.update("jobs", job_id, {"lease_until": now() + LEASE_SECONDS}, where=sql_in([S.RUNNING]))
+    def release(self, job_id: str, worker_id: str, why: str) -> bool:
+        """A worker that is shutting down hands its running job back to the queue, to resume from
+        its last checkpoint elsewhere; the attempt does not count against ``MAX_ATTEMPTS``."""
+        if self.store.update(
+            "jobs",
+            job_id,
+            {"status": S.QUEUED, "worker_id": None, "lease_until": None, "queued_at": now()},
+            where=sql_in([S.RUNNING]) + " AND worker_id = ?",
+            params=(worker_id,),
+        ):
+            self.store.execute("UPDATE jobs SET attempts = attempts - 1 WHERE id = ? AND attempts > 0", (job_id,))
+            self.event(job_id, f"{why}; the job will resume from its last checkpoint", level="warn")
+            return True
+        return False
+
+    def renew_lease(self, job_id: str, worker_id: str | None = None) -> bool:
+        """The worker training ``job_id`` still holds it, for another ``lease_seconds``. False if
+        it does not hold it any more (the job stopped, or its lease lapsed and another worker
+        took it): the worker must stop training it."""
+        where, params = sql_in([S.RUNNING]), tuple[Any, ...]()
+        if worker_id is not None:
+            where, params = where + " AND worker_id = ?", (worker_id,)
+        return self.store.update(
+            "jobs", job_id, {"lease_until": now() + self.lease_seconds}, where=where, params=params
+        )
+
+    def holds(self, job_id: str, worker_id: str) -> bool:
+        """Whether worker ``worker_id`` still holds running job ``job_id``."""
+        rows = self.store.query("SELECT status, worker_id FROM jobs WHERE id = ?", (job_id,))
+        return bool(rows) and rows[0]["status"] == S.RUNNING and rows[0]["worker_id"] == worker_id
 
     def recover_orphans(self, *, startup: bool = True) -> list[str]:
-        """Called by a runner that holds the lock. On the data directory's own store every
-        ``running`` job lost its worker (the lock proves no other runner lives), and a job whose
-        file check was cut short is checked again. On a shared store only a running job whose
-        lease lapsed did: another machine's runner may be training the others."""
+        """Called by a runner that holds the lock, or a worker. On the data directory's own store
+        every ``running`` job lost its worker (the lock proves no other runner lives), and a job
+        whose file check was cut short is checked again. On a shared store only a running job
+        whose lease lapsed did (another machine's worker may be training the others), and likewise a
+        file check."""
         shared = self.store.shared
         if startup and not shared:
             self.store.execute(f"UPDATE jobs SET worker_pid = NULL WHERE {sql_in([S.VALIDATING_FILES])}")
+        elif shared:
+            self.store.execute(
+                f"UPDATE jobs SET worker_pid = NULL WHERE {sql_in([S.VALIDATING_FILES])} "
+                "AND worker_pid IS NOT NULL AND (lease_until IS NULL OR lease_until < ?)",
+                (now(),),
+            )
         sql, params = f"SELECT * FROM jobs WHERE {sql_in([S.RUNNING])}", []
         if shared:
             sql += " AND (lease_until IS NULL OR lease_until < ?)"
@@ -655,8 +767,12 @@ class JobService:
         return False
 
     def kick(self) -> bool:
-        """Start a runner (through the launcher) if jobs wait and none is alive. True if one was started."""
+        """Start a runner (through the launcher) if jobs wait and none is alive. True if one was
+        started. On a shared store where workers started by hand (``gpt-finetune worker``) are
+        alive, they train the jobs: this machine (a server's, say) starts no runner of its own."""
         if self.launcher is None or not self.has_active() or self.runner_alive():
+            return False
+        if self.store.shared and self.workers.live("worker"):
             return False
         env = self.store.environment()
         if self.home.model_cache is not None:  # given by a flag or config file: the runner reads the environment
