@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="gpt_finetune.worker.train_job")
     ap.add_argument("--home", required=True)
     ap.add_argument("--runner-pid", type=int, default=0, help="stop when this process is gone")
+    ap.add_argument("--worker-id", default=None, help="stop when another worker holds the job")
     ap.add_argument("job_id")
     args = ap.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))  # accelerate's launcher numbers the processes
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     job = jobs.row(args.job_id)
     is_main = rank == 0
     try:
-        return _run(services, job, is_main, args.runner_pid)
+        return _run(services, job, is_main, args.runner_pid, args.worker_id)
     except GptFinetuneError as exc:  # a known reason (not enough memory, no trainable example)
         if is_main:
             jobs.fail(job["id"], exc.code, exc.message + (f" ({exc.hint})" if exc.hint else ""))
@@ -111,7 +112,9 @@ def _base_dir(base: Any, home: Any) -> str:
     return base_model_dir(base, home)
 
 
-def _run(services: Services, job: dict[str, Any], is_main: bool, runner_pid: int = 0) -> int:
+def _run(
+    services: Services, job: dict[str, Any], is_main: bool, runner_pid: int = 0, worker_id: str | None = None
+) -> int:
     from ..local.trainer import Hooks, TrainSpec, train
 
     jobs, home = services.jobs, services.home
@@ -161,7 +164,8 @@ def _run(services: Services, job: dict[str, Any], is_main: bool, runner_pid: int
         if time.time() - last_poll[0] < 1.0:
             return bool(last_poll[1])
         last_poll[0] = time.time()
-        stop = jobs.status(job_id) != JobStatus.RUNNING
+        # stopped (cancelled, paused), or its lease lapsed and another worker took it
+        stop = not jobs.holds(job_id, worker_id) if worker_id else jobs.status(job_id) != JobStatus.RUNNING
         if runner_pid and not stop:
             try:
                 os.kill(runner_pid, 0)
