@@ -14,7 +14,7 @@ FORBIDDEN = {
     "local": ADAPTERS | {"services"},
     "services": ADAPTERS,
     "server": {"cli", "worker", "backends"},
-    "cli": {"server", "worker"},  # but `serve` starts the server: cli/serve_cmd.py, below
+    "cli": {"server", "worker"},  # but `serve` and `worker` start them: cli/serve_cmd.py, cli/worker_cmd.py
     "worker": {"cli", "server", "backends"},
     "migrate": ADAPTERS,  # handed an OpenAI backend and the services by the CLI
 }
@@ -44,7 +44,10 @@ def test_no_layer_imports_one_above_it():
     bad = []
     for pkg, forbidden in FORBIDDEN.items():
         for path in (PKG / pkg).rglob("*.py"):
-            allowed = {"server"} if path == PKG / "cli" / "serve_cmd.py" else set()
+            # the commands that start an adapter: `serve` the server, `worker` a worker
+            allowed = {"cli/serve_cmd.py": {"server"}, "cli/worker_cmd.py": {"worker"}}.get(
+                str(path.relative_to(PKG)), set()
+            )
             for target in (imported_packages(path) & forbidden) - allowed:
                 bad.append(f"{path.relative_to(PKG)} imports {target}")
     assert bad == []

@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("job_cmds.add_models", "list, get, delete models"),
     "eval": ("eval_cmd.add_eval", "score models side by side on held-out data, against a TF-IDF baseline"),
     "serve": ("serve_cmd.add_serve", "serve OpenAI's fine-tuning and chat API from this machine"),
+    "worker": ("worker_cmd.add_worker", "train queued jobs on this machine, from a store several machines share"),
+    "workers": ("worker_cmd.add_workers", "list the workers that train jobs, and what each does"),
     "migrate": ("migrate_cmd.add_migrate", "move OpenAI fine-tunes here: inventory, record, retrain, alias, compare"),
     "quickstart": ("quickstart.add_quickstart", "prepare the example data, fine-tune the default model here, compare"),
 }
