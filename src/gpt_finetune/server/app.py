@@ -26,6 +26,7 @@ from ..errors import GptFinetuneError, error_body
 from ..services import Services
 from ..settings import redact
 from .dashboard import SecurityHeaders, is_open
+from .metrics import Metrics
 
 log = logging.getLogger("gpt_finetune.server")
 
@@ -150,6 +151,7 @@ def create_app(services: Services, config: ServerConfig | None = None) -> FastAP
     )
     app.state.services = services
     app.state.config = config
+    app.state.metrics = Metrics(services)
 
     @app.exception_handler(GptFinetuneError)
     async def known(request: Request, exc: GptFinetuneError) -> JSONResponse:

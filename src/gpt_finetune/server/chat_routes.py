@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -29,23 +30,40 @@ log = logging.getLogger("gpt_finetune.server")
 @router.post("/v1/chat/completions", response_model=None, openapi_extra=body_doc(chat_schema()))
 async def create_chat_completion(request: Request) -> JSONResponse | StreamingResponse:
     services: Services = request.app.state.services
-    body = await read_json(request)
-    # model lookup reads the store and may load the engine's code: off the event loop
-    run = await run_in_threadpool(services.chat.start, body)
-    if not run.stream:
-        return JSONResponse(await _unless_gone(request, run))
-    chunks = run.achunks()
-    # the first chunk before the headers: a request the engine refuses (max_tokens past the
-    # context, ...) gets its HTTP error, not a 200 whose stream then says it failed
+    metrics = request.app.state.metrics
+    started = time.perf_counter()
     try:
-        first = await chunks.__anext__()
-    except StopAsyncIteration:
-        first = None
+        body = await read_json(request)
+        # model lookup reads the store and may load the engine's code: off the event loop
+        run = await run_in_threadpool(services.chat.start, body)
+        if not run.stream:
+            answer = await _unless_gone(request, run)
+            metrics.chat_seconds.labels("false").observe(time.perf_counter() - started)
+            metrics.chat_requests.labels("ok").inc()
+            return JSONResponse(answer)
+        chunks = run.achunks()
+        # the first chunk before the headers: a request the engine refuses (max_tokens past the
+        # context, ...) gets its HTTP error, not a 200 whose stream then says it failed
+        try:
+            first = await chunks.__anext__()
+        except StopAsyncIteration:
+            first = None
+        metrics.first_token_seconds.observe(time.perf_counter() - started)
+    except GptFinetuneError as exc:
+        metrics.chat_requests.labels(outcome(exc.status)).inc()
+        raise
     return StreamingResponse(
-        _sse(first, chunks),
+        _sse(first, chunks, metrics, started),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+def outcome(status: int) -> str:
+    """A chat request's outcome, as the metrics label it."""
+    if status < 400:
+        return "ok"
+    return {429: "rejected", 499: "cancelled"}.get(status, "invalid" if status < 500 else "error")
 
 
 async def _unless_gone(request: Request, run: Any) -> dict[str, Any]:
@@ -67,15 +85,23 @@ async def _unless_gone(request: Request, run: Any) -> dict[str, Any]:
             task.cancel()
 
 
-async def _sse(first: dict[str, Any] | None, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+async def _sse(
+    first: dict[str, Any] | None, chunks: AsyncIterator[dict[str, Any]], metrics: Any, started: float
+) -> AsyncIterator[str]:
+    result = "ok"
     try:
         if first is not None:
             yield f"data: {json.dumps(first)}\n\n"
             async for chunk in chunks:
                 yield f"data: {json.dumps(chunk)}\n\n"
     except GptFinetuneError as exc:  # after the headers went out: an error event, as OpenAI sends
+        result = outcome(exc.status)
         yield f"data: {json.dumps(exc.to_openai())}\n\n"
+    except (asyncio.CancelledError, GeneratorExit):  # the client went away mid-stream
+        metrics.chat_requests.labels("cancelled").inc()
+        raise
     except Exception:  # a fault of ours mid-stream still ends the stream as the protocol says
+        result = "error"
         log.exception("a chat stream failed")
         body = {
             "error": {
@@ -86,4 +112,6 @@ async def _sse(first: dict[str, Any] | None, chunks: AsyncIterator[dict[str, Any
             }
         }
         yield f"data: {json.dumps(body)}\n\n"
+    metrics.chat_seconds.labels("true").observe(time.perf_counter() - started)
+    metrics.chat_requests.labels(result).inc()
     yield "data: [DONE]\n\n"

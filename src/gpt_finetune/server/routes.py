@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 
 from ..errors import BackendError, NotFoundError
 from ..request_rules import body_doc, job_request, job_schema
@@ -38,9 +38,26 @@ def _page(data: list[dict[str, Any]], has_more: bool, *, ids: bool = False) -> d
 
 @router.api_route("/health", methods=["GET", "HEAD"])
 def health(request: Request) -> dict[str, Any]:
-    """Alive, and how many chat requests wait and run (no key needed)."""
-    chat = _services(request).chat
-    return {"status": "ok", "queued_requests": chat.pending(), "running_requests": chat.running()}
+    """Alive, how many chat requests wait and run, and the live training workers by state (no
+    key needed: a count says nothing about anyone's data; ``gpt-finetune workers`` lists them)."""
+    services = _services(request)
+    chat = services.chat
+    workers = {"busy": 0, "idle": 0}
+    for w in services.workers.listing():
+        workers[w["state"]] += 1
+    return {
+        "status": "ok",
+        "queued_requests": chat.pending(),
+        "running_requests": chat.running(),
+        "workers": workers,
+    }
+
+
+@router.get("/metrics", include_in_schema=False)
+def metrics(request: Request) -> Response:
+    """Prometheus' text format (``server.metrics``); behind the API key when there is one."""
+    body, content_type = request.app.state.metrics.render()
+    return Response(body, media_type=content_type)
 
 
 # ---- files ----------------------------------------------------------------------------------
