@@ -398,6 +398,10 @@ def test_api_keys(tmp_path, tiny_model_dir):
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         assert "tiny-llama" in [m.id for m in s.client(key).models.list()]
         assert s.client("sk-second-key-xyz").models.list()
+        # the metrics name workers' hosts and the queue: a scraper sends the key as a bearer
+        assert httpx.get(s.url + "/metrics").status_code == 401
+        scraped = httpx.get(s.url + "/metrics", headers={"Authorization": f"Bearer {key}"})
+        assert scraped.status_code == 200 and 'gpt_finetune_jobs{status="queued"} 0.0' in scraped.text
     finally:
         s.stop()
     log = s.log.read_text()
