@@ -367,3 +367,7 @@ def test_a_dpo_job_on_a_fine_tuned_model_continues_its_adapter_from_its_own_refe
     before = load_file(home.model_dir(sft.id) / "adapter_model.safetensors")
     after = load_file(home.model_dir(dpo.id) / "adapter_model.safetensors")
     assert before.keys() == after.keys() and any(not (before[k] == after[k]).all() for k in before)
+    # the DPO job's own dropout (none), not the supervised job's the adapter was saved with
+    saved = json.loads((home.model_dir(dpo.id) / "adapter_config.json").read_text())
+    assert saved["lora_dropout"] == 0.0
+    assert json.loads((home.model_dir(sft.id) / "adapter_config.json").read_text())["lora_dropout"] > 0

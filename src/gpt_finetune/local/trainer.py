@@ -340,8 +340,9 @@ def _attach_reference(spec: TrainSpec, trainer: Any, data: _Data, plan: Any, hoo
 
 def _continue_adapter(spec: TrainSpec, model: Any, hooks: Hooks) -> Any:
     """A job on a fine-tuned model: its adapter loaded trainable (LoRA: training goes on from
-    it, with its own rank and layers; the job's LoRA settings do not apply) or merged into the
-    weights (full training)."""
+    it, with its own rank and layers; of the job's LoRA settings only the dropout applies, a
+    setting of training rather than of the adapter's shape) or merged into the weights (full
+    training)."""
     if not spec.init_adapter:
         return model
     from peft import PeftModel
@@ -349,8 +350,19 @@ def _continue_adapter(spec: TrainSpec, model: Any, hooks: Hooks) -> Any:
     if spec.training_type == "full":
         hooks.on_message("Starting from the fine-tuned model's weights (its adapter merged), training every weight")
         return PeftModel.from_pretrained(model, spec.init_adapter).merge_and_unload()
+    import torch
+
     peft_model = PeftModel.from_pretrained(model, spec.init_adapter, is_trainable=True)
+    # PEFT builds the dropout its saved config names (the first job's); this job's own applies:
+    # a DPO job's 0 above all, whose policy must score as its reference did at the first step
+    p = (spec.lora if isinstance(spec.lora, LoraOptions) else LoraOptions.from_values(spec.lora)).dropout
+    for module in peft_model.modules():
+        drops = getattr(module, "lora_dropout", None)
+        if isinstance(drops, torch.nn.ModuleDict):
+            for key in list(drops.keys()):
+                drops[key] = torch.nn.Dropout(p) if p > 0 else torch.nn.Identity()
     cfg = peft_model.peft_config["default"]
+    cfg.lora_dropout = p
     hooks.on_message(
         f"Continuing the fine-tuned model's adapter (LoRA r {cfg.r}, alpha {cfg.lora_alpha}, "
         f"{', '.join(sorted(cfg.target_modules))})"
