@@ -552,8 +552,11 @@ class JobService:
             params=params,
         )
 
-    def succeed(self, job_id: str, **changes: Any) -> bool:
-        return self._finish(job_id, S.SUCCEEDED, **changes)
+    def succeed(self, job_id: str, *, held_by: str | None = None, **changes: Any) -> bool:
+        """Mark a job succeeded; with ``held_by``, only while that worker holds it."""
+        if held_by is None:
+            return self._finish(job_id, S.SUCCEEDED, **changes)
+        return self._finish(job_id, S.SUCCEEDED, where="worker_id = ?", params=(held_by,), **changes)
 
     def fail(self, job_id: str, code: str, message: str) -> bool:
         ok = self._finish(job_id, S.FAILED, error={"code": code, "message": message, "param": None})
@@ -602,17 +605,33 @@ class JobService:
         ]
 
     def complete(
-        self, job_id: str, *, model_id: str, base: str, model_path: str, trained_tokens: int, result_path: str
+        self,
+        job_id: str,
+        *,
+        model_id: str,
+        base: str,
+        model_path: str,
+        trained_tokens: int,
+        result_path: str,
+        held_by: str | None = None,
     ) -> bool:
         """A job's worker finished: keep its result file and model, and mark it succeeded. A job
-        cancelled at the last moment keeps nothing (False)."""
+        cancelled at the last moment keeps nothing (False). With ``held_by`` (the worker's id),
+        a job that worker no longer holds (its lease lapsed, another worker took it) is left
+        alone: that worker records the model, under the same id."""
         from pathlib import Path
 
+        if held_by is not None and not self.holds(job_id, held_by):
+            return False
         result_file = self.files.register(Path(result_path), "step_metrics.csv", "fine-tune-results")
         self.models.register(model_id, kind="fine-tuned", base=base, path=Path(model_path), job_id=job_id)
         self.event(job_id, f"New fine-tuned model created: {model_id}")
         if self.succeed(
-            job_id, fine_tuned_model=model_id, trained_tokens=trained_tokens, result_files=[result_file["id"]]
+            job_id,
+            held_by=held_by,
+            fine_tuned_model=model_id,
+            trained_tokens=trained_tokens,
+            result_files=[result_file["id"]],
         ):
             self.event(job_id, "The job has successfully completed")
             return True

@@ -40,7 +40,7 @@ import time
 from typing import Any
 
 from ..contract import JobSpec, JobStatus
-from ..errors import GptFinetuneError
+from ..errors import GptFinetuneError, StoreError
 from ..services import Services
 from ..services.jobs import LEASE_SECONDS
 from ..settings import from_env
@@ -49,6 +49,7 @@ from .allocator import allocator_env
 CANCEL_GRACE = 10.0
 PAUSE_GRACE = 120.0  # a paused job saves a checkpoint before it stops
 POLL_SECONDS = 1.0  # how often an idle worker on a shared store looks for work
+STORE_RETRY_SECONDS = 5.0  # how long a worker waits for a shared store out of reach
 FENCE_SHARE = 0.8  # of the lease: unrenewed this long, a worker stops training its job
 log = logging.getLogger("gpt_finetune.runner")
 
@@ -67,6 +68,8 @@ def capabilities(gpus: int | None = None, memory_gb: float | None = None) -> tup
     has available now)."""
     from ..local.machine import available_bytes
 
+    if gpus is not None and memory_gb is not None:
+        return gpus, round(memory_gb, 2)
     found_gpus, device_gb = 0, None
     try:
         import torch
@@ -180,26 +183,37 @@ class Worker:
         # and one that cannot train here fails with the reason rather than wait for ever
         gpus, memory_gb = (self.gpus, self.memory_gb) if shared else (None, None)
         while not self.stopping.is_set():
-            job = jobs.claim_next(os.getpid(), worker_id=self.id, gpus=gpus, memory_gb=memory_gb)
-            if job is not None:
-                log.info("training %s (attempt %s)", job["id"], job["attempts"])
-                self.run_job(job)
+            try:
+                job = jobs.claim_next(os.getpid(), worker_id=self.id, gpus=gpus, memory_gb=memory_gb)
+                if job is not None:
+                    log.info("training %s (attempt %s)", job["id"], job["attempts"])
+                    self.run_job(job)
+                    continue
+                if shared:
+                    # other machines' workers may hold running jobs: take over any whose lease lapses
+                    jobs.recover_orphans(startup=False)
+                    self._tell_waiting()
+                if exit_when_idle and not (shared and jobs.has_active()):
+                    return 0
+            except StoreError as exc:
+                if not shared:
+                    raise  # the data directory's own file: nothing to wait out
+                # a shared store out of reach for longer than its own retries (a database
+                # restarted, a network down): the worker waits it out rather than exit, and its
+                # jobs' leases lapse meanwhile, as the store's side sees it
+                log.warning("the store is out of reach (%s); trying again in %g s", exc.message, STORE_RETRY_SECONDS)
+                self.stopping.wait(STORE_RETRY_SECONDS)
                 continue
-            if shared:
-                # other machines' workers may hold running jobs: take over any whose lease lapses
-                jobs.recover_orphans(startup=False)
-                self._tell_waiting()
-            if exit_when_idle and not (shared and jobs.has_active()):
-                return 0
             self.stopping.wait(POLL_SECONDS)
         return 0
 
     def _tell_waiting(self) -> None:
         """A queued job no live worker can take says so once in its events, with what it needs."""
-        live = self.services.workers.live()
-        for row in self.jobs.waiting_for_a_worker(self.gpus, self.memory_gb):
-            if row["id"] in self._told_waiting:
-                continue
+        waiting = [
+            r for r in self.jobs.waiting_for_a_worker(self.gpus, self.memory_gb) if r["id"] not in self._told_waiting
+        ]
+        live = self.services.workers.live() if waiting else []
+        for row in waiting:
             gpus, mem = row["need_gpus"] or 0, row["need_memory_gb"]
             fits = [w for w in live if w["gpus"] >= gpus and (mem is None or w["memory_gb"] >= mem)]
             if fits:
@@ -214,8 +228,11 @@ class Worker:
     def _beat(self) -> None:
         """The store-facing thread: the worker's row every third of the lease, the lease of the
         job it trains with it, and the job's status twice a second (what the training loop acts
-        on). The loop itself never waits on the store."""
-        last_beat = 0.0
+        on). The loop itself never waits on the store. While it trains, it also takes over the
+        jobs of lost workers once a lease (idle, the loop does it): with every worker busy, a lost
+        worker's job is still requeued within about a lease of its lapse, at its place in the queue."""
+        last_beat = last_recovery = 0.0
+        shared = self.jobs.store.shared
         while not self.stopping.wait(0.5):
             job_id = self.job_id
             try:
@@ -224,8 +241,8 @@ class Worker:
                 if time.monotonic() - last_beat < max(self.lease_seconds / 3, 0.5):
                     continue
                 last_beat = time.monotonic()
-                self.services.workers.beat(self.id or "", job_id)
                 if job_id is not None:
+                    asked = time.monotonic()  # the lease runs from no later than this
                     if self.jobs.renew_lease(job_id, self.id):
                         self.renewals += 1
                     else:
@@ -236,7 +253,11 @@ class Worker:
                         if row["status"] == JobStatus.RUNNING and row["worker_id"] != self.id and job_id == self.job_id:
                             self.renewal_failures += 1
                             self.lost = True
-                    self.renewed = time.monotonic()  # the store answered
+                    self.renewed = asked  # the store answered
+                self.services.workers.beat(self.id or "", job_id)
+                if shared and job_id is not None and time.monotonic() - last_recovery >= self.lease_seconds:
+                    last_recovery = time.monotonic()
+                    self.jobs.recover_orphans(startup=False)
             except GptFinetuneError as exc:  # the store is unreachable past its retries: fenced below
                 self.renewal_failures += 1
                 log.warning("heartbeat failed: %s", exc)

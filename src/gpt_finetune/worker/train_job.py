@@ -217,8 +217,12 @@ def _run(
         model_path=str(final_dir),
         trained_tokens=result.trained_tokens,
         result_path=str(result_path),
-    ):  # cancelled at the last moment: the model is not kept
-        shutil.rmtree(final_dir, ignore_errors=True)
+        held_by=worker_id,
+    ):
+        # cancelled at the last moment: the model is not kept. Held by another worker now (this
+        # one's lease lapsed): the directory is that worker's to write
+        if jobs.status(job_id) not in (JobStatus.RUNNING, JobStatus.SUCCEEDED):
+            shutil.rmtree(final_dir, ignore_errors=True)
     return 0
 
 
