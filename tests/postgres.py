@@ -30,7 +30,8 @@ def free_port() -> int:
 class Server:
     """One PostgreSQL cluster: ``start``, ``stop``, ``restart`` (the tests' outage)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_connections: int = 200) -> None:
+        self.max_connections = max_connections
         self.initdb, self.pg_ctl = binary("initdb"), binary("pg_ctl")
         if not (self.initdb and self.pg_ctl):
             raise FileNotFoundError("PostgreSQL's initdb and pg_ctl are not installed (apt install postgresql)")
@@ -50,7 +51,7 @@ class Server:
     def start(self) -> None:
         options = (
             f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.root} "
-            "-c fsync=off -c max_connections=200"
+            f"-c fsync=off -c max_connections={self.max_connections}"
         )
         self._run([self.pg_ctl, "-D", str(self.data), "-l", str(self.root / "log"), "-o", options, "-w", "start"])
 
