@@ -202,7 +202,9 @@ def _cluster(tmp_path, tiny_model_dir, pg_url):
         server.stop()
 
 
-def test_workers_on_postgresql_train_each_job_of_serve_once_and_report_it(pg_url, tmp_path, tiny_model_dir):
+def test_workers_on_postgresql_train_each_job_of_serve_once_pause_cancel_and_report_it(
+    pg_url, tmp_path, tiny_model_dir
+):
     from test_server import free_port, upload, wait_job
 
     with _cluster(tmp_path, tiny_model_dir, pg_url) as (server, store, start):
@@ -228,6 +230,19 @@ def test_workers_on_postgresql_train_each_job_of_serve_once_and_report_it(pg_url
         _wait(
             "the long job's training",
             lambda: any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(long.id, limit=5).data),
+        )
+        # paused on the server: the worker that trains it saves a checkpoint and lets it go;
+        # resumed, whichever worker claims it continues from there; cancelled, it stops
+        client.fine_tuning.jobs.pause(long.id)
+        _wait("the workers to be idle", lambda: all(w["state"] == "idle" for w in store.workers.live()), 120)
+        assert client.fine_tuning.jobs.retrieve(long.id).status == "paused"
+        client.fine_tuning.jobs.resume(long.id)
+        _wait(
+            "the resumed training",
+            lambda: any(
+                e.message.startswith("Resuming from checkpoint")
+                for e in client.fine_tuning.jobs.list_events(long.id, limit=20).data
+            ),
         )
         client.fine_tuning.jobs.cancel(long.id)
         _wait("the workers to be idle", lambda: all(w["state"] == "idle" for w in store.workers.live()), 30)
@@ -286,6 +301,9 @@ def test_a_job_survives_its_worker_stopping_and_its_next_worker_dying(pg_url, tm
         _wait("a's first checkpoint", checkpoints, 120, a)
         a.proc.send_signal(signal.SIGTERM)
         assert a.proc.wait(30) == 0, a.text()
+        assert "handed " + job.id + " back to the queue" in a.text()
+        client.fine_tuning.jobs.retrieve(job.id)  # what would start a runner on a store without workers
+        time.sleep(1.5)
         row = store.jobs.row(job.id)
         assert (row["status"], row["worker_id"], row["attempts"]) == ("queued", None, 0), a.text()
         seen = max(checkpoints())
@@ -303,6 +321,8 @@ def test_a_job_survives_its_worker_stopping_and_its_next_worker_dying(pg_url, tm
         assert any(m.startswith("Worker ") and "is shutting down" in m for m in messages)
         assert any("stopped unexpectedly; the job will resume from its last checkpoint" in m for m in messages)
         assert sum(m.startswith("Resuming from checkpoint checkpoint-") for m in messages) == 2
+        # the server started no runner of its own, not even while no worker was alive
+        assert {w["kind"] for w in store.workers.listing(include_gone=True)} == {"worker"}
         states = {w["id"]: w["state"] for w in store.workers.listing(include_gone=True)}
         assert list(states.values()).count("stopped") == 1 and states[b_id] in ("busy", "lost")
 

@@ -115,7 +115,7 @@ def cmd_worker(ns: argparse.Namespace) -> int:
             if worker.stopping.wait(1.0):
                 return 0
     try:
-        info(f"Worker on {services.store} ({worker.describe()}); Ctrl-C to stop")
+        info("Ctrl-C or SIGTERM: hand the running job back to the queue and stop")
         return worker.run(exit_when_idle=ns.exit_when_idle)
     finally:
         if lock is not None:

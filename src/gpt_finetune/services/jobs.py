@@ -787,11 +787,13 @@ class JobService:
 
     def kick(self) -> bool:
         """Start a runner (through the launcher) if jobs wait and none is alive. True if one was
-        started. On a shared store where workers started by hand (``gpt-finetune worker``) are
-        alive, they train the jobs: this machine (a server's, say) starts no runner of its own."""
+        started. On a shared store that has had workers started by hand (``gpt-finetune
+        worker``) in the last day, the store is theirs: this
+        machine (a server's, say, without a GPU) starts no runner of its own, even while every
+        worker is stopped for maintenance, and the jobs wait in the queue for one."""
         if self.launcher is None or not self.has_active() or self.runner_alive():
             return False
-        if self.store.shared and self.workers.live("worker"):
+        if self.store.shared and self.workers.seen("worker"):
             return False
         env = self.store.environment()
         if self.home.model_cache is not None:  # given by a flag or config file: the runner reads the environment

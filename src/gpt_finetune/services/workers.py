@@ -86,5 +86,13 @@ class WorkerService:
                 row["state"] = "busy" if row["job_id"] else "idle"
         return rows
 
+    def seen(self, kind: str) -> bool:
+        """Whether a worker of ``kind`` has run in the last day (alive or not)."""
+        return bool(
+            self.store.query(
+                "SELECT 1 FROM workers WHERE kind = ? AND heartbeat_at >= ? LIMIT 1", (kind, now() - 86400)
+            )
+        )
+
     def live(self, kind: str | None = None) -> list[dict[str, Any]]:
         return [w for w in self.listing() if kind is None or w["kind"] == kind]

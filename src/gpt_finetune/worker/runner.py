@@ -308,6 +308,7 @@ class Worker:
         if why.startswith("Worker"):  # hand the job back: another worker resumes it
             if jobs.release(job["id"], self.id or "", why):
                 self.jobs_released += 1
+                log.info("handed %s back to the queue", job["id"])
             return
         if why:
             log.warning(
