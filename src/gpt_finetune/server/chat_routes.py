@@ -63,7 +63,7 @@ def outcome(status: int) -> str:
     """A chat request's outcome, as the metrics label it."""
     if status < 400:
         return "ok"
-    return {429: "rejected", 499: "cancelled"}.get(status, "invalid" if status < 500 else "error")
+    return {429: "rejected", 499: "client_closed"}.get(status, "invalid" if status < 500 else "error")
 
 
 async def _unless_gone(request: Request, run: Any) -> dict[str, Any]:
@@ -98,7 +98,7 @@ async def _sse(
         result = outcome(exc.status)
         yield f"data: {json.dumps(exc.to_openai())}\n\n"
     except (asyncio.CancelledError, GeneratorExit):  # the client went away mid-stream
-        metrics.chat_requests.labels("cancelled").inc()
+        metrics.chat_requests.labels("client_closed").inc()
         raise
     except Exception:  # a fault of ours mid-stream still ends the stream as the protocol says
         result = "error"

@@ -48,7 +48,9 @@ class StoreCollector:
             "how long the longest-waiting queued job has waited (0: none waits)",
             value=max(0.0, t - oldest) if oldest is not None else 0.0,
         )
-        tokens = store.query("SELECT COALESCE(SUM(trained_tokens), 0) AS n FROM jobs WHERE status = ?", ("succeeded",))
+        tokens = store.query(
+            "SELECT COALESCE(SUM(trained_tokens), 0) AS n FROM jobs WHERE status = ?", (JobStatus.SUCCEEDED.value,)
+        )
         yield CounterMetricFamily(
             "gpt_finetune_tokens_trained", "tokens trained by the jobs that succeeded", value=int(tokens[0]["n"])
         )
