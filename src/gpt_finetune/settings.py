@@ -269,6 +269,12 @@ class Settings:
     kv_cache_gb: float | None = _opt(_float_range(0.001, 1_000_000.0))
     max_adapters: int | None = _opt(_positive_int)
     max_upload_mb: float | None = _opt(_float_range(0.001, 1_000_000.0))
+    # chat through OpenAI-compatible engines (vLLM): serve is then their gateway
+    chat_upstream: list[str] | None = _opt(lambda t: [x.strip() for x in t.split(",") if x.strip()])
+    chat_upstream_key: str | None = _opt(_str, secret=True)
+    chat_upstream_timeout: float | None = _opt(_float_range(0.1, 86_400.0))
+    vllm_lora_dir: str | None = _opt(_str)  # vLLM's LoRA filesystem resolver directory
+    vllm_max_lora_rank: int | None = _opt(_positive_int)  # the engines' --max-lora-rank
     debug: bool | None = _opt(_bool)  # tracebacks and debug logs (--debug)
     # local training options given (settings key -> value), each declared in contract.LocalOptions
     local: dict[str, Any] = field(default_factory=dict, repr=False)

@@ -68,6 +68,14 @@ def add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-upload-mb", dest="max_upload_mb", type=typed("max_upload_mb"), help="largest file upload (default 512)"
     )
+    p.add_argument(
+        "--chat-upstream",
+        dest="chat_upstream",
+        action="append",
+        metavar="URL",
+        help="an OpenAI-compatible engine (vLLM) that answers chat: http://gpu1:8000/v1 (repeatable; "
+        "chat_upstream = a,b); this server stays the gateway for keys, files, jobs and models",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
 
@@ -134,6 +142,24 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     )
     if s.max_upload_mb:
         config.max_upload_bytes = int(s.max_upload_mb * (1 << 20))
+    if s.chat_upstream:
+        from ..server.upstream import VLLM_DEFAULT_MAX_LORA_RANK, Upstreams
+
+        for url in s.chat_upstream:
+            if not url.startswith(("http://", "https://")):
+                raise ConfigError(f"chat_upstream {url!r}: an http:// or https:// URL, such as http://gpu1:8000/v1")
+        config.upstreams = Upstreams(
+            list(s.chat_upstream),
+            key=s.chat_upstream_key,
+            timeout=s.chat_upstream_timeout or 600.0,
+            lora_dir=s.vllm_lora_dir,
+        )
+        config.vllm_max_lora_rank = s.vllm_max_lora_rank or VLLM_DEFAULT_MAX_LORA_RANK
+        if not s.vllm_lora_dir:
+            warn(
+                "chat_upstream without vllm_lora_dir: fine-tuned models are sent by name, and each engine must "
+                "already have their adapters (vLLM: --lora-modules, or its filesystem resolver's directory)"
+            )
     engine_options = {"max_batch": s.max_batch, "kv_cache_gb": s.kv_cache_gb, "max_adapters": s.max_adapters}
     services = open_services(s, max_queue=s.max_queue, engine_options=engine_options, name_paths=False)
     services.jobs.kick()  # resume what a dead worker left

@@ -47,6 +47,8 @@ class ServerConfig:
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_MB << 20
     max_body_bytes: int = DEFAULT_MAX_BODY_MB << 20
     job_options: LocalOptions = field(default_factory=LocalOptions)  # local training settings for new jobs
+    upstreams: Any = None  # server.upstream.Upstreams: chat answered by engines elsewhere (vLLM)
+    vllm_max_lora_rank: int = 16  # what those engines load (their --max-lora-rank)
 
 
 def error_response(status: int, message: str, **kw: Any) -> JSONResponse:

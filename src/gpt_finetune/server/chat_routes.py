@@ -34,6 +34,9 @@ async def create_chat_completion(request: Request) -> JSONResponse | StreamingRe
     started = time.perf_counter()
     try:
         body = await read_json(request)
+        upstreams = request.app.state.config.upstreams
+        if upstreams is not None:
+            return await _forward(request, upstreams, body, metrics, started)
         # model lookup reads the store and may load the engine's code: off the event loop
         run = await run_in_threadpool(services.chat.start, body)
         if not run.stream:
@@ -56,6 +59,43 @@ async def create_chat_completion(request: Request) -> JSONResponse | StreamingRe
         _sse(first, chunks, metrics, started),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _forward(
+    request: Request, upstreams: Any, body: Any, metrics: Any, started: float
+) -> JSONResponse | StreamingResponse:
+    """The request answered by an upstream engine (``server.upstream``); errors raised here are
+    counted by the caller."""
+    services: Services = request.app.state.services
+    out, model, choices = await run_in_threadpool(upstreams.prepare, services, body)
+    if not out.get("stream"):
+        task = asyncio.ensure_future(upstreams.complete(out, model, choices))
+        try:
+            while True:  # a client that hangs up cancels the upstream request
+                done, _ = await asyncio.wait({task}, timeout=0.25)
+                if done:
+                    answer = task.result()
+                    break
+                if await request.is_disconnected():
+                    raise BackendError("the client closed the request", code="client_closed", status=499)
+        finally:
+            if not task.done():
+                task.cancel()
+        metrics.chat_seconds.labels("false").observe(time.perf_counter() - started)
+        metrics.chat_requests.labels("ok").inc()
+        return JSONResponse(answer)
+    events = await upstreams.stream(out, model, choices)
+    metrics.first_token_seconds.observe(time.perf_counter() - started)
+
+    async def relay() -> AsyncIterator[str]:
+        async for line in events:
+            yield line
+        metrics.chat_seconds.labels("true").observe(time.perf_counter() - started)
+        metrics.chat_requests.labels("ok").inc()
+
+    return StreamingResponse(
+        relay(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     )
 
 

@@ -134,7 +134,18 @@ def check_file(request: Request, file_id: str, model: str | None = None, n_epoch
 async def create_job(request: Request) -> dict[str, Any]:
     services = _services(request)
     kwargs = job_request(await read_json(request)).create_kwargs()
-    options = request.app.state.config.job_options
+    config = request.app.state.config
+    options = config.job_options
+    if config.upstreams is not None:  # the model this job makes must load in the chat engines
+        from ..contract import CLASSIFICATION_DEFAULTS
+        from .upstream import vllm_adapter_problem
+
+        # a classification job may raise the rank the caller left at its default
+        rank = options.lora.r if "lora_r" in options.given else max(options.lora.r, CLASSIFICATION_DEFAULTS["lora_r"])
+        problem = vllm_adapter_problem(rank, options.model.training_type, config.vllm_max_lora_rank)
+        if problem:
+            param = "lora_r" if "rank" in problem else "training_type"
+            raise BackendError(f"the chat upstream could not serve this job's model: {problem}", param=param)
     return await run_in_threadpool(lambda: services.jobs.create(**kwargs, options=options))
 
 
