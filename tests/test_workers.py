@@ -88,7 +88,15 @@ def test_a_worker_told_to_stop_hands_its_job_back_without_spending_an_attempt(se
     row = s.jobs.row(job)
     assert (row["status"], row["worker_id"], row["attempts"]) == ("queued", None, 0)
     messages = [e["message"] for e in s.jobs.list_events(job)[0]]
-    assert "Worker a is shutting down; the job will resume from its last checkpoint" in messages
+    assert "Worker a is shutting down; the job will start over (it had no checkpoint yet)" in messages
+
+
+def test_the_details_of_a_job_whose_plan_an_older_release_made_still_answer(services, chat_file):
+    s = services
+    (job,) = _queued(s, chat_file, 1)
+    s.store.update("jobs", job, {"plan": {"micro_batch_tokens": 512}})  # fields added since are missing
+    details = s.jobs.details(job)
+    assert details["plan"] == {"micro_batch_tokens": 512} and details["plan_summary"] is None
 
 
 def test_a_file_check_cut_short_on_a_shared_store_is_done_again_once_its_lease_lapses(pg_url, tmp_path, chat_file):

@@ -471,6 +471,10 @@ class JobService:
         row = self._row(job_id)
         spec = JobSpec.from_row(row)
         plan = row.get("plan")
+        try:
+            summary = MemoryPlan.from_dict(plan).describe() if plan else None
+        except (TypeError, KeyError, ZeroDivisionError):  # a plan of an older release lacks fields
+            summary = None
         return {
             "object": "fine_tuning.job.details",
             "id": row["id"],
@@ -479,7 +483,7 @@ class JobService:
             "local": spec.local.to_json(),
             "labels": spec.labels.to_json() if spec.labels else None,
             "plan": plan,
-            "plan_summary": MemoryPlan.from_dict(plan).describe() if plan else None,
+            "plan_summary": summary,
         }
 
     def set_plan(self, job_id: str, plan: dict[str, Any]) -> None:
@@ -710,7 +714,7 @@ class JobService:
         ):
             self.event(
                 row["id"],
-                "The training worker stopped unexpectedly; the job will resume from its last checkpoint",
+                f"The training worker stopped unexpectedly; {self._what_next(row['id'])}",
                 level="warn",
             )
             return True
@@ -727,9 +731,15 @@ class JobService:
             params=(worker_id,),
         ):
             self.store.execute("UPDATE jobs SET attempts = attempts - 1 WHERE id = ? AND attempts > 0", (job_id,))
-            self.event(job_id, f"{why}; the job will resume from its last checkpoint", level="warn")
+            self.event(job_id, f"{why}; {self._what_next(job_id)}", level="warn")
             return True
         return False
+
+    def _what_next(self, job_id: str) -> str:
+        """What a requeued job does when a worker takes it again, as its events say it."""
+        if self.store.query("SELECT 1 FROM checkpoints WHERE job_id = ? LIMIT 1", (job_id,)):
+            return "the job will resume from its last checkpoint"
+        return "the job will start over (it had no checkpoint yet)"
 
     def renew_lease(self, job_id: str, worker_id: str | None = None) -> bool:
         """The worker training ``job_id`` still holds it, for another ``lease_seconds``. False if
