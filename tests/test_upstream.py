@@ -136,6 +136,7 @@ def test_upstream_faults_are_openai_errors_never_hangs(tmp_path, tiny_model_dir)
         assert "--max-lora-rank 16" in err.value.message and err.value.body["param"] == "lora_r"
         r = httpx.post(unreachable.url + "/v1/chat/completions", json={"model": "tiny-llama", "messages": MSGS})
         assert r.status_code == 503 and r.json()["error"]["code"] == "upstream_unavailable"
+        assert httpx.get(unreachable.url + "/health").json()["chat_upstreams"] == {"configured": 1, "unreachable": 1}
         t0 = time.monotonic()
         r = httpx.post(stuck.url + "/v1/chat/completions", json={"model": "tiny-llama", "messages": MSGS}, timeout=30)
         assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_timeout"

@@ -45,12 +45,16 @@ def health(request: Request) -> dict[str, Any]:
     workers = {"busy": 0, "idle": 0}
     for w in services.workers.listing():
         workers[w["state"]] += 1
-    return {
+    answer: dict[str, Any] = {
         "status": "ok",
         "queued_requests": chat.pending(),
         "running_requests": chat.running(),
         "workers": workers,
     }
+    upstreams = request.app.state.config.upstreams
+    if upstreams is not None:  # chat answered elsewhere (serve --chat-upstream)
+        answer["chat_upstreams"] = {"configured": len(upstreams.urls), "unreachable": len(upstreams.unreachable())}
+    return answer
 
 
 @router.get("/metrics", include_in_schema=False)

@@ -85,6 +85,11 @@ class Upstreams:
     async def close(self) -> None:
         await self._client.aclose()
 
+    def unreachable(self) -> list[str]:
+        """The upstreams that refused a connection in the last ``DOWN_SECONDS``."""
+        now = time.monotonic()
+        return [u for u in self.urls if self._down.get(u, 0.0) > now]
+
     def order(self, model: str) -> list[str]:
         """The upstreams in this model's order (rendezvous hashing): the first that answers takes
         it; adding or removing an upstream moves only the models that hashed to it."""
