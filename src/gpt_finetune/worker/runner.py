@@ -116,6 +116,8 @@ def _gpus(n: int) -> str:
 class Worker:
     """One worker's loop: register, claim, train, beat, and say so when it stops."""
 
+    filters_claims = True  # claims only jobs that fit what it declared (a Ray worker: Ray schedules)
+
     def __init__(
         self,
         services: Services,
@@ -181,7 +183,7 @@ class Worker:
         jobs.recover_orphans(startup=not shared)
         # on the data directory's own store this is the only worker there is: it takes every job,
         # and one that cannot train here fails with the reason rather than wait for ever
-        gpus, memory_gb = (self.gpus, self.memory_gb) if shared else (None, None)
+        gpus, memory_gb = (self.gpus, self.memory_gb) if shared and self.filters_claims else (None, None)
         while not self.stopping.is_set():
             try:
                 job = jobs.claim_next(os.getpid(), worker_id=self.id, gpus=gpus, memory_gb=memory_gb)
@@ -192,7 +194,8 @@ class Worker:
                 if shared:
                     # other machines' workers may hold running jobs: take over any whose lease lapses
                     jobs.recover_orphans(startup=False)
-                    self._tell_waiting()
+                    if self.filters_claims:
+                        self._tell_waiting()
                 if exit_when_idle and not (shared and jobs.has_active()):
                     return 0
             except StoreError as exc:
