@@ -160,11 +160,19 @@ def test_a_ray_head_restarted_mid_job_leaves_the_job_finished_once(head, tmp_pat
         assert done.status == "succeeded", (done.error, worker.text()[-3000:])
         messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=1000).data]
         assert sum(m.startswith("New fine-tuned model created") for m in messages) == 1, messages[:20]
+        # `ray stop` kills the training process with the head (a second attempt resumes from the
+        # checkpoint), or leaves it running to the end under the worker's lease (one attempt):
+        # either way trained to its end once
         attempts = server_row(server, job.id)["attempts"]
-        assert attempts == 2, (attempts, worker.text()[-3000:])
-        assert any("the job will resume from its last checkpoint" in m for m in messages)
-        ray = JobSubmissionClient(head.address)
-        _wait("the Ray job's end", lambda: ray.get_job_status(f"{job.id}-2").value == "SUCCEEDED", 60, worker)
+        assert attempts in (1, 2), (attempts, worker.text()[-3000:])
+        if attempts == 2:
+            assert any("the job will resume from its last checkpoint" in m for m in messages)
+            ray = JobSubmissionClient(head.address)
+            _wait("the Ray job's end", lambda: ray.get_job_status(f"{job.id}-2").value == "SUCCEEDED", 60, worker)
+        steps = [
+            e.data["step"] for e in client.fine_tuning.jobs.list_events(job.id, limit=1000).data if e.type == "metrics"
+        ]
+        assert max(steps) == 240
     finally:
         worker.kill()
         server.stop()

@@ -78,6 +78,11 @@ def test_a_worker_whose_lease_lapsed_can_no_longer_touch_the_job_another_took(se
     row = s.jobs.row(job)
     assert (row["status"], row["worker_id"], row["attempts"]) == ("running", "b", 2)
     assert s.jobs.holds(job, "b") and s.jobs.renew_lease(job, "b")
+    # a training process of an earlier attempt by the same worker (one that outlived a Ray head,
+    # say) holds nothing and completes nothing
+    assert s.jobs.holds(job, "b", attempt=2) and not s.jobs.holds(job, "b", attempt=1)
+    assert not s.jobs.succeed(job, held_by="b", attempt=1) and s.jobs.status(job) == "running"
+    assert s.jobs.succeed(job, held_by="b", attempt=2) and s.jobs.status(job) == "succeeded"
 
 
 def test_a_worker_told_to_stop_hands_its_job_back_without_spending_an_attempt(services, chat_file):

@@ -556,11 +556,15 @@ class JobService:
             params=params,
         )
 
-    def succeed(self, job_id: str, *, held_by: str | None = None, **changes: Any) -> bool:
-        """Mark a job succeeded; with ``held_by``, only while that worker holds it."""
+    def succeed(self, job_id: str, *, held_by: str | None = None, attempt: int | None = None, **changes: Any) -> bool:
+        """Mark a job succeeded; with ``held_by`` (and ``attempt``), only while that worker holds
+        it (in that attempt)."""
         if held_by is None:
             return self._finish(job_id, S.SUCCEEDED, **changes)
-        return self._finish(job_id, S.SUCCEEDED, where="worker_id = ?", params=(held_by,), **changes)
+        where, params = "worker_id = ?", tuple[Any, ...]((held_by,))
+        if attempt is not None:
+            where, params = where + " AND attempts = ?", (held_by, attempt)
+        return self._finish(job_id, S.SUCCEEDED, where=where, params=params, **changes)
 
     def fail(self, job_id: str, code: str, message: str) -> bool:
         ok = self._finish(job_id, S.FAILED, error={"code": code, "message": message, "param": None})
@@ -618,6 +622,7 @@ class JobService:
         trained_tokens: int,
         result_path: str,
         held_by: str | None = None,
+        attempt: int | None = None,
     ) -> bool:
         """A job's worker finished: keep its result file and model, and mark it succeeded. A job
         cancelled at the last moment keeps nothing (False). With ``held_by`` (the worker's id),
@@ -625,7 +630,7 @@ class JobService:
         alone: that worker records the model, under the same id."""
         from pathlib import Path
 
-        if held_by is not None and not self.holds(job_id, held_by):
+        if held_by is not None and not self.holds(job_id, held_by, attempt):
             return False
         result_file = self.files.register(Path(result_path), "step_metrics.csv", "fine-tune-results")
         self.models.register(model_id, kind="fine-tuned", base=base, path=Path(model_path), job_id=job_id)
@@ -633,6 +638,7 @@ class JobService:
         if self.succeed(
             job_id,
             held_by=held_by,
+            attempt=attempt,
             fine_tuned_model=model_id,
             trained_tokens=trained_tokens,
             result_files=[result_file["id"]],
@@ -752,10 +758,14 @@ class JobService:
             "jobs", job_id, {"lease_until": now() + self.lease_seconds}, where=where, params=params
         )
 
-    def holds(self, job_id: str, worker_id: str) -> bool:
-        """Whether worker ``worker_id`` still holds running job ``job_id``."""
-        rows = self.store.query("SELECT status, worker_id FROM jobs WHERE id = ?", (job_id,))
-        return bool(rows) and rows[0]["status"] == S.RUNNING and rows[0]["worker_id"] == worker_id
+    def holds(self, job_id: str, worker_id: str, attempt: int | None = None) -> bool:
+        """Whether worker ``worker_id`` still holds running job ``job_id`` (in ``attempt``, when
+        given: a training process of an earlier attempt that outlived it, as one on a Ray node
+        can, holds nothing once the same worker has claimed the job again)."""
+        rows = self.store.query("SELECT status, worker_id, attempts FROM jobs WHERE id = ?", (job_id,))
+        if not rows or rows[0]["status"] != S.RUNNING or rows[0]["worker_id"] != worker_id:
+            return False
+        return attempt is None or rows[0]["attempts"] == attempt
 
     def recover_orphans(self, *, startup: bool = True) -> list[str]:
         """Called by a runner that holds the lock, or a worker. On the data directory's own store

@@ -88,7 +88,7 @@ def capabilities(gpus: int | None = None, memory_gb: float | None = None) -> tup
 def child_command(services: Services, job: dict[str, Any], worker_id: str | None = None) -> list[str]:
     args = ["--home", str(services.home.root), "--runner-pid", str(os.getpid())]
     if worker_id:
-        args += ["--worker-id", worker_id]
+        args += ["--worker-id", worker_id, "--attempt", str(job["attempts"])]
     args.append(job["id"])
     n = JobSpec.from_row(job).local.run.num_processes
     if n > 1:

@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--home", required=True)
     ap.add_argument("--runner-pid", type=int, default=0, help="stop when this process is gone")
     ap.add_argument("--worker-id", default=None, help="stop when another worker holds the job")
+    ap.add_argument("--attempt", type=int, default=None, help="stop when the job is in another attempt")
     ap.add_argument("job_id")
     args = ap.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))  # accelerate's launcher numbers the processes
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     job = jobs.row(args.job_id)
     is_main = rank == 0
     try:
-        return _run(services, job, is_main, args.runner_pid, args.worker_id)
+        return _run(services, job, is_main, args.runner_pid, args.worker_id, args.attempt)
     except GptFinetuneError as exc:  # a known reason (not enough memory, no trainable example)
         if is_main:
             jobs.fail(job["id"], exc.code, exc.message + (f" ({exc.hint})" if exc.hint else ""))
@@ -113,7 +114,12 @@ def _base_dir(base: Any, home: Any) -> str:
 
 
 def _run(
-    services: Services, job: dict[str, Any], is_main: bool, runner_pid: int = 0, worker_id: str | None = None
+    services: Services,
+    job: dict[str, Any],
+    is_main: bool,
+    runner_pid: int = 0,
+    worker_id: str | None = None,
+    attempt: int | None = None,
 ) -> int:
     from ..local.trainer import Hooks, TrainSpec, train
 
@@ -165,7 +171,7 @@ def _run(
             return bool(last_poll[1])
         last_poll[0] = time.time()
         # stopped (cancelled, paused), or its lease lapsed and another worker took it
-        stop = not jobs.holds(job_id, worker_id) if worker_id else jobs.status(job_id) != JobStatus.RUNNING
+        stop = not jobs.holds(job_id, worker_id, attempt) if worker_id else jobs.status(job_id) != JobStatus.RUNNING
         if runner_pid and not stop:
             try:
                 os.kill(runner_pid, 0)
@@ -218,6 +224,7 @@ def _run(
         trained_tokens=result.trained_tokens,
         result_path=str(result_path),
         held_by=worker_id,
+        attempt=attempt,
     ):
         # cancelled at the last moment: the model is not kept. Held by another worker now (this
         # one's lease lapsed): the directory is that worker's to write
