@@ -33,7 +33,7 @@ from typing import Any
 
 from ..contract import JobStatus
 from ..errors import DependencyError
-from .runner import CANCEL_GRACE, FENCE_SHARE, PAUSE_GRACE, Worker, child_command
+from .runner import Watch, Worker, child_command
 
 log = logging.getLogger("gpt_finetune.runner")
 POLL_SECONDS = 1.0
@@ -115,25 +115,12 @@ class RayWorker(Worker):
             jobs.requeue_or_fail(jobs.row(job["id"]), f"Ray refused the job ({exc})", str(log_path / "train.log"))
             return
         jobs.event(job["id"], f"Submitted to the Ray cluster as {sid}")
-        stop_by: float | None = None
-        why = ""
+        watch = Watch()
         ray_status: str | None = ""
         while True:
             time.sleep(POLL_SECONDS)
             ray_status = self._status(sid)
-            if ray_status is None or ray_status in RAY_DONE:
-                break
-            if self.stopping.is_set():
-                why = f"Worker {self.id} is shutting down"
-                break
-            fenced = time.monotonic() - self.renewed > FENCE_SHARE * self.lease_seconds and services.store.shared
-            if self.lost or fenced:
-                why = "lost"
-                break
-            status = self.job_status
-            if status in (JobStatus.CANCELLED, JobStatus.PAUSED) and stop_by is None:
-                stop_by = time.time() + (CANCEL_GRACE if status == JobStatus.CANCELLED else PAUSE_GRACE)
-            if stop_by is not None and time.time() > stop_by:
+            if ray_status is None or ray_status in RAY_DONE or self.should_stop(watch):
                 break
         if ray_status not in RAY_DONE and ray_status is not None:
             try:
@@ -142,20 +129,13 @@ class RayWorker(Worker):
                 log.warning("could not stop the Ray job %s: %s", sid, exc)
         self._keep_logs(sid, log_path / "train.log")
         self.job_id = None
-        if why.startswith("Worker"):
-            if jobs.release(job["id"], self.id or "", why):
-                self.jobs_released += 1
+        if self.settled(job, watch.why):
             return
-        if why:
-            return  # another worker holds it now
         row = jobs.row(job["id"])
         if row["status"] == JobStatus.RUNNING and row.get("worker_id") in (None, self.id):
             what = "the Ray cluster lost the job" if ray_status is None else f"the Ray job ended {ray_status}"
             jobs.requeue_or_fail(row, what, str(log_path / "train.log"))
-        elif row["status"] == JobStatus.SUCCEEDED:
-            self.jobs_done += 1
-            self.trained_tokens += int(row["trained_tokens"] or 0)
-            services.workers.job_done(self.id or "", int(row["trained_tokens"] or 0))
+        self.count(row)
 
     def _keep_logs(self, sid: str, path: Any) -> None:
         try:

@@ -109,6 +109,14 @@ def child_command(services: Services, job: dict[str, Any], worker_id: str | None
     return [sys.executable, "-m", "gpt_finetune.worker.train_job", *args]
 
 
+class Watch:
+    """One training's stop state: when a cancelled or paused job is stopped, and why it stopped."""
+
+    def __init__(self) -> None:
+        self.stop_by: float | None = None
+        self.why = ""
+
+
 def _gpus(n: int) -> str:
     return "no GPU" if not n else "1 GPU" if n == 1 else f"{n} GPUs"
 
@@ -267,7 +275,6 @@ class Worker:
 
     def run_job(self, job: dict[str, Any]) -> None:
         jobs, services = self.jobs, self.services
-        shared = services.store.shared
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.update(allocator_env(env, self.malloc))  # tcmalloc/jemalloc when installed: faster steps, lower peak
         env.update(services.store.environment())  # the store's URL where a flag gave it
@@ -286,42 +293,17 @@ class Worker:
                 preexec_fn=_die_with_parent,
                 start_new_session=False,
             )
-            stop_by: float | None = None  # when a cancelled or paused job's process is killed
-            why = ""
+            watch = Watch()
             while child.poll() is None:
                 time.sleep(0.5)
-                if self.stopping.is_set():
-                    why = f"Worker {self.id} is shutting down"
-                    break
-                # on a shared store only: on the data directory's own, the runner lock already
-                # proves no other worker can hold the job
-                fenced = shared and time.monotonic() - self.renewed > FENCE_SHARE * self.lease_seconds
-                if self.lost or fenced:
-                    why = "lost" if self.lost else "unrenewed"
-                    break
-                status = self.job_status
-                if status in (JobStatus.CANCELLED, JobStatus.PAUSED) and stop_by is None:
-                    stop_by = time.time() + (CANCEL_GRACE if status == JobStatus.CANCELLED else PAUSE_GRACE)
-                if stop_by is not None and time.time() > stop_by:
+                if self.should_stop(watch):
                     break
             if child.poll() is None:
                 child.kill()
             child.wait()
         self.job_id = None
-        if why.startswith("Worker"):  # hand the job back: another worker resumes it
-            if jobs.release(job["id"], self.id or "", why):
-                self.jobs_released += 1
-                log.info("handed %s back to the queue", job["id"])
+        if self.settled(job, watch.why):
             return
-        if why:
-            log.warning(
-                "stopped training %s: %s",
-                job["id"],
-                "another worker holds it now"
-                if why == "lost"
-                else f"its lease could not be renewed for {FENCE_SHARE * self.lease_seconds:.0f} s",
-            )
-            return  # not ours any more: whoever holds it (or recovers it) decides
         row = jobs.row(job["id"])
         if row["status"] == JobStatus.RUNNING and row.get("worker_id") in (None, self.id):
             # the child died without finishing the job
@@ -330,10 +312,51 @@ class Worker:
             jobs.requeue_or_fail(
                 row, f"the training process exited with code {child.returncode}", str(log_path / "train.log")
             )
-        elif row["status"] == JobStatus.SUCCEEDED:
+        self.count(row)
+
+    # ---- what every executor shares -----------------------------------------------------
+    def should_stop(self, watch: Watch) -> bool:
+        """Whether to stop the training of the current job now; ``watch.why`` says why (empty:
+        cancelled or paused, past its grace period)."""
+        if self.stopping.is_set():
+            watch.why = f"Worker {self.id} is shutting down"
+            return True
+        # on a shared store only: on the data directory's own, the runner lock already proves no
+        # other worker can hold the job
+        fenced = self.jobs.store.shared and time.monotonic() - self.renewed > FENCE_SHARE * self.lease_seconds
+        if self.lost or fenced:
+            watch.why = "lost" if self.lost else "unrenewed"
+            return True
+        status = self.job_status
+        if status in (JobStatus.CANCELLED, JobStatus.PAUSED) and watch.stop_by is None:
+            watch.stop_by = time.time() + (CANCEL_GRACE if status == JobStatus.CANCELLED else PAUSE_GRACE)
+        return watch.stop_by is not None and time.time() > watch.stop_by
+
+    def settled(self, job: dict[str, Any], why: str) -> bool:
+        """After a stop for ``why``: a job handed back (shutdown) or no longer this worker's
+        (lost, unrenewed) needs nothing more (True)."""
+        if why.startswith("Worker"):  # hand the job back: another worker resumes it
+            if self.jobs.release(job["id"], self.id or "", why):
+                self.jobs_released += 1
+                log.info("handed %s back to the queue", job["id"])
+            return True
+        if why:
+            log.warning(
+                "stopped training %s: %s",
+                job["id"],
+                "another worker holds it now"
+                if why == "lost"
+                else f"its lease could not be renewed for {FENCE_SHARE * self.lease_seconds:.0f} s",
+            )
+            return True  # not ours any more: whoever holds it (or recovers it) decides
+        return False
+
+    def count(self, row: dict[str, Any]) -> None:
+        """A job that ended succeeded counts in this worker's figures."""
+        if row["status"] == JobStatus.SUCCEEDED:
             self.jobs_done += 1
             self.trained_tokens += int(row["trained_tokens"] or 0)
-            services.workers.job_done(self.id or "", int(row["trained_tokens"] or 0))
+            self.services.workers.job_done(self.id or "", int(row["trained_tokens"] or 0))
 
 
 def worker_registry(worker: Worker) -> Any:
