@@ -120,8 +120,7 @@ def cmd_worker(ns: argparse.Namespace) -> int:
         # the cluster's resources are Ray's to allot (RayWorker claims every job; Ray schedules it)
         options["gpus"] = ns.gpus or 0
         options["memory_gb"] = ns.worker_memory_gb or 0.0
-        worker = RayWorker(services, ray_address=address, **options)
-        worker.ray_gpus = ns.ray_gpus
+        worker = RayWorker(services, ray_address=address, ray_gpus=ns.ray_gpus, **options)
     else:
         worker = Worker(services, **options)
     if ns.metrics_port is not None:

@@ -257,13 +257,13 @@ class Upstreams:
                         for c in chunk.get("choices") or []:
                             text.append((c.get("delta") or {}).get("content") or "")
                     yield f"data: {json.dumps(chunk)}\n\n"
-            except httpx.TimeoutException:
+            except httpx.HTTPError as exc:  # a timeout, a connection cut, a broken chunk mid-stream
                 error = {
                     "error": {
-                        "message": "the chat upstream stopped answering",
+                        "message": f"the chat upstream stopped answering ({type(exc).__name__})",
                         "type": "server_error",
                         "param": None,
-                        "code": "upstream_timeout",
+                        "code": "upstream_timeout" if isinstance(exc, httpx.TimeoutException) else "upstream_error",
                     }
                 }
                 yield f"data: {json.dumps(error)}\n\n"

@@ -32,7 +32,7 @@ import time
 from typing import Any
 
 from ..contract import JobStatus
-from ..errors import DependencyError
+from ..errors import ConfigError, DependencyError
 from .runner import Watch, Worker, child_command
 
 log = logging.getLogger("gpt_finetune.runner")
@@ -47,8 +47,9 @@ def submission_id(job: dict[str, Any]) -> str:
 class RayWorker(Worker):
     filters_claims = False  # Ray places each job on a node that has what it asks for, or holds it
 
-    def __init__(self, services: Any, *, ray_address: str, **kw: Any) -> None:
+    def __init__(self, services: Any, *, ray_address: str, ray_gpus: int = 0, **kw: Any) -> None:
         super().__init__(services, **kw)
+        self.ray_gpus = ray_gpus  # GPUs each single-process job asks Ray for (--ray-gpus)
         try:
             from ray.job_submission import JobSubmissionClient
         except ImportError:
@@ -56,7 +57,13 @@ class RayWorker(Worker):
                 "executor = ray needs Ray's job client", hint="pip install 'gpt-finetune[ray]'"
             ) from None
         self.ray_address = ray_address
-        self.client = JobSubmissionClient(ray_address)
+        try:
+            self.client = JobSubmissionClient(ray_address)
+        except Exception as exc:  # refused, unresolvable, not a Ray head: whatever requests raises
+            raise ConfigError(
+                f"cannot reach the Ray cluster's job API at {ray_address}: {type(exc).__name__}",
+                hint="give --ray-address http://HEAD:8265 (the head's dashboard port)",
+            ) from None
 
     def describe(self) -> str:
         return f"{super().describe()}, training on the Ray cluster at {self.ray_address}"
@@ -99,8 +106,6 @@ class RayWorker(Worker):
             if "already exists" not in str(exc):
                 raise
             log.info("%s was submitted before (this attempt's Ray job already exists): following it", sid)
-
-    ray_gpus = 0  # GPUs each single-process job asks Ray for (gpt-finetune worker --ray-gpus)
 
     def run_job(self, job: dict[str, Any]) -> None:
         jobs, services = self.jobs, self.services
