@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import httpx
 import pytest
@@ -45,6 +46,99 @@ class _Wrong(BaseHTTPRequestHandler):
         pass
 
 
+class _Vllm(BaseHTTPRequestHandler):
+    """vLLM's run-time adapter loading as its documentation and source describe it (untested
+    against vLLM itself): ``POST /v1/load_lora_adapter {lora_name, lora_path}`` answers 200 and
+    a line of text, 400 "has already been loaded" for a name it has, 404 "No adapter found" for
+    a path without an adapter, and the route is a 404 unless runtime updating is on; a chat
+    request for a model it does not serve is a 404. ``loaded`` is the engine's memory (cleared:
+    the engine restarted)."""
+
+    loaded: dict[str, str] = {}
+    runtime_updating = True
+    loads: list[str] = []
+
+    def _reply(self, status: int, body: object, content_type: str = "application/json") -> None:
+        data = (body if isinstance(body, str) else json.dumps(body)).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        cls = type(self)
+        if self.path == "/v1/load_lora_adapter":
+            if not cls.runtime_updating:
+                return self._reply(404, {"detail": "Not Found"})
+            name, path = body.get("lora_name"), body.get("lora_path")
+            cls.loads.append(name)
+            if name in cls.loaded:
+                message = f"The lora adapter '{name}' has already been loaded."
+                return self._reply(400, {"error": {"message": message, "type": "InvalidUserInput", "code": 400}})
+            if not (Path(path) / "adapter_config.json").exists():
+                message = f"Loading lora {name} failed: No adapter found for {path}"
+                return self._reply(404, {"error": {"message": message, "type": "NotFoundError", "code": 404}})
+            cls.loaded[name] = path
+            return self._reply(200, f"Success: LoRA adapter '{name}' added successfully.", "text/plain")
+        model = body["model"]
+        if model != "tiny-llama" and model not in cls.loaded:
+            message = f"The model `{model}` does not exist."
+            return self._reply(404, {"error": {"message": message, "type": "NotFoundError", "code": 404}})
+        message = {"role": "assistant", "content": f"from {model}"}
+        self._reply(
+            200,
+            {
+                "id": "chatcmpl-v",
+                "object": "chat.completion",
+                "created": 0,
+                "model": model,
+                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+            },
+        )
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_adapters_are_loaded_through_the_engines_load_endpoint(engines, fine_tuned, tiny_model_dir):
+    _engine, _gateway, root = engines
+    vllm = ThreadingHTTPServer(("127.0.0.1", 0), _Vllm)
+    threading.Thread(target=vllm.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{vllm.server_address[1]}/v1"
+    gateway = Server(
+        root / "home",
+        tiny_model_dir,
+        "--chat-upstream",
+        url,
+        env={"GPT_FINETUNE_VLLM_LOAD_ADAPTERS": "true", "GPT_FINETUNE_VLLM_LORA_DIR": str(root / "loaded")},
+    )
+    try:
+        client, model = gateway.client(), fine_tuned.fine_tuned_model
+        ask = dict(model=model, messages=MSGS, max_tokens=4)
+        assert client.chat.completions.create(**ask).choices[0].message.content == f"from {model}"
+        # given the published directory (the path the engines read), once for many requests
+        assert _Vllm.loaded == {model: str(root / "loaded" / model)} and _Vllm.loads == [model]
+        client.chat.completions.create(**ask)
+        assert _Vllm.loads == [model]
+        assert client.chat.completions.create(model="tiny-llama", messages=MSGS).choices[0].message.content
+        assert _Vllm.loads == [model]  # a base model needs no adapter
+        _Vllm.loaded.clear()  # the engine restarted: the next request loads it again, unseen by the client
+        assert client.chat.completions.create(**ask).choices[0].message.content == f"from {model}"
+        assert _Vllm.loads == [model, model]
+        # an engine without run-time loading: one clear 502, not the engine's bare 404
+        _Vllm.loaded.clear()
+        _Vllm.runtime_updating = False
+        r = httpx.post(gateway.url + "/v1/chat/completions", json=ask)
+        assert r.status_code == 502 and "VLLM_ALLOW_RUNTIME_LORA_UPDATING" in r.json()["error"]["message"]
+    finally:
+        gateway.proc.terminate()  # not stop(): that ends every process of this data directory
+        gateway.proc.wait(15)
+        vllm.shutdown()
+
+
 def _silent_port() -> tuple[socket.socket, int]:
     """A port that accepts connections and never answers (an engine stuck)."""
     s = socket.socket()
@@ -74,16 +168,24 @@ def engines(tmp_path_factory, tiny_model_dir):
     engine.stop()
 
 
-def test_the_gateway_answers_as_the_engine_does_for_base_and_fine_tuned_models(engines, tmp_path):
-    engine, gateway, root = engines
+@pytest.fixture(scope="module")
+def fine_tuned(engines, tmp_path_factory):
+    """A job trained through the gateway: its adapter is what the engines are given."""
+    _engine, gateway, _root = engines
     client = gateway.client()
     job = client.fine_tuning.jobs.create(
         model="gpt-4o-mini",
-        training_file=upload(client, tmp_path, toy_examples(12)).id,
+        training_file=upload(client, tmp_path_factory.mktemp("data"), toy_examples(12)).id,
         hyperparameters={"n_epochs": 1, "batch_size": 4},
     )
     done = wait_job(client, job.id)
     assert done.status == "succeeded", done.error
+    return done
+
+
+def test_the_gateway_answers_as_the_engine_does_for_base_and_fine_tuned_models(engines, fine_tuned):
+    engine, gateway, root = engines
+    client, done = gateway.client(), fine_tuned
     direct = engine.client()
     for model in ("tiny-llama", done.fine_tuned_model):
         asked = dict(model=model, messages=MSGS, max_tokens=6, temperature=0)

@@ -276,6 +276,7 @@ class Settings:
     chat_upstream_key: str | None = _opt(_str, secret=True)
     chat_upstream_timeout: float | None = _opt(_float_range(0.1, 86_400.0))
     vllm_lora_dir: str | None = _opt(_str)  # vLLM's LoRA filesystem resolver directory
+    vllm_load_adapters: bool | None = _opt(_bool)  # load adapters through the engines' /v1/load_lora_adapter
     vllm_max_lora_rank: int | None = _opt(_positive_int)  # the engines' --max-lora-rank
     debug: bool | None = _opt(_bool)  # tracebacks and debug logs (--debug)
     # local training options given (settings key -> value), each declared in contract.LocalOptions

@@ -153,9 +153,10 @@ def cmd_serve(ns: argparse.Namespace) -> int:
             key=s.chat_upstream_key,
             timeout=s.chat_upstream_timeout or 600.0,
             lora_dir=s.vllm_lora_dir,
+            load_adapters=bool(s.vllm_load_adapters),
         )
         config.vllm_max_lora_rank = s.vllm_max_lora_rank or VLLM_DEFAULT_MAX_LORA_RANK
-        if not s.vllm_lora_dir:
+        if not s.vllm_lora_dir and not s.vllm_load_adapters:
             warn(
                 "chat_upstream without vllm_lora_dir: fine-tuned models are sent by name, and each engine must "
                 "already have their adapters (vLLM: --lora-modules, or its filesystem resolver's directory)"

@@ -8,7 +8,9 @@ What the gateway does for each request:
   model (aliases and job ids resolve to the model's own id; unknown ones are a 404 here), and
   names it as the upstream knows it: a base model by its id (vLLM's ``--served-model-name``), a
   fine-tuned model or checkpoint by its own id, under which its adapter is published in
-  ``vllm_lora_dir`` (vLLM's LoRA filesystem resolver loads it from there on first use);
+  ``vllm_lora_dir`` (vLLM's LoRA filesystem resolver loads it from there on first use), or,
+  with ``vllm_load_adapters``, loaded into the chosen engine through its
+  ``/v1/load_lora_adapter`` before the first request there (again after the engine forgot it);
 - sends it to one upstream, chosen by rendezvous hashing of the model id over the upstreams that
   answer (so an adapter goes to the same engine, whose adapter cache then holds it, while that
   engine is up; when it is not, the next one in that model's order);
@@ -71,11 +73,15 @@ class Upstreams:
         key: str | None = None,
         timeout: float = 600.0,
         lora_dir: str | Path | None = None,
+        load_adapters: bool = False,
     ) -> None:
         self.urls = [u.rstrip("/") for u in urls]
         self.key = key
         self.timeout = timeout
         self.lora_dir = Path(lora_dir) if lora_dir else None
+        self.load_adapters = load_adapters
+        self._adapters: dict[str, str] = {}  # upstream model name -> the adapter's path, as engines read it
+        self._loaded: set[tuple[str, str]] = set()  # (upstream, model name) loaded through the endpoint
         self._down: dict[str, float] = {}  # url -> until (time.monotonic)
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=5.0),
@@ -110,9 +116,13 @@ class Upstreams:
         if path is None:
             return base_name
         model_id = str(services.models.resolve(requested))
-        if self.lora_dir is not None and (Path(path) / "adapter_config.json").exists():
+        if (Path(path) / "adapter_config.json").exists():
             # a fully trained model has no adapter: the upstream serves it under its id itself
-            self._publish(model_id, Path(path), base_name)
+            where = Path(path)
+            if self.lora_dir is not None:
+                self._publish(model_id, where, base_name)
+                where = self.lora_dir / model_id
+            self._adapters[model_id] = str(where)
         return model_id
 
     def _publish(self, model_id: str, adapter: Path, base_name: str) -> None:
@@ -155,12 +165,61 @@ class Upstreams:
         out["model"] = self.upstream_model(services, parsed["model"])
         return out, parsed["model"], parsed["choices"]
 
+    async def _load(self, url: str, name: str, path: str) -> None:
+        """Load an adapter into one engine through vLLM's ``/v1/load_lora_adapter`` (vLLM answers
+        200 and a line of text; 400 "has already been loaded" when it has it, which another
+        gateway, or this one before a restart, may have done; 404 "No adapter found" for a path
+        it cannot read; the route itself is a 404 unless the engine runs with
+        VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)."""
+        response = await self._client.post(url + "/load_lora_adapter", json={"lora_name": name, "lora_path": path})
+        text = response.text
+        if response.status_code == 200 or (response.status_code == 400 and "already been loaded" in text):
+            self._loaded.add((url, name))
+            return
+        if response.status_code in (404, 405) and "adapter" not in text.lower():
+            raise BackendError(
+                f"the chat upstream {url} has no /load_lora_adapter: start vLLM with "
+                "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, or leave vllm_load_adapters off and use its filesystem "
+                "resolver on vllm_lora_dir",
+                code="upstream_error",
+                status=502,
+            )
+        try:
+            error = response.json()
+            message = str((error.get("error") or {}).get("message") or error.get("message") or text)
+        except (ValueError, AttributeError):
+            message = text
+        raise BackendError(
+            f"the chat upstream could not load the adapter of {name} from {path} (HTTP "
+            f"{response.status_code}): {message[:200]}",
+            code="upstream_error",
+            status=502,
+        )
+
+    async def _post(self, url: str, body: dict[str, Any], stream: bool) -> httpx.Response:
+        """One chat request to one engine, its adapter loaded there first when the gateway loads
+        them; an engine that no longer knows an adapter it was given (restarted) gets it again."""
+        name = str(body.get("model"))
+        adapter = self._adapters.get(name) if self.load_adapters else None
+        given = adapter is not None and (url, name) in self._loaded
+        if adapter is not None and not given:
+            await self._load(url, name, adapter)
+        request = self._client.build_request("POST", url + "/chat/completions", json=body)
+        response = await self._client.send(request, stream=stream)
+        if response.status_code == 404 and given:
+            await response.aclose()
+            self._loaded.discard((url, name))
+            log.info("chat upstream %s no longer has %s: loading it again", url, name)
+            await self._load(url, name, str(adapter))
+            request = self._client.build_request("POST", url + "/chat/completions", json=body)
+            response = await self._client.send(request, stream=stream)
+        return response
+
     async def _send(self, body: dict[str, Any], model: str, *, stream: bool) -> httpx.Response:
         last: Exception | None = None
         for url in self.order(model):
-            request = self._client.build_request("POST", url + "/chat/completions", json=body)
             try:
-                response = await self._client.send(request, stream=stream)
+                response = await self._post(url, body, stream)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 self._down[url] = time.monotonic() + DOWN_SECONDS
                 log.warning("chat upstream %s did not answer (%s); trying the next", url, type(exc).__name__)
