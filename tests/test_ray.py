@@ -182,3 +182,36 @@ def server_row(server: Server, job_id: str) -> dict:
     from gpt_finetune.services import Services
 
     return Services.open(server.home).jobs.row(job_id)
+
+
+def test_a_job_on_two_processes_trains_across_two_ray_workers_as_one_process_does(head, tmp_path, tiny_model_dir):
+    """Data-parallel on Ray (Ray Train, two workers on CPU with gloo) against one process on
+    Ray: the same steps, losses and adapter weights, as tests/test_distributed.py checks for
+    two processes on one machine."""
+    from safetensors.torch import load_file
+    from test_distributed import run_job
+
+    from gpt_finetune.services import Services
+
+    home = tmp_path / "home"
+    worker = WorkerProcess(home, _env(tiny_model_dir, None), "--executor", "ray", "--ray-address", head.address)
+    try:
+        store = Services.open(home)
+        _wait("the worker's registration", lambda: store.workers.live("worker"), 60, worker)
+        one_dir, one_metrics, _ = run_job(home, tmp_path, tiny_model_dir, 1)
+        two_dir, two_metrics, two_started = run_job(home, tmp_path, tiny_model_dir, 2)
+        assert "on cpu x2 (" in two_started
+        jobs = [row["id"] for row in store.store.query("SELECT id FROM jobs ORDER BY created_at")]
+        info = JobSubmissionClient(head.address).get_job_info(f"{jobs[1]}-1")
+        assert "gpt_finetune.worker.ray_train --processes 2" in info.entrypoint
+        assert [m["step"] for m in one_metrics] == [m["step"] for m in two_metrics]
+        for a, b in zip(one_metrics, two_metrics):
+            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3, abs=1e-3)
+        w1 = load_file(one_dir / "adapter_model.safetensors")
+        w2 = load_file(two_dir / "adapter_model.safetensors")
+        assert w1.keys() == w2.keys()
+        for k in w1:
+            assert (w1[k] - w2[k]).abs().max().item() < 1e-4, k
+        assert any(w1[k].abs().max() > 0 for k in w1 if "lora_B" in k)  # it trained at all
+    finally:
+        worker.kill()

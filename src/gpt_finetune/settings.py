@@ -252,6 +252,7 @@ class Settings:
     malloc: str | None = _opt(_str)  # training's allocator: auto, system, or a library's path
     executor: str | None = _opt(_choice("local", "ray"))  # where a worker's jobs train: its own processes, or Ray
     ray_address: str | None = _opt(_str)  # the Ray cluster's job API (http://head:8265)
+    ray_gpus: int | None = _opt(_whole_from(0))  # GPUs each training process asks Ray for (0: CPU)
     # inference (infer.cfg)
     ft_job_id: str | None = _opt(_str)
     max_tokens: int | None = _opt(_positive_int)

@@ -56,10 +56,11 @@ def add_worker(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--ray-gpus",
-        type=_count,
-        default=0,
+        dest="ray_gpus",
+        type=typed("ray_gpus"),
         metavar="N",
-        help="GPUs each single-process job asks Ray for (default 0; a job on N processes asks for N)",
+        help="GPUs each training process asks Ray for (default 0: CPU; or ray_gpus = N); "
+        "a job on several processes asks for N per process, as a Ray Train run",
     )
     p.add_argument("--exit-when-idle", action="store_true", help="stop when no job is queued or running")
     p.set_defaults(func=cmd_worker)
@@ -120,7 +121,7 @@ def cmd_worker(ns: argparse.Namespace) -> int:
         # the cluster's resources are Ray's to allot (RayWorker claims every job; Ray schedules it)
         options["gpus"] = ns.gpus or 0
         options["memory_gb"] = ns.worker_memory_gb or 0.0
-        worker = RayWorker(services, ray_address=address, ray_gpus=ns.ray_gpus, **options)
+        worker = RayWorker(services, ray_address=address, ray_gpus=s.ray_gpus or 0, **options)
     else:
         worker = Worker(services, **options)
     if ns.metrics_port is not None:

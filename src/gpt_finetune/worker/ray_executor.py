@@ -20,20 +20,22 @@ checkpoints and model as a local training process does, and the worker holds the
   the lease and waits (the training may go on on its node).
 - **Logs**: Ray's log of the job is appended to the job's ``train.log`` when it ends.
 
-Ray Train (data-parallel across nodes) is not used: a job trains on one Ray node, with
-``accelerate launch`` over that node's GPUs when it has ``num_processes`` > 1.
+- **Data-parallel**: a job with ``num_processes`` > 1 trains as a Ray Train run of that many
+  workers, on whichever nodes have room (``worker.ray_train``), each running the job's training
+  process at its rank; one process trains as the Ray job's entrypoint itself.
 """
 
 from __future__ import annotations
 
 import logging
 import shlex
+import sys
 import time
 from typing import Any
 
-from ..contract import JobStatus
+from ..contract import JobSpec, JobStatus
 from ..errors import ConfigError, DependencyError
-from .runner import Watch, Worker, child_command
+from .runner import Watch, Worker, train_job_args
 
 log = logging.getLogger("gpt_finetune.runner")
 POLL_SECONDS = 1.0
@@ -49,7 +51,7 @@ class RayWorker(Worker):
 
     def __init__(self, services: Any, *, ray_address: str, ray_gpus: int = 0, **kw: Any) -> None:
         super().__init__(services, **kw)
-        self.ray_gpus = ray_gpus  # GPUs each single-process job asks Ray for (--ray-gpus)
+        self.ray_gpus = ray_gpus  # GPUs each training process asks Ray for (--ray-gpus; 0: CPU)
         try:
             from ray.job_submission import JobSubmissionClient
         except ImportError:
@@ -62,7 +64,7 @@ class RayWorker(Worker):
         except Exception as exc:  # refused, unresolvable, not a Ray head: whatever requests raises
             raise ConfigError(
                 f"cannot reach the Ray cluster's job API at {ray_address}: {type(exc).__name__}",
-                hint="give --ray-address http://HEAD:8265 (the head's dashboard port)",
+                hint="the head's job API is http://HEAD:8265, its dashboard port (--ray-address, or ray_address = ...)",
             ) from None
 
     def describe(self) -> str:
@@ -77,23 +79,35 @@ class RayWorker(Worker):
         except Exception:  # connection refused, timed out: the head is down
             return ""
 
+    def command(self, job: dict[str, Any], sid: str) -> tuple[list[str], dict[str, Any]]:
+        """The Ray job's entrypoint and what it asks Ray for. One process: the training process
+        itself, on a node with a CPU, ``--ray-gpus`` GPUs and its memory plan's peak. Several
+        (``num_processes``): a Ray Train run (``worker.ray_train``) of that many workers, each
+        asking for that much; its driver, which only waits, asks for nothing. No --runner-pid:
+        the training process is Ray's child, not this worker's."""
+        args = train_job_args(self.services, job, self.id)
+        n = JobSpec.from_row(job).local.run.num_processes
+        memory_gb = float(job.get("need_memory_gb") or 0)
+        if n > 1:
+            storage = self.services.home.job_dir(job["id"]) / "ray"  # the shared data directory
+            driver = [sys.executable, "-m", "gpt_finetune.worker.ray_train", "--processes", str(n)]
+            driver += ["--gpus", str(self.ray_gpus), "--memory-gb", str(memory_gb)]
+            driver += ["--name", sid, "--storage", str(storage), "--", *args]
+            return driver, {"entrypoint_num_cpus": 0}
+        resources: dict[str, Any] = {"entrypoint_num_cpus": 1}
+        if self.ray_gpus:
+            resources["entrypoint_num_gpus"] = self.ray_gpus
+        if memory_gb:
+            resources["entrypoint_memory"] = int(memory_gb * 1e9)
+        return [sys.executable, "-m", "gpt_finetune.worker.train_job", *args], resources
+
     def _submit(self, job: dict[str, Any], sid: str) -> None:
         services = self.services
-        command = child_command(services, job, self.id)
-        # no --runner-pid: the training process is Ray's child, not this worker's
-        if "--runner-pid" in command:
-            i = command.index("--runner-pid")
-            del command[i : i + 2]
+        command, resources = self.command(job, sid)
         env = dict(services.store.environment())
         if services.home.model_cache is not None:
             env["GPT_FINETUNE_MODEL_CACHE"] = str(services.home.model_cache)
         env["PYTHONUNBUFFERED"] = "1"
-        need_gpus = int(job.get("need_gpus") or 0) or self.ray_gpus
-        resources: dict[str, Any] = {"entrypoint_num_cpus": 1}
-        if need_gpus:
-            resources["entrypoint_num_gpus"] = need_gpus
-        if job.get("need_memory_gb"):
-            resources["entrypoint_memory"] = int(float(job["need_memory_gb"]) * 1e9)
         try:
             self.client.submit_job(
                 entrypoint=shlex.join(command),

@@ -85,11 +85,16 @@ def capabilities(gpus: int | None = None, memory_gb: float | None = None) -> tup
     return gpus, round(memory_gb, 2)
 
 
-def child_command(services: Services, job: dict[str, Any], worker_id: str | None = None) -> list[str]:
-    args = ["--home", str(services.home.root), "--runner-pid", str(os.getpid())]
+def train_job_args(services: Services, job: dict[str, Any], worker_id: str | None = None) -> list[str]:
+    """The training process's arguments (``worker.train_job``), whoever starts it."""
+    args = ["--home", str(services.home.root)]
     if worker_id:
         args += ["--worker-id", worker_id, "--attempt", str(job["attempts"])]
-    args.append(job["id"])
+    return [*args, job["id"]]
+
+
+def child_command(services: Services, job: dict[str, Any], worker_id: str | None = None) -> list[str]:
+    args = ["--runner-pid", str(os.getpid()), *train_job_args(services, job, worker_id)]
     n = JobSpec.from_row(job).local.run.num_processes
     if n > 1:
         # the launcher as a module of this interpreter: works whether or not the venv is on PATH
