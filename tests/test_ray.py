@@ -91,8 +91,25 @@ def _cluster(tmp_path, tiny_model_dir, head):
     return server, worker
 
 
+class RunnerLog:
+    """The automatic runner's log, where the tests show a worker's."""
+
+    def __init__(self, home: Path) -> None:
+        self.path = home / "logs" / "runner.log"
+
+    def text(self) -> str:
+        return self.path.read_text(errors="replace") if self.path.exists() else ""
+
+    def kill(self) -> None:
+        pass  # the server's stop ends it
+
+
 def test_jobs_train_as_ray_jobs_and_a_cancel_reaches_them(head, tmp_path, tiny_model_dir):
-    server, worker = _cluster(tmp_path, tiny_model_dir, head)
+    """No worker started: the runner ``serve`` starts follows ``executor = ray``."""
+    home = tmp_path / "home"
+    ray_env = {"GPT_FINETUNE_EXECUTOR": "ray", "GPT_FINETUNE_RAY_ADDRESS": head.address}
+    server = Server(home, tiny_model_dir, env={"GPT_FINETUNE_TRAINING_TYPE": "full", **ray_env})
+    worker = RunnerLog(home)
     try:
         client = server.client()
         train = upload(client, tmp_path, toy_examples(12))
@@ -133,8 +150,31 @@ def test_jobs_train_as_ray_jobs_and_a_cancel_reaches_them(head, tmp_path, tiny_m
             worker,
         )
         assert wait_job(client, long.id).status == "cancelled"
+        assert "training on the Ray cluster at " + head.address in worker.text()
     finally:
         worker.kill()
+        server.stop()
+
+
+def test_a_ray_cluster_out_of_reach_is_said_on_the_waiting_jobs(tmp_path, tiny_model_dir):
+    dead = f"http://127.0.0.1:{free_port()}"
+    server = Server(
+        tmp_path / "home", tiny_model_dir, env={"GPT_FINETUNE_EXECUTOR": "ray", "GPT_FINETUNE_RAY_ADDRESS": dead}
+    )
+    try:
+        client = server.client()
+        job = client.fine_tuning.jobs.create(
+            model="gpt-4o-mini", training_file=upload(client, tmp_path, toy_examples(12)).id
+        )
+        said = _wait(
+            "the job's event",
+            lambda: [e for e in client.fine_tuning.jobs.list_events(job.id).data if e.message.startswith("Waiting: ")],
+            60,
+            RunnerLog(server.home),
+        )
+        assert f"cannot reach the Ray cluster's job API at {dead}" in said[0].message and said[0].level == "warn"
+        assert client.fine_tuning.jobs.retrieve(job.id).status == "queued"  # waits: nothing lost, nothing faked
+    finally:
         server.stop()
 
 

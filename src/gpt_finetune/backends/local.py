@@ -21,6 +21,22 @@ from ..worker.launch import start_runner
 from .base import Hyperparameters, Traits
 
 
+def runner_launcher(settings: Settings) -> Any:
+    """``start_runner`` with where the runner's jobs train (``executor``, ``ray_address``,
+    ``ray_gpus``) in its environment, since they may come from a config file or flag the runner
+    does not read."""
+    extra: dict[str, str] = {}
+    for key in ("executor", "ray_address", "ray_gpus"):
+        value = getattr(settings, key)
+        if value is not None:
+            extra["GPT_FINETUNE_" + key.upper()] = str(value)
+
+    def launch(home: Any, env: dict[str, str] | None = None) -> None:
+        start_runner(home, {**extra, **(env or {})})
+
+    return launch
+
+
 def open_services(settings: Settings, **kw: Any) -> Services:
     """The services of the configured data directory, with the runner's launcher: what every
     adapter that creates or follows jobs opens."""
@@ -29,7 +45,7 @@ def open_services(settings: Settings, **kw: Any) -> Services:
         local_base_model=settings.local_base_model,
         model_cache=settings.model_cache,
         store_url=settings.store_url,
-        launcher=start_runner,
+        launcher=runner_launcher(settings),
         **kw,
     )
 

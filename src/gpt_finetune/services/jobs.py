@@ -792,6 +792,16 @@ class JobService:
             if self.requeue_or_fail(row, "the training worker died", str(self.home.logs / "runner.log"))
         ]
 
+    def note_queued(self, message: str) -> None:
+        """Say on each queued job why it waits (a runner that cannot start its executor), once:
+        a job whose newest event says so already gets no second one at the next try."""
+        for row in self.store.query(f"SELECT id FROM jobs WHERE {sql_in([S.QUEUED])}"):
+            last = self.store.query(
+                "SELECT message FROM events WHERE job_id = ? ORDER BY seq DESC LIMIT 1", (row["id"],)
+            )
+            if not last or last[0]["message"] != message:
+                self.event(row["id"], message, level="warn")
+
     def has_active(self) -> bool:
         return bool(self.store.query(f"SELECT 1 FROM jobs WHERE {sql_in(NEEDS_RUNNER)} LIMIT 1"))
 

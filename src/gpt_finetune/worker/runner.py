@@ -40,7 +40,7 @@ import time
 from typing import Any
 
 from ..contract import JobSpec, JobStatus
-from ..errors import GptFinetuneError, StoreError
+from ..errors import ConfigError, GptFinetuneError, StoreError
 from ..services import Services
 from ..services.jobs import LEASE_SECONDS
 from ..settings import from_env
@@ -400,6 +400,21 @@ def worker_registry(worker: Worker) -> Any:
     return registry
 
 
+def _runner(services: Services, malloc: str | None) -> Worker:
+    """The automatic runner's worker: training in its own processes, or on the Ray cluster
+    when ``executor = ray`` (the setting reaches it through the environment the launcher gave)."""
+    if from_env("executor") != "ray":
+        return Worker(services, kind="runner", malloc=malloc)
+    from .ray_executor import RayWorker
+
+    address = from_env("ray_address") or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise ConfigError("executor ray needs the cluster's address", hint="set ray_address = http://HEAD:8265")
+    return RayWorker(
+        services, kind="runner", ray_address=address, ray_gpus=from_env("ray_gpus") or 0, gpus=0, memory_gb=0.0
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """The auto-started runner (``worker.launch``)."""
     ap = argparse.ArgumentParser(prog="gpt_finetune.worker.runner")
@@ -413,7 +428,15 @@ def main(argv: list[str] | None = None) -> int:
     while True:
         if not lock.acquire():
             return 0  # another runner is alive (for a PostgreSQL store: on any machine)
-        Worker(services, kind="runner", malloc=malloc).run(exit_when_idle=True)
+        try:
+            worker = _runner(services, malloc)
+        except GptFinetuneError as exc:  # executor = ray and no cluster: the queued jobs say why
+            log.error("%s", exc.message)
+            services.jobs.validate_pending(os.getpid())  # checked as a worker would: failed or queued
+            services.jobs.note_queued(f"Waiting: {exc.message}" + (f" ({exc.hint})" if exc.hint else ""))
+            lock.release()
+            return 1
+        worker.run(exit_when_idle=True)
         # nothing queued: let go, then look once more, so a job queued meanwhile is not stranded
         lock.release()
         if not services.jobs.has_active():
