@@ -292,3 +292,29 @@ def test_a_sequence_that_fails_to_join_the_batch_fails_its_request_instead_of_ha
     assert engine.running() == 0 and engine.pending() == 0
     after = engine.complete(str(tiny_model_dir), None, _prompt(2), max_tokens=10, temperature=0).token_ids
     assert after == expected and calls["n"] > 1
+
+
+def test_the_dense_mixed_step_equals_peft_s_mixed_batch_and_leaves_other_adapters_to_peft(tiny_model_dir, adapters):
+    """local/mixed_lora.py against PEFT's own mixed batch on the same rows (two adapters and the
+    base model), PEFT's own path untouched outside it, and DoRA adapters left to PEFT."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from gpt_finetune.local import mixed_lora
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapters[0], "a0")
+    model.load_adapter(adapters[1], adapter_name="a1")
+    model.eval()
+    rows = ["a1", None, "a0", "a1", None]
+    ids = torch.randint(0, 1000, (len(rows), 7))
+    assert mixed_lora.supported(model)
+    with torch.no_grad():
+        peft = model(input_ids=ids, adapter_names=[a or "__base__" for a in rows]).logits
+        with mixed_lora.mixed_rows(model, rows):
+            dense = model(input_ids=ids).logits
+        after = model(input_ids=ids).logits  # outside: PEFT's active adapter again, for every row
+    assert (dense - peft).abs().max().item() < 1e-5
+    assert (after[2] - peft[2]).abs().max().item() < 1e-5  # row 2 is on a0, the active adapter
+    dora = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, use_dora=True))
+    assert not mixed_lora.supported(dora)

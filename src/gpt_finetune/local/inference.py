@@ -462,9 +462,12 @@ class Engine:
         return {s.adapter for g in self._groups.values() for s in g.sequences() if s.adapter is not None}
 
     def _drop_adapter(self, entry: list[Any], name: str) -> None:
+        from . import mixed_lora
+
         del entry[2][name]
         self._used.pop(name, None)
         if len(getattr(entry[0], "peft_config", {})) > 1:
+            mixed_lora.forget(entry[0])  # its stacked copies go with it
             entry[0].delete_adapter(name)
         else:  # the last adapter: back to the plain base model
             entry[0] = entry[0].unload()
@@ -570,7 +573,13 @@ class Engine:
         model = group.model
         if not hasattr(model, "peft_config"):
             return model(use_cache=True, logits_to_keep=1, **kw)
-        if len(set(adapters)) > 1:  # rows name their adapters; the base model's is __base__
+        if len(set(adapters)) > 1:
+            from . import mixed_lora
+
+            if mixed_lora.supported(model):  # two dense matmuls a layer (local/mixed_lora.py)
+                with mixed_lora.mixed_rows(model, adapters):
+                    return model(use_cache=True, logits_to_keep=1, **kw)
+            # other adapter kinds: rows name their adapters to PEFT; the base model's is __base__
             kw["adapter_names"] = [a if a is not None else "__base__" for a in adapters]
             return model(use_cache=True, logits_to_keep=1, **kw)
         # One adapter for every row (always so for a prompt chunk): PEFT's plain path, without the
