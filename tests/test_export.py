@@ -156,7 +156,8 @@ def test_gguf_exports_read_back_by_transformers_f32_identical_others_within_tole
             assert reader.fields[key].contents() == original.fields[key].contents(), key
         assert reader.fields["tokenizer.chat_template"].contents() == tok.chat_template
         model = AutoModelForCausalLM.from_pretrained(out, gguf_file=file.name, dtype=torch.float32).eval()
-        gguf_tok = AutoTokenizer.from_pretrained(out, gguf_file=file.name)
+        if dtype == "f32":  # the tokenizer's metadata is the same in every file (checked above): read it once
+            gguf_tok = AutoTokenizer.from_pretrained(out, gguf_file=file.name)
         for ref, messages in zip(reference, PROMPTS[:2]):
             got = last_logits(model, gguf_tok, messages)
             assert got.shape == ref.shape
