@@ -409,3 +409,30 @@ def render_go_template(template: str, data: dict) -> str:
     out: list[str] = []
     assert block(0, data, out) == len(tokens), "unbalanced template"
     return "".join(out)
+
+
+def test_eval_figures_go_in_the_model_card_and_a_file_without_the_model_is_refused(tuned, tmp_path, capsys):
+    import json
+
+    home, model_id, _, _ = tuned
+    data = home / "train.jsonl"
+    args = ["eval", "--backend", "local", "--home", str(home), "-m", model_id, "-d", str(data), "--train", str(data)]
+    assert main([*args, "--mode", "free", "--max-tokens", "4", "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(figures))
+    out = tmp_path / "with-eval"
+    assert export(home, model_id, "-o", out, "--format", "adapter", "--eval", results) == 0
+    card = (out / "README.md").read_text()
+    mine = figures["results"][model_id]
+    metric = next(k for k, v in mine.items() if isinstance(v, float))
+    assert "## Evaluation" in card and f"`{data}`" in card
+    assert f"| {metric} | {float(mine[metric]):.4g} |" in card
+    if "vs_baseline" in mine:  # a classification model: its difference from the baseline, with the interval
+        assert "| macro-F1 minus " in card and "95 % interval" in card
+    figures["results"] = {"someone-else": mine}
+    results.write_text(json.dumps(figures))
+    refused = tmp_path / "refused"
+    assert export(home, model_id, "-o", refused, "--format", "adapter", "--eval", results) != 0
+    err = capsys.readouterr().err
+    assert f"{results}: no results for {model_id}" in err and not refused.exists()

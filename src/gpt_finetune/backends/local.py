@@ -14,7 +14,7 @@ from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
 from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
 
 from ..contract import JobSpec, LabelSets, LocalOptions
-from ..errors import GptFinetuneError
+from ..errors import ConfigError, GptFinetuneError
 from ..services import Services
 from ..settings import Settings
 from ..worker.launch import start_runner
@@ -162,13 +162,24 @@ class LocalBackend:
         return self.services.models.remove_alias(alias)
 
     def export_model(
-        self, model_id: str, out: Path, fmt: str, dtype: str | None = None, *, force: bool = False, progress: Any = None
+        self,
+        model_id: str,
+        out: Path,
+        fmt: str,
+        dtype: str | None = None,
+        *,
+        force: bool = False,
+        progress: Any = None,
+        evaluation: dict[str, Any] | None = None,
     ) -> Any:
-        """Write a model of this data directory as ``fmt`` (``local.export``) at ``out``."""
+        """Write a model of this data directory as ``fmt`` (``local.export``) at ``out``;
+        ``evaluation`` (``eval.report.read_eval_json``) puts this model's figures in its card."""
         from ..local.export import check_request, export
 
         check_request(fmt, dtype)  # a bad pair is refused before any model is loaded
         source = export_source(self.services, model_id)
+        if evaluation is not None:
+            source.card["evaluation"] = _evaluation_of(self.services, source.model_id, evaluation)
         return export(source, out, fmt, dtype, force=force, progress=progress or (lambda _m: None))
 
     # inference
@@ -256,6 +267,22 @@ def export_source(services: Services, model_id: str) -> Any:
         system_prompt=system_prompt,
         max_length=max_length,
         card=card,
+    )
+
+
+def _evaluation_of(services: Services, model_id: str, evaluation: dict[str, Any]) -> dict[str, Any]:
+    """This model's entry of an eval file: the one whose name (an id, alias or job id, as given
+    to ``eval``) resolves to it. One clear error, naming the file, when none does."""
+    for name, figures in evaluation["results"].items():
+        try:
+            same = services.models.resolve(name) == model_id
+        except GptFinetuneError:  # a baseline's name, or a model of another data directory
+            same = False
+        if same:
+            return {"data": evaluation.get("data"), "task": evaluation.get("task"), "name": name, **figures}
+    raise ConfigError(
+        f"{evaluation['path']}: no results for {model_id} (it has {', '.join(evaluation['results']) or 'none'})",
+        hint="evaluate this model: gpt-finetune eval --data FILE --models MODEL --json > results.json",
     )
 
 

@@ -260,6 +260,12 @@ def add_models(p: argparse.ArgumentParser) -> None:
     exp.add_argument(
         "--force", action="store_true", help="replace an existing output (only once the export is complete)"
     )
+    exp.add_argument(
+        "--eval",
+        dest="eval_results",
+        metavar="FILE",
+        help="what gpt-finetune eval --json printed for this model: its figures go in the model card",
+    )
     for q in sub.choices.values():
         add_config_flag(q)
         add_connection_flags(q)
@@ -299,8 +305,19 @@ def _export(backend: Any, ns: argparse.Namespace) -> int:
             "this command on its machine with --backend local --home <its data directory>",
         )
     started = time.monotonic()
+    evaluation = None
+    if ns.eval_results:
+        from ..eval.report import read_eval_json
+
+        evaluation = read_eval_json(Path(ns.eval_results))
     result = backend.export_model(
-        ns.model_id, Path(ns.output), ns.export_format, ns.dtype, force=ns.force, progress=lambda m: info(f"  {m}")
+        ns.model_id,
+        Path(ns.output),
+        ns.export_format,
+        ns.dtype,
+        force=ns.force,
+        progress=lambda m: info(f"  {m}"),
+        evaluation=evaluation,
     )
     if ns.json:
         print(json.dumps({"path": str(result.path), "files": result.files, "run": result.run}, indent=1))

@@ -11,6 +11,24 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:80]
 
 
+def read_eval_json(path: Path) -> dict[str, Any]:
+    """What ``gpt-finetune eval --json`` printed (``data``, ``task``, ``results`` by model name),
+    read back for a model card; one error naming the file when it is not that."""
+    import json
+
+    from ..errors import ConfigError
+
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror})") from None
+    except ValueError as exc:
+        raise ConfigError(f"{path}: not JSON ({exc})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("results"), dict):
+        raise ConfigError(f"{path}: not what gpt-finetune eval --json writes (no results by model)")
+    return {**doc, "path": str(path)}
+
+
 def table(results: dict[str, dict[str, Any]], task: str) -> str:
     if task == "classification":
         cols = [

@@ -655,9 +655,29 @@ def model_card(source: ExportSource, fmt: str, dtype: str, *, note: str | None =
     if results:
         lines += ["## Results", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {_cell(v)} |" for k, v in results.items()] + [""]
+    lines += _evaluation_lines(card.get("evaluation"))
     if note:
         lines += [f"Note: {note}.", ""]
     return "\n".join(lines)
+
+
+def _evaluation_lines(ev: dict[str, Any] | None) -> list[str]:
+    """``gpt-finetune eval``'s figures for this model (``models export --eval``): its scalar
+    metrics, and the macro-F1 difference from the best cheap baseline with its interval."""
+    if not ev:
+        return []
+    where = f" on `{ev['data']}`" if ev.get("data") else ""
+    lines = ["## Evaluation", "", f"By `gpt-finetune eval`{where} ({ev.get('task') or 'task not said'}):", ""]
+    lines += ["| metric | value |", "|---|---|"]
+    for key, value in ev.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            lines.append(f"| {key} | {_cell(value)} |")
+    diff = ev.get("vs_baseline")
+    if isinstance(diff, list | tuple) and len(diff) == 3:
+        point, lo, hi = (float(x) for x in diff)
+        against = ev.get("baseline") or "the baseline"
+        lines.append(f"| macro-F1 minus {against}'s | {point:+.3f} (95 % interval {lo:+.3f} to {hi:+.3f}) |")
+    return [*lines, ""]
 
 
 def _cell(value: Any) -> str:
