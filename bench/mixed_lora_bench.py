@@ -1,6 +1,7 @@
 """One decoding step of 16 rows over several adapters of one base: PEFT's mixed batch
 (``adapter_names``) against the engine's two dense matmuls a layer (``local/mixed_lora.py``),
-with the base model alone and one adapter for every row as the floor, in-process on the default
+with the base model alone (the model without adapters, the adapters disabled by PEFT, and every
+row on the base through the dense path) and one adapter for every row as the floor, in-process on the default
 model (README "Serving", bench/README.md "Many clients at once").
 
     python bench/mixed_lora_bench.py [--rows 16] [--prompt 300] [--adapters 4] [--repeats 20]
@@ -44,7 +45,9 @@ def main() -> None:
     from gpt_finetune.local.base_weights import model_dir
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir(resolve_base("SmolLM2-135M-Instruct"), Home()))
+    path = model_dir(resolve_base("SmolLM2-135M-Instruct"), Home())
+    plain = AutoModelForCausalLM.from_pretrained(path).eval()  # the floor: no adapters attached
+    model = AutoModelForCausalLM.from_pretrained(path)
     model.eval()
     names = [f"a{i}" for i in range(args.adapters)]
     config = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0)
@@ -68,8 +71,13 @@ def main() -> None:
         kw = {"input_ids": token, "past_key_values": past, "use_cache": True}
         t0 = time.perf_counter()
         with torch.no_grad():
-            if kind == "base":
+            if kind == "no adapters attached":
+                out = plain(**kw)
+            elif kind == "base, disable_adapter":
                 with model.disable_adapter():
+                    out = model(**kw)
+            elif kind == "base, dense path":
+                with mixed_lora.mixed_rows(model, [None] * args.rows):
                     out = model(**kw)
             elif kind == "one adapter":
                 model.set_adapter(names[0])
@@ -81,7 +89,9 @@ def main() -> None:
                     out = model(**kw)
         return (time.perf_counter() - t0) * 1000, out.logits[:, -1]
 
-    kinds = ["base", "one adapter", "PEFT mixed", "dense mixed"]
+    kinds = [
+        "no adapters attached", "base, disable_adapter", "base, dense path", "one adapter", "PEFT mixed", "dense mixed",
+    ]  # fmt: skip
     assert mixed_lora.supported(model)
     for kind in kinds:  # warm-up (and the dense path's stacked matrices)
         step(kind)
@@ -92,6 +102,7 @@ def main() -> None:
             ms, logits[kind] = step(kind)
             times[kind].append(ms)
     diff = float((logits["dense mixed"] - logits["PEFT mixed"]).abs().max())
+    base_diff = float((logits["base, dense path"] - logits["base, disable_adapter"]).abs().max())
     print(
         f"{args.rows} rows, a {args.prompt}-token cache each, {args.adapters} adapters + the base, "
         f"{torch.get_num_threads()} threads, {args.repeats} steps each"
@@ -102,6 +113,7 @@ def main() -> None:
         q = statistics.quantiles(times[kind], n=10)
         print(f"| {kind} | {statistics.median(times[kind]):.0f} | {q[0]:.0f}-{q[-1]:.0f} |")
     print(f"largest logit difference, dense against PEFT's mixed step: {diff:.2e}")
+    print(f"largest logit difference, base rows on the dense path against disable_adapter: {base_diff:.2e}")
 
 
 if __name__ == "__main__":

@@ -296,7 +296,8 @@ def test_a_sequence_that_fails_to_join_the_batch_fails_its_request_instead_of_ha
 
 def test_the_dense_mixed_step_equals_peft_s_mixed_batch_and_leaves_other_adapters_to_peft(tiny_model_dir, adapters):
     """local/mixed_lora.py against PEFT's own mixed batch on the same rows (two adapters and the
-    base model), PEFT's own path untouched outside it, and DoRA adapters left to PEFT."""
+    base model) and against ``disable_adapter`` for a step all on the base, PEFT's own path
+    untouched outside it, and DoRA adapters left to PEFT."""
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -314,6 +315,12 @@ def test_the_dense_mixed_step_equals_peft_s_mixed_batch_and_leaves_other_adapter
         with mixed_lora.mixed_rows(model, rows):
             dense = model(input_ids=ids).logits
         after = model(input_ids=ids).logits  # outside: PEFT's active adapter again, for every row
+        with mixed_lora.mixed_rows(model, [None] * len(rows)):  # a step with every row on the base
+            base_dense = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base_peft = model(input_ids=ids).logits
+    assert torch.equal(base_dense, base_peft)  # the base layers alone: the same arithmetic
+    assert (base_dense - peft).abs().max().item() > 1e-3  # and not what the adapters answer
     assert (dense - peft).abs().max().item() < 1e-5
     assert (after[2] - peft[2]).abs().max().item() < 1e-5  # row 2 is on a0, the active adapter
     dora = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, use_dora=True))

@@ -573,12 +573,16 @@ class Engine:
         model = group.model
         if not hasattr(model, "peft_config"):
             return model(use_cache=True, logits_to_keep=1, **kw)
-        if len(set(adapters)) > 1:
-            from . import mixed_lora
+        from . import mixed_lora
 
-            if mixed_lora.supported(model):  # two dense matmuls a layer (local/mixed_lora.py)
-                with mixed_lora.mixed_rows(model, adapters):
-                    return model(use_cache=True, logits_to_keep=1, **kw)
+        # Rows on several models, or all on the base model: two dense matmuls a layer
+        # (local/mixed_lora.py), with none at all for base rows. For an all-base step that also
+        # spares PEFT's disable_adapter, which walks every LoRA layer twice a step (measured
+        # slower than an adapter's step: bench/README.md, "Mixed adapters in one decoding step").
+        if (len(set(adapters)) > 1 or adapters[0] is None) and mixed_lora.supported(model):
+            with mixed_lora.mixed_rows(model, adapters):
+                return model(use_cache=True, logits_to_keep=1, **kw)
+        if len(set(adapters)) > 1:
             # other adapter kinds: rows name their adapters to PEFT; the base model's is __base__
             kw["adapter_names"] = [a if a is not None else "__base__" for a in adapters]
             return model(use_cache=True, logits_to_keep=1, **kw)
