@@ -25,7 +25,12 @@ at full length on the held-out issues, with the project's own ``eval``.
 The report pools each configuration's predictions over the folds it ran on (every training
 issue scored once, by a model that did not train on it), with a bootstrap interval of its
 macro-F1 and paired intervals against the classification default and TF-IDF + logistic
-regression fitted on the same folds. It goes to stdout and DIR/search.md; raw results under DIR/runs/.
+regression fitted on the same folds. It goes to stdout and RESULTS/search.md; each run's record
+(the left-out fold's reference labels and every epoch's predicted labels, no issue text) to
+RESULTS/runs/, by default bench/results/label_search/ in this repository: a run costs the better
+part of an hour, and a search spread over several sessions kept losing finished runs with the
+machine they ran on. Records are tied to their fold by its digest, so a record from another split
+is refused rather than pooled.
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "attn-r16-lr2e-3": {"targets": ATTENTION, "r": 16, "alpha": 32, "lr": 2e-3, "batch": 8},
 }
 DEFAULT = "all-r16"
+# fold -> sha256 of its left-out file, so a record from another split is refused, not pooled
+FOLD_DIGESTS: dict[int, str] = {}
 
 
 def describe(name: str) -> str:
@@ -159,8 +166,8 @@ def run_one(args: argparse.Namespace) -> None:
         model_dir=args.model_dir,
         training_file=str(train_path),
         validation_file=str(valid_path),
-        output_dir=str(out.parent / f"{out.stem}.ckpt"),
-        final_dir=str(out.parent / f"{out.stem}.final"),
+        output_dir=str(args.workdir / "ckpt" / f"{out.stem}.ckpt"),
+        final_dir=str(args.workdir / "ckpt" / f"{out.stem}.final"),
         n_epochs=args.epochs,
         batch_size=c["batch"],
         learning_rate=c["lr"],
@@ -176,6 +183,7 @@ def run_one(args: argparse.Namespace) -> None:
         "config": args.run,
         "settings": {**c, "targets": list(c["targets"])},
         "fold": args.fold,
+        "fold_sha256": _sha256(valid_path),
         "max_length": args.max_length,
         "references": refs,
         "epochs": epochs,
@@ -193,6 +201,12 @@ def run_one(args: argparse.Namespace) -> None:
     shutil.rmtree(spec.final_dir, ignore_errors=True)
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _peak_rss() -> int:
     import resource
 
@@ -200,13 +214,20 @@ def _peak_rss() -> int:
 
 
 # ---- the search --------------------------------------------------------------------------------
-def result_path(workdir: Path, name: str, fold: int) -> Path:
-    return workdir / "runs" / f"{name}-f{fold}.json"
+def result_path(results: Path, name: str, fold: int) -> Path:
+    return results / "runs" / f"{name}-f{fold}.json"
 
 
-def load(workdir: Path, name: str, fold: int) -> dict[str, Any] | None:
-    path = result_path(workdir, name, fold)
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+def load(results: Path, name: str, fold: int) -> dict[str, Any] | None:
+    path = result_path(results, name, fold)
+    if not path.exists():
+        return None
+    record: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    want = FOLD_DIGESTS.get(fold)
+    if want is not None and record.get("fold_sha256") not in (None, want):
+        # A record of another training file or split: pooling it would pair different issues.
+        sys.exit(f"{path}: scored a different fold {fold} than this training file gives; move it away")
+    return record
 
 
 def best_epoch_f1(record: dict[str, Any], labels: list[str]) -> float:
@@ -225,15 +246,15 @@ def _labels(answers: list[str]) -> list[list[str]]:
     return [parse_labels(a) for a in answers]
 
 
-def schedule(workdir: Path, folds: int, keep: int, labels: list[str]) -> list[tuple[str, int]]:
+def schedule(results: Path, folds: int, keep: int, labels: list[str]) -> list[tuple[str, int]]:
     """Stage 1: every configuration on fold 0; stage 2 (once stage 1 is complete): the best
     ``keep`` and the default on the other folds."""
-    todo = [(name, 0) for name in CONFIGS if load(workdir, name, 0) is None]
+    todo = [(name, 0) for name in CONFIGS if load(results, name, 0) is None]
     if todo:
         return todo
-    ranked = sorted(CONFIGS, key=lambda n: -best_epoch_f1(load(workdir, n, 0) or {}, labels))
+    ranked = sorted(CONFIGS, key=lambda n: -best_epoch_f1(load(results, n, 0) or {}, labels))
     chosen = list(dict.fromkeys([*ranked[:keep], DEFAULT]))
-    return [(n, f) for f in range(1, folds) for n in chosen if load(workdir, n, f) is None]
+    return [(n, f) for f in range(1, folds) for n in chosen if load(results, n, f) is None]
 
 
 def search(args: argparse.Namespace, folds: list[tuple[Path, Path]], labels: list[str]) -> None:
@@ -241,11 +262,12 @@ def search(args: argparse.Namespace, folds: list[tuple[Path, Path]], labels: lis
 
     env = dict(os.environ)
     env.update(allocator_env(env))
-    while todo := schedule(args.workdir, args.folds, args.keep, labels):
+    while todo := schedule(args.results, args.folds, args.keep, labels):
         name, fold = todo[0]
-        out = result_path(args.workdir, name, fold)
+        out = result_path(args.results, name, fold)
         out.parent.mkdir(parents=True, exist_ok=True)
-        log = out.with_suffix(".log")
+        log = args.workdir / "logs" / f"{name}-f{fold}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
         print(f"[{time.strftime('%H:%M:%S')}] {name} ({describe(name)}), fold {fold}: log {log}", flush=True)
         if running := _running(name, fold):  # a search started before this one (restarted): wait for it
             print(f"  already running as process {running}: waiting for it", flush=True)
@@ -256,7 +278,7 @@ def search(args: argparse.Namespace, folds: list[tuple[Path, Path]], labels: lis
             sys.executable, __file__, "--run", name, "--fold", str(fold),
             "--fold-train", str(folds[fold][0]), "--fold-valid", str(folds[fold][1]),
             "--out", str(out), "--epochs", str(args.epochs), "--max-length", str(args.max_length),
-            "--model-dir", args.model_dir,
+            "--model-dir", args.model_dir, "--workdir", str(args.workdir),
         ]  # fmt: skip
         t0 = time.time()
         with log.open("w") as fh:
@@ -320,7 +342,7 @@ def report(args: argparse.Namespace, folds: list[tuple[Path, Path]], labels: lis
         "|---|" + "---:|" * (args.epochs + 2),
     ]
     for name in CONFIGS:
-        rec = load(args.workdir, name, 0)
+        rec = load(args.results, name, 0)
         if rec is None:
             continue
         cells = [
@@ -349,15 +371,15 @@ def report(args: argparse.Namespace, folds: list[tuple[Path, Path]], labels: lis
     rules.append(("lowest validation loss", lambda r: min(r["epochs"], key=lambda e: e.get("valid_loss") or 9e9)))
     tfidf_rows: dict[int, list[str]] = {}
     for name in [DEFAULT, *[n for n in CONFIGS if n != DEFAULT]]:
-        ran = [f for f in range(len(folds)) if load(args.workdir, name, f)]
+        ran = [f for f in range(len(folds)) if load(args.results, name, f)]
         if not ran:
             continue
-        recs = [load(args.workdir, name, f) or {} for f in ran]
+        recs = [load(args.results, name, f) or {} for f in ran]
         refs = [x for r in recs for x in r["references"]]
         for f in ran:
             tfidf_rows.setdefault(f, tfidf_predictions(folds, f))
         tfidf = [x for f in ran for x in tfidf_rows[f]]
-        base = [load(args.workdir, DEFAULT, f) for f in ran]
+        base = [load(args.results, DEFAULT, f) for f in ran]
         where = f"{', '.join(map(str, ran))} ({len(refs)})"
         for rule_name, rule in rules:
             preds = [p for r in recs for p in rule(r)["predictions"]]
@@ -370,14 +392,19 @@ def report(args: argparse.Namespace, folds: list[tuple[Path, Path]], labels: lis
             )
         lines.append(f"| TF-IDF + logistic regression | {where} | | {interval(refs, tfidf, labels)} | | |")
     text = "\n".join(lines) + "\n"
-    (args.workdir / "search.md").write_text(text, encoding="utf-8")
+    (args.results / "search.md").write_text(text, encoding="utf-8")
     return text
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", type=Path, help="the training file (prepare --split's first output)")
-    ap.add_argument("--workdir", type=Path)
+    ap.add_argument("--workdir", type=Path, help="folds, logs and checkpoints (they hold issue text: not committed)")
+    ap.add_argument(
+        "--results", type=Path, default=HERE / "results" / "label_search",
+        help="each run's record and the report (labels and figures only; committed, so a search "
+        "outlives the machine it ran on)",
+    )  # fmt: skip
     ap.add_argument("--folds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--max-length", type=int, default=384)
@@ -405,6 +432,8 @@ def main() -> None:
         args.model_dir = str(model_dir(resolve_base("SmolLM2-135M-Instruct"), Home()))
     args.workdir.mkdir(parents=True, exist_ok=True)
     folds = make_folds(args.train, args.workdir, args.folds)
+    FOLD_DIGESTS.update({i: _sha256(valid) for i, (_train, valid) in enumerate(folds)})
+    args.results.mkdir(parents=True, exist_ok=True)
     labels = sorted({x for r in read_rows(args.train) for x in _labels([answer(r)])[0]})
     if not args.report:
         search(args, folds, labels)
