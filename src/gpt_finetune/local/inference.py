@@ -421,7 +421,9 @@ class Engine:
         if base_name not in self._bases:
             base = resolve_base(base_name, self.local_base_model)
             path = model_dir(base, self.home)
-            dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+            from .device import facts, inference_dtype
+
+            dtype = getattr(torch, inference_dtype(facts()))
             model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
             if torch.cuda.is_available():
                 model = model.to("cuda")

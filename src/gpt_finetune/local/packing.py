@@ -59,25 +59,21 @@ def packed_sdpa(
     return torch.cat(parts, dim=1), None  # (batch, tokens, heads, dim), as transformers expects
 
 
-def use_packed_attention(model: Any) -> str:
-    """Switch a loaded model to attention that keeps packed examples apart; returns its name."""
+def use_packed_attention(model: Any, name: str = PACKED_SDPA) -> str:
+    """Switch a loaded model to attention that keeps packed examples apart (``device.attention``
+    chooses which); returns its name."""
     global _registered
-    import importlib.util
-
-    import torch
 
     config = model.config
-    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
-        name = "flash_attention_2"  # varlen kernels read the boundaries from the position ids
-    else:
-        if not _registered:
-            from transformers import AttentionInterface
+    # flash_attention_2 (the other choice) is transformers' own: its varlen kernels read the
+    # boundaries from the position ids
+    if name == PACKED_SDPA and not _registered:
+        from transformers import AttentionInterface
 
-            # registered for attention only, not in transformers' mask interface: models then
-            # build no mask at all for it, which is what a per-example causal call wants
-            AttentionInterface.register(PACKED_SDPA, packed_sdpa)
-            _registered = True
-        name = PACKED_SDPA
+        # registered for attention only, not in transformers' mask interface: models then
+        # build no mask at all for it, which is what a per-example causal call wants
+        AttentionInterface.register(PACKED_SDPA, packed_sdpa)
+        _registered = True
     model.set_attn_implementation(name) if hasattr(model, "set_attn_implementation") else None
     config._attn_implementation = name
     return name

@@ -29,6 +29,7 @@ from typing import Any
 
 from ..contract import DEFAULT_MAX_LENGTH, LoraOptions
 from .chat_data import IGNORE, TRAINING_SHAPE
+from .device import DeviceFacts, Precision
 
 
 @dataclass
@@ -87,16 +88,6 @@ class TrainResult:
 def _labelled(row: dict[str, Any]) -> int:
     """How many of an example's tokens are trained on (its labels that are not IGNORE)."""
     return sum(1 for x in row["labels"] if x != IGNORE)
-
-
-def device_kind() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
 
 
 class StepCollator:
@@ -225,9 +216,13 @@ def _lora_config(spec: TrainSpec) -> Any:
     )
 
 
-def _training_args(spec: TrainSpec, per_device: int, log_every: int, kind: str, bf16: bool, evaluate: bool) -> Any:
+def _training_args(
+    spec: TrainSpec, per_device: int, log_every: int, dev: DeviceFacts, prec: Precision, evaluate: bool
+) -> Any:
     """TRL's config for one job: its schedule, checkpoints and device; the rest is ours."""
     from trl import SFTConfig
+
+    from .device import loader_workers
 
     world = _world_size()
     return SFTConfig(
@@ -251,11 +246,14 @@ def _training_args(spec: TrainSpec, per_device: int, log_every: int, kind: str, 
         save_steps=spec.checkpoint_every_steps or 500,
         save_total_limit=3,
         report_to="none",
-        bf16=bf16,
-        use_cpu=kind == "cpu",
-        ddp_backend="gloo" if kind == "cpu" and world > 1 else None,
+        bf16=prec.autocast == "bf16",
+        fp16=prec.autocast == "fp16",
+        use_cpu=dev.kind == "cpu",
+        ddp_backend="gloo" if dev.kind == "cpu" and world > 1 else None,
         max_length=None,  # examples are already fitted to max_length, answers kept (chat_data)
-        dataloader_num_workers=0,
+        dataloader_num_workers=loader_workers(dev),
+        dataloader_pin_memory=dev.kind == "cuda",
+        dataloader_persistent_workers=loader_workers(dev) > 0,
         disable_tqdm=True,
         # torch_compile: the decoder layers are compiled one by one (_compile_layers)
         remove_unused_columns=False,  # the collator reads input_ids and labels itself
@@ -271,11 +269,17 @@ def _world_size() -> int:
 
 
 def _memory_plan(
-    spec: TrainSpec, trainer: Any, model: Any, data: _Data, per_device: int, kind: str, bf16: bool, before_model: int
+    spec: TrainSpec,
+    trainer: Any,
+    model: Any,
+    data: _Data,
+    per_device: int,
+    dev: DeviceFacts,
+    prec: Precision,
+    before_model: int,
 ) -> Any:
-    """The stored plan of a resumed job, else one made for this model on this machine."""
-    import torch
-
+    """The stored plan of a resumed job, else one made for this model on this machine (on a GPU:
+    against its memory free before the model was loaded, the weights counted in ``static``)."""
     from .memory import MemoryPlan, make_plan, saved_bytes_per_token
 
     if spec.plan is not None:
@@ -284,14 +288,14 @@ def _memory_plan(
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     optimizer_bytes = trainable * 12  # gradient and AdamW's two moments, float32
     free_device = None
-    if kind == "cuda":
-        free_device = int(torch.cuda.mem_get_info()[0])
-        static = param_bytes + optimizer_bytes + 512 * 2**20  # the CUDA context and kernels' workspace
+    if dev.kind == "cuda":
+        free_device = dev.free_bytes  # read with the CUDA context already made (device.facts)
+        static = param_bytes + optimizer_bytes + 512 * 2**20  # the kernels' workspaces (cuBLAS, attention)
     else:
         static = before_model + param_bytes + optimizer_bytes
     return make_plan(
         config=model.config,
-        dtype_bytes=2 if bf16 else 4,
+        dtype_bytes=prec.activation_bytes,
         static_bytes=static,
         examples=data.sizes,
         batch_size=per_device,
@@ -392,23 +396,23 @@ def _save_final(spec: TrainSpec, trainer: Any, tokenizer: Any) -> None:
 
 def train(spec: TrainSpec, hooks: Hooks, extra_callbacks: list[Any] | None = None) -> TrainResult:
     """Train one job: load its data and model, plan its memory, run TRL's loop, save the result."""
-    import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
 
+    from . import device
     from .fused import fuse
     from .machine import resident_bytes
     from .packing import use_packed_attention
     from .sft import JobCallback, PackedSFTTrainer
 
     data = _load_data(spec, hooks)
-    kind = device_kind()
-    bf16 = kind == "cuda" and torch.cuda.is_bf16_supported()
+    dev = device.facts()
+    prec = device.precision(dev, spec.training_type)
     before_model = resident_bytes()
-    model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=torch.bfloat16 if bf16 else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=prec.dtype)
     model.config.use_cache = False
     model = _continue_adapter(spec, model, hooks)
-    attention = use_packed_attention(model)
+    attention = use_packed_attention(model, device.attention(dev))
 
     world = _world_size()
     per_device = max(1, spec.batch_size // world)
@@ -425,7 +429,7 @@ def train(spec: TrainSpec, hooks: Hooks, extra_callbacks: list[Any] | None = Non
         trainer_class, collator = PackedDPOTrainer, StepPairCollator(None)
     trainer = trainer_class(
         model=model,
-        args=_training_args(spec, per_device, log_every, kind, bf16, valid_ds is not None),
+        args=_training_args(spec, per_device, log_every, dev, prec, valid_ds is not None),
         train_dataset=Dataset.from_list(data.train_rows),
         eval_dataset=valid_ds,
         processing_class=data.tokenizer,
@@ -435,7 +439,7 @@ def train(spec: TrainSpec, hooks: Hooks, extra_callbacks: list[Any] | None = Non
     )
     fused = fuse(trainer.model) if not trainer.is_fsdp_enabled else {}
     compiled = _compile_layers(trainer.model, hooks) if spec.torch_compile else 0
-    plan = _memory_plan(spec, trainer, model, data, per_device, kind, bf16, before_model)
+    plan = _memory_plan(spec, trainer, model, data, per_device, dev, prec, before_model)
     if spec.plan is None:
         hooks.on_plan(plan.to_dict())
     trainer.use_plan(plan)
@@ -445,14 +449,15 @@ def train(spec: TrainSpec, hooks: Hooks, extra_callbacks: list[Any] | None = Non
     what = "preference pairs" if dpo else "examples"
     hooks.on_message(
         f"Training {len(data.train_rows)} {what} ({data.n_tokens:,} tokens, {data.n_assistant:,} trained) for "
-        f"{spec.n_epochs} epochs, batch {spec.batch_size}, {total_steps} steps, on {kind}"
+        f"{spec.n_epochs} epochs, batch {spec.batch_size}, {total_steps} steps, on {dev.describe()}"
         + (f" x{world}" if world > 1 else "")
         + (f" (dpo, beta {spec.beta:g}; " if dpo else " (")
         + f"{spec.training_type}, packed sequences, {attention} attention"
         + (f", fused LoRA dropout in {fused['lora']} layers" if fused.get("lora") else "")
         + (f", fused SwiGLU in {fused['mlp']} MLPs" if fused.get("mlp") else "")
         + (f", {compiled} layers compiled" if compiled else "")
-        + (f", {spec.allocator} allocator" if kind == "cpu" else "")
+        + (f", {prec.describe()}" if dev.kind == "cuda" else "")
+        + (f", {spec.allocator} allocator" if dev.kind == "cpu" else "")
         + ")"
     )
     hooks.on_message(plan.describe())
