@@ -100,7 +100,7 @@ def model_for(args: argparse.Namespace, work: Path) -> str:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir(base, home))
+    tok = AutoTokenizer.from_pretrained(args.tokenizer or tokenizer_dir(base, home))
     shape = (
         dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
         if args.tiny
@@ -374,6 +374,9 @@ def main() -> None:
     ap.add_argument("--model", type=Path, help="a local model directory (default: the default model)")
     ap.add_argument("--random", action="store_true", help="the default model's architecture with random weights")
     ap.add_argument("--tiny", action="store_true", help="a two-layer model of the same family (the script's own check)")
+    ap.add_argument(
+        "--tokenizer", type=Path, help="with --random: a saved tokenizer (default: the default model's GGUF)"
+    )
     ap.add_argument("--data", type=Path, help="issues in a format prepare reads (default: the real sample)")
     ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated; see RUNS")
     ap.add_argument("--steps", type=int, default=30)
