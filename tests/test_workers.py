@@ -384,3 +384,32 @@ def test_a_job_no_live_worker_fits_says_what_it_waits_for_once(pg_url, tmp_path,
         f"Waiting for a worker with 4 GPUs, 300 GB for its memory plan (live workers: {worker.id}: 1 GPU, 80 GB)"
     ]
     assert not [e for e in s.jobs.list_events(fits)[0] if e["message"].startswith("Waiting")]
+
+
+def test_a_job_the_worker_cannot_start_fails_with_the_reason_and_the_worker_goes_on(tmp_path, chat_file):
+    """A fault in the worker itself while starting a job (here its log cannot be opened: a
+    directory stands where train.log goes, as a full or read-only disk would refuse it) is that
+    job's: queued again up to its attempts, then failed naming the error; the worker does not
+    end with a traceback, and trains the next job."""
+    from gpt_finetune.worker.runner import Worker
+
+    s = Services.open(tmp_path / "home")
+    broken, fine = _queued(s, chat_file, 2)
+    (s.home.job_dir(broken) / "train.log").mkdir(parents=True)
+    worker = Worker(s, kind="worker", gpus=0, memory_gb=16)
+    started: list[str] = []
+    real = worker.run_job
+
+    def run_job(job):  # the second job needs no training to show the worker went on
+        started.append(job["id"])
+        if job["id"] == fine:
+            s.jobs.cancel(fine)
+            return None
+        return real(job)
+
+    worker.run_job = run_job
+    assert worker.run(exit_when_idle=True) == 0
+    row = s.jobs.row(broken)
+    assert row["status"] == "failed" and row["attempts"] == 3
+    assert "IsADirectoryError" in row["error"]["message"] and "3 times" in row["error"]["message"]
+    assert started.count(broken) == 3 and fine in started

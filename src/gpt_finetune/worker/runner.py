@@ -202,7 +202,13 @@ class Worker:
                 job = jobs.claim_next(os.getpid(), worker_id=self.id, gpus=gpus, memory_gb=memory_gb)
                 if job is not None:
                     log.info("training %s (attempt %s)", job["id"], job["attempts"])
-                    self.run_job(job)
+                    try:
+                        self.run_job(job)
+                    except StoreError:
+                        raise  # the store's, not the job's: waited out below
+                    except Exception as exc:  # an OSError on a full disk, a bug: this job's, not the worker's
+                        self._job_broke(job, exc)
+                        self.stopping.wait(POLL_SECONDS)  # a fault that repeats does not spin
                     continue
                 if shared:
                     # other machines' workers may hold running jobs: take over any whose lease lapses
@@ -222,6 +228,17 @@ class Worker:
                 continue
             self.stopping.wait(POLL_SECONDS)
         return 0
+
+    def _job_broke(self, job: dict[str, Any], exc: Exception) -> None:
+        """Running a job failed in the worker itself (its log could not be opened, its process
+        not started): the job is queued again or, past its attempts, failed with the reason,
+        and the worker goes on with the next one instead of ending with a traceback."""
+        self.job_id = None
+        log.exception("could not run %s", job["id"])
+        row = self.jobs.row(job["id"])
+        if row["status"] == JobStatus.RUNNING and row.get("worker_id") in (None, self.id):
+            what = f"the worker could not run it ({type(exc).__name__}: {exc})"
+            self.jobs.requeue_or_fail(row, what, str(self.services.home.job_dir(job["id"]) / "train.log"))
 
     def _tell_waiting(self) -> None:
         """A queued job no live worker can take says so once in its events, with what it needs."""
