@@ -193,7 +193,7 @@ def test_the_jobs_list_shows_an_sdk_job_and_a_hostile_file_name_stays_text(serve
     assert ":ckpt-step-" in model_row.inner_text()  # its checkpoints, listed with it
 
 
-def test_a_job_started_from_the_page_trains_its_chart_grows_and_cancel_cancels(server, watched, tmp_path):
+def test_a_job_started_from_the_page_trains_its_chart_grows_and_pause_resume_cancel_reach_it(server, watched, tmp_path):
     page = watched.page
     bad = write_jsonl(tmp_path / "bad.jsonl", [*toy_examples(3), {"messages": [{"role": "user", "content": "x"}]}])
     good = write_jsonl(tmp_path / "good.jsonl", toy_examples(200))
@@ -221,6 +221,22 @@ def test_a_job_started_from_the_page_trains_its_chart_grows_and_cancel_cancels(s
     assert watched.status() == "running"  # it grew while the job ran, without a reload
     drawn = page.locator(f"{chart} circle").count()  # a dot per point, and a line through them
     assert drawn >= first + 1 and page.locator(f"{chart} polyline").count() >= 1
+    client = server.client(strict=False)  # the SDK's typed status does not list "paused" (tests/test_server.py)
+    page.click("button[data-action=pause]")  # the job stops at a step, with a checkpoint of it
+    page.wait_for_selector("dd [data-status=paused]", timeout=WAIT_MS)
+    assert client.fine_tuning.jobs.retrieve(job_id).status == "paused"
+    assert page.locator("button[data-action=pause]").count() == 0
+    steps = len(client.fine_tuning.jobs.list_events(job_id, limit=1000).data)
+    page.click("button[data-action=resume]")  # and goes on from that checkpoint
+    page.wait_for_selector("dd [data-status=running]", timeout=WAIT_MS)
+    deadline = time.time() + WAIT_MS / 1000  # the resumed training says where it starts from
+    while not any(
+        e.message.startswith("Resuming from checkpoint")
+        for e in client.fine_tuning.jobs.list_events(job_id, limit=1000).data
+    ):
+        assert time.time() < deadline, "the resumed job did not start from its checkpoint"
+        time.sleep(0.5)
+    assert len(client.fine_tuning.jobs.list_events(job_id, limit=1000).data) > steps
     page.click("button[data-action=cancel]")
     page.wait_for_selector("dd [data-status=cancelled]", timeout=WAIT_MS)
     assert server.client().fine_tuning.jobs.retrieve(job_id).status == "cancelled"
