@@ -398,17 +398,21 @@ def test_a_classification_job_trains_with_the_classification_defaults_unless_tol
     services = Services.open(tmp_path / "home")
     answers = ["'proxy'", "'ovs'", "'proxy','windows'"]
     labelled = services.files.create_from_path(
-        write_jsonl(tmp_path / "train.jsonl", [chat_example(i, answers[i % 3]) for i in range(12)])
+        write_jsonl(tmp_path / "train.jsonl", [chat_example(i, answers[i % 3]) for i in range(40)])
     )["id"]
     qa = [
         {**r, "messages": [*r["messages"][:2], {"role": "assistant", "content": f"Answer {i}, in words."}]}
-        for i, r in enumerate(toy_examples(12))
+        for i, r in enumerate(toy_examples(40))
     ]
     free = services.files.create_from_path(write_jsonl(tmp_path / "free.jsonl", qa))["id"]
     default = services.jobs.create(model=str(tiny_model_dir), training_file=labelled, start=False)["id"]
-    told = services.jobs.create(model=str(tiny_model_dir), training_file=labelled, options={"lora_r": 4}, start=False)[
-        "id"
-    ]
+    told = services.jobs.create(
+        model=str(tiny_model_dir),
+        training_file=labelled,
+        options={"lora_r": 4},
+        hyperparameters={"n_epochs": 2},
+        start=False,
+    )["id"]
     answering = services.jobs.create(model=str(tiny_model_dir), training_file=free, start=False)["id"]
     services.jobs.validate_pending(0)
     local = {j: services.jobs.spec(j).local for j in (default, told, answering)}
@@ -417,10 +421,19 @@ def test_a_classification_job_trains_with_the_classification_defaults_unless_tol
         assert local[answering].value(key) == LocalOptions().value(key)  # answering keeps its own
     assert local[told].value("lora_r") == 4  # what the caller set wins, the rest are the classification's
     assert local[told].value("lora_target_modules") == CLASSIFICATION_DEFAULTS["lora_target_modules"]
+    # epochs: OpenAI's rule aimed at 5 for classification, at 3 for answering (40 examples: both
+    # see at least 100), and what the caller set wins
+    epochs = {j: services.jobs.spec(j).hyperparameters.n_epochs for j in (default, told, answering)}
+    assert epochs == {default: 5, told: 2, answering: 3}
+    assert contract.CLASSIFICATION_EPOCHS == 5
     stated = [e["message"] for e in services.jobs.list_events(default, limit=50)[0]]
     assert any(
-        m.startswith("Classification data (3 labels): training with the classification defaults") for m in stated
+        m.startswith("Classification data (3 labels): training with the classification defaults")
+        and "n_epochs = 5" in m
+        for m in stated
     )
+    told_said = [e["message"] for e in services.jobs.list_events(told, limit=50)[0]]
+    assert not any("n_epochs" in m for m in told_said)
     assert not any("classification defaults" in e["message"] for e in services.jobs.list_events(answering, limit=50)[0])
 
 

@@ -42,6 +42,8 @@ def test_default_epochs_rule():
     assert default_epochs(10_000) == 2  # lowered so that <= 25,000
     assert default_epochs(2) == 25  # capped at 25
     assert default_epochs(100_000) == 1
+    # aimed at 5 (a classification job's): the same bounds
+    assert [default_epochs(n, 5) for n in (10, 30, 200, 5_000, 10_000)] == [10, 5, 5, 5, 2]
 
 
 def test_cost(tmp_path):

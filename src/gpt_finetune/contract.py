@@ -253,12 +253,14 @@ class SupervisedHyperparameters(Group):
         """What the caller chose (for a request to OpenAI): the ``auto`` ones left out."""
         return {k: v for k, v in self.to_json().items() if v is not None and v != AUTO}
 
-    def resolved(self, n_examples: int) -> SupervisedHyperparameters:
-        """``auto`` replaced by this project's choice for a file of ``n_examples``."""
-        from .openai_facts import default_epochs
+    def resolved(self, n_examples: int, target_epochs: int | None = None) -> SupervisedHyperparameters:
+        """``auto`` replaced by this project's choice for a file of ``n_examples``; ``target_epochs``
+        (``CLASSIFICATION_EPOCHS`` for a classification job) replaces OpenAI's 3 in its epochs rule."""
+        from .openai_facts import TARGET_EPOCHS, default_epochs
 
+        epochs = default_epochs(n_examples, target_epochs or TARGET_EPOCHS)
         return SupervisedHyperparameters(
-            n_epochs=default_epochs(n_examples) if self.n_epochs == AUTO else self.n_epochs,
+            n_epochs=epochs if self.n_epochs == AUTO else self.n_epochs,
             batch_size=auto_batch_size(n_examples) if self.batch_size == AUTO else self.batch_size,
             learning_rate_multiplier=1.0 if self.learning_rate_multiplier == AUTO else self.learning_rate_multiplier,
         )
@@ -281,8 +283,8 @@ class DpoHyperparameters(SupervisedHyperparameters):
         AUTO, "how strongly the model is held to the reference model", "float", lo=0, lo_open=True, hi=2, auto=True
     )
 
-    def resolved(self, n_examples: int) -> DpoHyperparameters:
-        base = SupervisedHyperparameters.resolved(self, n_examples)
+    def resolved(self, n_examples: int, target_epochs: int | None = None) -> DpoHyperparameters:
+        base = SupervisedHyperparameters.resolved(self, n_examples, target_epochs)
         return DpoHyperparameters(**base.to_json(), beta=DEFAULT_BETA if self.beta == AUTO else self.beta)
 
 
@@ -305,12 +307,20 @@ DPO_LEARNING_RATE_FACTOR = 0.1  # a DPO job's base learning rate is this times t
 # for classification"): the attention-only r 8 adapter fits the answers but not the difference
 # between a feature request and a question; adapters on every linear layer at r 16 do, on the
 # cross-validated search over training issues and on the held-out ones alike. The learning rate
-# and the epoch count stay the general ones: the search found no difference beyond its noise.
+# stays the general one (2e-3 was no better on the search's 240 issues: -0.022 at 5 epochs).
 CLASSIFICATION_DEFAULTS: Mapping[str, Any] = {
     "lora_r": 16,
     "lora_alpha": 32,
     "lora_target_modules": ("all-linear",),
 }
+
+# ``n_epochs: auto`` of a classification job: OpenAI's epochs rule aimed at 5 instead of 3 (the
+# same bounds: at least 100 examples seen, at most 25,000, so a file of 5,000 issues gets 5 and
+# one of 10,000 gets 2, as before). Why: on the search's three folds (240 issues) 5 epochs beat
+# 3 on every fold, +0.050 macro-F1 pooled (95 % -0.006 to +0.103), and only 5 was clear of
+# TF-IDF (+0.104, +0.039 to +0.173); the epoch of lowest validation loss was worse than a fixed
+# 5 (0.676 against 0.742), so no best-epoch rule. It costs 5/3 of the training time.
+CLASSIFICATION_EPOCHS = 5
 
 
 # What a DPO job trains with where the caller chose nothing: no dropout, as TRL's DPOTrainer

@@ -136,15 +136,16 @@ MIN_DEFAULT_EPOCHS = 1
 MAX_DEFAULT_EPOCHS = 25
 
 
-def default_epochs(n_examples: int) -> int:
+def default_epochs(n_examples: int, target: int = TARGET_EPOCHS) -> int:
     """3, raised so that examples x epochs >= 100, lowered so that it is <= 25,000, within 1..25.
 
     The cookbook rounds the raised value down (100 // n), which can leave the product under 100;
-    we round up, so the stated rule holds."""
+    we round up, so the stated rule holds. ``target`` replaces the 3 (a local classification job
+    aims at more epochs: ``contract.CLASSIFICATION_EPOCHS``); the bounds stay OpenAI's."""
     if n_examples <= 0:
-        return TARGET_EPOCHS
-    if n_examples * TARGET_EPOCHS < MIN_TARGET_EXAMPLES:
+        return target
+    if n_examples * target < MIN_TARGET_EXAMPLES:
         return min(MAX_DEFAULT_EPOCHS, math.ceil(MIN_TARGET_EXAMPLES / n_examples))
-    if n_examples * TARGET_EPOCHS > MAX_TARGET_EXAMPLES:
+    if n_examples * target > MAX_TARGET_EXAMPLES:
         return max(MIN_DEFAULT_EPOCHS, MAX_TARGET_EXAMPLES // n_examples)
-    return TARGET_EPOCHS
+    return target

@@ -24,7 +24,9 @@ from typing import Any
 
 from ..base_catalog import check_trainable
 from ..contract import (
+    AUTO,
     CLASSIFICATION_DEFAULTS,
+    CLASSIFICATION_EPOCHS,
     DPO_DEFAULTS,
     METHODS,
     MIN_EXAMPLES,
@@ -233,9 +235,10 @@ class JobService:
         # a method's or a classification job's own defaults, where the caller chose nothing
         defaults = DPO_DEFAULTS if asked.method == "dpo" else CLASSIFICATION_DEFAULTS if labels else None
         local, applied = asked.local.for_classification(defaults) if defaults else (asked.local, {})
-        spec = dataclasses.replace(
-            asked, hyperparameters=asked.hyperparameters.resolved(n_train), labels=labels, local=local
-        )
+        hyperparameters = asked.hyperparameters.resolved(n_train, CLASSIFICATION_EPOCHS if labels else None)
+        if labels is not None and asked.hyperparameters.n_epochs == AUTO:
+            applied["n_epochs"] = hyperparameters.n_epochs
+        spec = dataclasses.replace(asked, hyperparameters=hyperparameters, labels=labels, local=local)
         if self.store.update(
             "jobs",
             job_id,
