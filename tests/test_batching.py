@@ -56,7 +56,7 @@ def _answer(events) -> tuple[list[int], list[float]]:
     return ids, [e.logprob["logprob"] for e in events if isinstance(e, Token) and e.token_id >= 0]
 
 
-def _alone(tmp_path, model, jobs):
+def _alone(tmp_path, model, jobs, dtype=None):
     """Each (adapter, prompt k) answered greedily by transformers and PEFT directly, one at a
     time with transformers' own cache: the reference the engine's batches must equal."""
     import torch
@@ -66,7 +66,7 @@ def _alone(tmp_path, model, jobs):
     tok = AutoTokenizer.from_pretrained(model)
     out = {}
     for a, k in jobs:
-        net = AutoModelForCausalLM.from_pretrained(model).eval()
+        net = AutoModelForCausalLM.from_pretrained(model, dtype=dtype or torch.float32).eval()
         if a is not None:
             net = PeftModel.from_pretrained(net, a).eval()
         ids = tok.apply_chat_template(_prompt(k), add_generation_prompt=True, return_tensors="pt", return_dict=True)
@@ -325,3 +325,34 @@ def test_the_dense_mixed_step_equals_peft_s_mixed_batch_and_leaves_other_adapter
     assert (after[2] - peft[2]).abs().max().item() < 1e-5  # row 2 is on a0, the active adapter
     dora = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, use_dora=True))
     assert not mixed_lora.supported(dora)
+
+
+def test_bf16_weights_answer_as_transformers_does_in_bf16_with_half_the_cache(tmp_path, tiny_model_dir, adapters):
+    """``inference_dtype = bfloat16``: the base in bf16 (the adapters stay float32, as PEFT
+    keeps them), the KV cache in bf16 (half the bytes a token), and a mixed batch of the base
+    and two adapters answered through the same steps (SlotCache, the bf16 mask, the dense mixed
+    matmuls casting between float32 adapters and bf16 layers)."""
+    import torch
+
+    from gpt_finetune.local.batching import kv_bytes_per_token
+
+    jobs = [(a, k) for a in [None, *adapters[:2]] for k in range(3)]
+    alone = _alone(tmp_path, tiny_model_dir, jobs, dtype=torch.bfloat16)
+    one = _engine(tmp_path, "bf16-one", dtype="bfloat16", max_batch=1)
+    assert _same(_together(one, tiny_model_dir, jobs), alone)  # one at a time: transformers' own bf16
+    many = _engine(tmp_path, "bf16-many", dtype="bfloat16", max_batch=16)
+    got = _together(many, tiny_model_dir, jobs, late=[(adapters[0], 2)])
+    # together, bf16's rounding of other matrix shapes moves the log-probabilities a little
+    # (measured at most 0.004 here; a near tie can flip a token: bench/README.md measures how often)
+    assert got.keys() == alone.keys() and all(got[j][0] == alone[j][0] for j in jobs)
+    assert all(g == pytest.approx(a, abs=0.02) for j in jobs for g, a in zip(got[j][1], alone[j][1], strict=True))
+    assert many.peak_batch > 4
+    entry, _ = many._load(str(tiny_model_dir), None)
+    assert entry[0].dtype == torch.bfloat16 and many.dtype == "bfloat16"
+    # the cache held for one sequence at a time: half the bytes of float32's for the same requests
+    fp32 = _engine(tmp_path, "fp32-one", dtype="float32", max_batch=1)
+    _together(fp32, tiny_model_dir, jobs)
+    assert one.peak_kv_bytes > 0 and one.peak_kv_bytes * 2 == fp32.peak_kv_bytes
+    assert kv_bytes_per_token(entry[0].config, entry[0].dtype) * 2 == kv_bytes_per_token(entry[0].config, torch.float32)
+    assert all(p.dtype == torch.float32 for n, p in entry[0].named_parameters() if "lora_" in n)
+    assert "bfloat16 weights" in many.describe()

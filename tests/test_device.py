@@ -135,3 +135,41 @@ def test_a_gpu_is_described_in_the_job_s_events(facts):
     text = facts.describe()
     assert facts.name in text and "GB free" in text
     assert device.precision(facts, "lora").describe().startswith(device.precision(facts, "lora").weights)
+
+
+ZEN4_FLAGS = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "native"),
+    [
+        (ZEN4_FLAGS, True),  # AMD Zen 4: AVX512-BF16
+        ("flags\t: fpu avx2 avx512f amx_bf16 amx_tile\n", True),  # Intel Sapphire Rapids: AMX
+        ("flags\t: fpu sse2 avx2 avx512f avx512bw\n", False),  # AVX-512 without bf16: oneDNN emulates it
+        ("processor\t: 0\n", False),
+    ],
+)
+def test_the_cpu_s_native_bf16_is_read_from_its_flags(tmp_path, text, native):
+    info = tmp_path / "cpuinfo"
+    info.write_text(text)
+    assert device.cpu_bf16(str(info)) is native
+    assert device.cpu_bf16(str(tmp_path / "absent")) is False  # not Linux: no
+
+
+def test_the_engine_s_dtype_is_bf16_on_a_bf16_gpu_and_float32_on_a_cpu_unless_asked():
+    cpu_bf16 = DeviceFacts(bf16=True)
+    assert device.inference_dtype(H200) == device.inference_dtype(H200, "auto") == "bfloat16"
+    assert device.inference_dtype(T4) == "float32"  # no native bf16
+    # a CPU with native bf16 keeps the float32 every figure was measured in, unless asked
+    assert device.inference_dtype(cpu_bf16) == device.inference_dtype(CPU) == "float32"
+    assert device.inference_dtype(cpu_bf16, "bfloat16") == device.inference_dtype(CPU, "bfloat16") == "bfloat16"
+    assert device.inference_dtype(H200, "float32") == "float32"
+    with pytest.raises(ValueError, match="float16"):
+        device.inference_dtype(CPU, "float16")
+    # what the server's first lines say: a faster choice where there is one, a slow one named
+    assert "--dtype bfloat16" in device.describe_inference(cpu_bf16, "float32")
+    assert "emulated" in device.describe_inference(CPU, "bfloat16")
+    assert device.describe_inference(cpu_bf16, "bfloat16") == "bfloat16 weights"
+    assert device.describe_inference(CPU, "float32") == "float32 weights"
+    # training on a CPU stays float32 whatever its bf16 (autocast there was measured slower)
+    assert device.precision(cpu_bf16, "lora").weights == "float32"

@@ -85,3 +85,15 @@ def test_redact_never_shows_whole_key():
     shown = redact(key)
     assert key not in shown and shown.endswith("3456") and len(shown) < 15
     assert redact("short") == "***"
+
+
+def test_the_engine_s_dtype_is_a_setting_with_its_choices(files):
+    explicit, default = files
+    explicit.write_text("inference_dtype = bfloat16\n")
+    assert load_settings({}, config_file=explicit, env={}, default_config=default).inference_dtype == "bfloat16"
+    s = load_settings({}, env={"GPT_FINETUNE_INFERENCE_DTYPE": "float32"}, default_config=default)
+    assert s.inference_dtype == "float32"
+    explicit.write_text("model = m\ninference_dtype = fp8\n")
+    with pytest.raises(ConfigError) as exc:
+        load_settings({}, config_file=explicit, env={}, default_config=default)
+    assert f"{explicit}:2" in str(exc.value) and "bfloat16" in str(exc.value)

@@ -30,6 +30,9 @@ from .contract import (
 )
 from .errors import ConfigError
 
+# what the local engine may answer in (``inference_dtype``; local/device.py chooses for auto)
+INFERENCE_DTYPES = ("auto", "float32", "bfloat16")
+
 _ASCII_INT = re.compile(r"[0-9]+")
 _ASCII_FLOAT = re.compile(r"([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?")
 
@@ -271,6 +274,8 @@ class Settings:
     max_batch: int | None = _opt(_positive_int)  # sequences one decoding step runs (1: batching off)
     kv_cache_gb: float | None = _opt(_float_range(0.001, 1_000_000.0))
     max_adapters: int | None = _opt(_positive_int)
+    # the local engine's weights when it answers (serve, infer, eval, batch): local/device.py
+    inference_dtype: str | None = _opt(_choice(*INFERENCE_DTYPES))
     max_upload_mb: float | None = _opt(_float_range(0.001, 1_000_000.0))
     # chat through OpenAI-compatible engines (vLLM): serve is then their gateway
     chat_upstream: list[str] | None = _opt(lambda t: [x.strip() for x in t.split(",") if x.strip()])

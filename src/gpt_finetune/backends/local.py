@@ -39,7 +39,10 @@ def runner_launcher(settings: Settings) -> Any:
 
 def open_services(settings: Settings, **kw: Any) -> Services:
     """The services of the configured data directory, with the runner's launcher: what every
-    adapter that creates or follows jobs opens."""
+    adapter that creates or follows jobs opens. The engine answers in ``inference_dtype``
+    wherever it runs (serve, infer, eval, batch files)."""
+    if settings.inference_dtype is not None:
+        kw["engine_options"] = {"dtype": settings.inference_dtype, **(kw.get("engine_options") or {})}
     return Services.open(
         settings.home,
         local_base_model=settings.local_base_model,

@@ -88,6 +88,18 @@ def add_local_option_flags(p: argparse.ArgumentParser) -> None:
             g.add_argument(flag, dest=key, type=typed(key, flag), metavar="VALUE", help=declared_help(spec) + shown)
 
 
+def add_dtype_flag(p: argparse.ArgumentParser) -> None:
+    """``--dtype``: the local engine's weights when it answers (``inference_dtype``)."""
+    p.add_argument(
+        "--dtype",
+        dest="inference_dtype",
+        metavar="DTYPE",
+        type=typed("inference_dtype", "--dtype"),
+        help="the local engine's weights: auto (bf16 on a GPU that has it, float32 elsewhere), float32 or "
+        "bfloat16 (faster on a CPU with AVX512-BF16 or AMX; answers may differ on near ties)",
+    )
+
+
 def add_config_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", metavar="FILE", help="a 'key = value' config file (the seed's .cfg files)")
 

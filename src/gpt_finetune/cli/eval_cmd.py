@@ -12,7 +12,7 @@ from ..atomic import write_text_atomic
 from ..contract import LabelChoice
 from ..data.labels import apply_thresholds, tune_thresholds
 from ..errors import ConfigError, DependencyError
-from .common import add_config_flag, add_connection_flags, get_backend, info, settings_from, typed
+from .common import add_config_flag, add_connection_flags, add_dtype_flag, get_backend, info, settings_from, typed
 
 
 def add_eval(p: argparse.ArgumentParser) -> None:
@@ -95,6 +95,7 @@ def add_eval(p: argparse.ArgumentParser) -> None:
         default=8,
         help="local models: prompts generated at once (default 8)",
     )
+    add_dtype_flag(p)
     p.add_argument("--limit", dest="eval_limit", type=int, help="only the first N examples")
     p.add_argument("--report", metavar="DIR", help="write report.md and PNG plots there")
     p.add_argument("--json", action="store_true", help="print the results as JSON")

@@ -9,7 +9,7 @@ import socket
 
 from ..errors import ConfigError, DependencyError
 from ..settings import redact
-from .common import add_config_flag, info, settings_from, typed, warn
+from .common import add_config_flag, add_dtype_flag, info, settings_from, typed, warn
 
 DEFAULT_PORT = 8000
 LOOPBACK_NAMES = ("localhost", "ip6-localhost")
@@ -65,6 +65,7 @@ def add_serve(p: argparse.ArgumentParser) -> None:
         type=typed("max_adapters"),
         help="fine-tuned adapters kept loaded; past it the least recently used idle one goes (default 8)",
     )
+    add_dtype_flag(p)
     p.add_argument(
         "--max-upload-mb", dest="max_upload_mb", type=typed("max_upload_mb"), help="largest file upload (default 512)"
     )
@@ -161,7 +162,12 @@ def cmd_serve(ns: argparse.Namespace) -> int:
                 "chat_upstream without vllm_lora_dir: fine-tuned models are sent by name, and each engine must "
                 "already have their adapters (vLLM: --lora-modules, or its filesystem resolver's directory)"
             )
-    engine_options = {"max_batch": s.max_batch, "kv_cache_gb": s.kv_cache_gb, "max_adapters": s.max_adapters}
+    engine_options = {
+        "max_batch": s.max_batch,
+        "kv_cache_gb": s.kv_cache_gb,
+        "max_adapters": s.max_adapters,
+        "dtype": s.inference_dtype,
+    }
     services = open_services(s, max_queue=s.max_queue, engine_options=engine_options, name_paths=False)
     services.jobs.kick()  # resume what a dead worker left
     app = create_app(services, config)

@@ -225,8 +225,10 @@ class Engine:
         max_batch: int | None = None,
         kv_cache_gb: float | None = None,
         max_adapters: int | None = None,
+        dtype: str | None = None,
     ) -> None:
         self.home = home
+        self.dtype_choice = dtype  # inference_dtype: auto (None), float32 or bfloat16 (local/device.py)
         self.local_base_model = local_base_model
         self.max_queue = max_queue
         self.max_batch = max_batch or DEFAULT_MAX_BATCH
@@ -256,11 +258,21 @@ class Engine:
             self._budget = kv_budget(self._kv_cache_gb)
         return self._budget
 
+    @property
+    def dtype(self) -> str:
+        """The dtype base models are loaded in: ``inference_dtype`` resolved for this device."""
+        from .device import facts, inference_dtype
+
+        return inference_dtype(facts(), self.dtype_choice)
+
     def describe(self) -> str:
         """How the engine schedules, for the server's first lines."""
+        from .device import describe_inference, facts
+
         return (
             f"continuous batching of up to {self.max_batch} sequences per model, KV cache budget "
-            f"{self.budget.describe()}, up to {self.max_adapters} adapters loaded, {self.max_queue} requests may wait"
+            f"{self.budget.describe()}, up to {self.max_adapters} adapters loaded, {self.max_queue} requests may wait; "
+            f"{describe_inference(facts(), self.dtype)}"
         )
 
     # ---- the caller's side --------------------------------------------------------------------
@@ -421,9 +433,7 @@ class Engine:
         if base_name not in self._bases:
             base = resolve_base(base_name, self.local_base_model)
             path = model_dir(base, self.home)
-            from .device import facts, inference_dtype
-
-            dtype = getattr(torch, inference_dtype(facts()))
+            dtype = getattr(torch, self.dtype)
             model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
             if torch.cuda.is_available():
                 model = model.to("cuda")

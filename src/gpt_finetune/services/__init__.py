@@ -43,7 +43,8 @@ class Services:
         """``name_paths=False`` for a server: its clients name models, never directories.
         ``launcher`` starts the training runner when jobs wait (the adapters give
         ``worker.launch.start_runner``; without one, nothing is started). ``engine_options``: the
-        engine's scheduling (``max_batch``, ``kv_cache_gb``, ``max_adapters``; see ``Engine``).
+        engine's scheduling and weights (``max_batch``, ``kv_cache_gb``, ``max_adapters``,
+        ``dtype``; see ``Engine``).
         ``store_url``: a PostgreSQL database instead of the data directory's SQLite file (default:
         ``GPT_FINETUNE_STORE_URL``, which the runner and its workers inherit)."""
         home = Home(root, model_cache=model_cache)
