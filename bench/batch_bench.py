@@ -3,6 +3,7 @@ time and against ``transformers serve --continuous-batching``, on real prompts.
 
     python bench/batch_bench.py --home DIR [--clients 1,4,16,64] [--servers ours,ours-b1,hf-cb,ours-mimalloc]
                                 [--workloads short,long,mixed,mixed-long] [--out bench/out/batch.json]
+                                [--dtype float32|bfloat16]
 
 Every request is a streamed chat completion sent with the official ``openai`` client at
 temperature 0; a client sends its next request when its last one ends (closed loop), and a level
@@ -78,14 +79,14 @@ ALLOCATOR_SERVERS = {"ours-tcmalloc": "tcmalloc_minimal", "ours-jemalloc": "jema
 class Server:
     """One server process on a loopback port, started and stopped by the benchmark."""
 
-    def __init__(self, kind: str, home: str, model_dir: str) -> None:
+    def __init__(self, kind: str, home: str, model_dir: str, dtype: str = "float32") -> None:
         self.kind, self.port = kind, free_port()
         if kind.startswith("ours"):
             cmd = [sys.executable, "-m", "gpt_finetune", "serve", "--home", home, "--port", str(self.port)]
-            cmd += ["--log-level", "warning"] + (["--max-batch", "1"] if kind == "ours-b1" else [])
+            cmd += ["--log-level", "warning", "--dtype", dtype] + (["--max-batch", "1"] if kind == "ours-b1" else [])
         else:
             cli = str(Path(sys.executable).with_name("transformers"))
-            cmd = [cli, "serve", model_dir, "--port", str(self.port), "--device", "cpu", "--dtype", "float32"]
+            cmd = [cli, "serve", model_dir, "--port", str(self.port), "--device", "cpu", "--dtype", dtype]
             cmd += ["--continuous-batching"] if kind == "hf-cb" else []
         env = dict(os.environ)
         if kind in ALLOCATOR_SERVERS:
@@ -232,6 +233,9 @@ def main() -> int:
     ap.add_argument("--long-clients", default="1,4,16", help="client counts for the long workload")
     ap.add_argument("--mixed-clients", default="1,16", help="client counts for the mixed workload")
     ap.add_argument("--out", default="bench/out/batch.json")
+    ap.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="every server's weights (default float32)"
+    )
     args = ap.parse_args()
     home = str(Path(args.home).resolve())
     os.environ["GPT_FINETUNE_HOME"] = home
@@ -253,7 +257,7 @@ def main() -> int:
         for wl in args.workloads.split(","):
             if wl.startswith("mixed") and not kind.startswith("ours"):
                 continue
-            server = Server(kind, home, hf_model)
+            server = Server(kind, home, hf_model, args.dtype)
             try:
                 prompts, max_tokens = workload(wl)
                 if kind.startswith("ours"):
@@ -272,6 +276,7 @@ def main() -> int:
                     tokens = sum(r["tokens"] for r in res)
                     row = {
                         "server": kind,
+                        "dtype": args.dtype,
                         "workload": wl,
                         "clients": c,
                         "requests": n,
